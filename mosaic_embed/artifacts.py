@@ -1,0 +1,146 @@
+"""Run folders and their files: atomic writes, content hashes and the ``manifest.json`` every stage leaves.
+
+Nothing a stage writes is ever half-written: files go to a temporary sibling and are renamed into place,
+folders are built under a temporary name and renamed when complete. A reader therefore sees either the
+old artifact or the new one, never a torn one, even if the process is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    >>> with atomic_directory("runs/x/final") as tmp:
+    ...     model.save_pretrained(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Stable hash of JSON-able data (keys sorted): for cache keys built from settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def environment() -> dict[str, Any]:
+    """What produced an artifact: versions that change numerics or formats."""
+    env: dict[str, Any] = {
+        "mosaic_embed": package_version(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+    for mod in ("torch", "transformers", "triton", "sentence_transformers", "datasets", "faiss"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            env[mod] = getattr(m, "__version__", "?")
+    return env
+
+
+def write_manifest(
+    run_dir: str | Path,
+    stage: str,
+    config: Any = None,
+    inputs: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
+    **extra: Any,
+) -> Path:
+    """Write ``run_dir/manifest.json``: stage, config, inputs (paths and hashes), outputs, timings, versions."""
+    from .config import to_dict
+
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": to_dict(config) if config is not None else None,
+        "inputs": inputs or {},
+        "outputs": outputs or {},
+        "timings": timings or {},
+        "environment": environment(),
+        **extra,
+    }
+    return atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def read_manifest(run_dir: str | Path, expect_stage: str | None = None) -> dict[str, Any]:
+    """Read a run folder's manifest; with ``expect_stage``, a manifest from another stage is an error."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {MANIFEST} (is this a mosaic-embed run folder?)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a valid manifest ({err})") from None
+    if expect_stage is not None and manifest.get("stage") != expect_stage:
+        raise ValueError(f"{path}: made by stage '{manifest.get('stage')}', expected '{expect_stage}'")
+    return manifest

@@ -1,0 +1,1 @@
+"""MosaicBERT model (filled in by the Model issue)."""
