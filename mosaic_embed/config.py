@@ -269,4 +269,26 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # stage configs. Each stage adds its dataclasses in its own section below.
 # ----------------------------------------------------------------------------------------------------------
 
+# --- index: embeddings -> FAISS vector store (index/store.py) ---------------------------------------------
+
+
+@dataclasses.dataclass
+class IndexConfig:
+    """How a vector store indexes its embeddings (``mosaic-embed index build``)."""
+
+    factory: str = "Flat"  # FAISS index_factory string: Flat (exact), HNSW32,Flat, IVF1024,Flat, IVF1024,PQ32
+    metric: Literal["ip", "l2"] = "ip"
+    normalize: bool = True  # L2-normalise vectors (and queries): inner product becomes cosine similarity
+    train_size: int = 100_000  # vectors sampled (seeded) to train IVF / PQ quantizers
+    add_batch_size: int = 65_536  # rows read from the (memory-mapped) embeddings at a time
+    search_params: str = ""  # FAISS ParameterSpace string applied at load, e.g. "nprobe=16" or "efSearch=128"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.factory.strip():
+            raise ValueError("factory must be a FAISS index_factory string, e.g. 'Flat' or 'HNSW32,Flat'")
+        if self.train_size < 1 or self.add_batch_size < 1:
+            raise ValueError("train_size and add_batch_size must be positive")
+
+
 # --- data: corpus -> tokenizer -> shards (data/corpus.py, data/tokenizer.py, data/shards.py) ---------------

@@ -1,0 +1,200 @@
+"""A FAISS vector store: the index, the ids and texts of what it holds, and a manifest, saved atomically.
+
+Layout of a store folder::
+
+    index.faiss        the FAISS index (any ``index_factory`` string; row r of the index is document r)
+    ids.json           the document ids, in row order
+    docs.jsonl         {"id", "text"} per row, in row order (optional; what a RAG caller wants back)
+    docs.offsets.npy   byte offset of each row in docs.jsonl, for random access without loading it
+    manifest.json      config, embedding source (encoder path, dimension, dtype), counts, timings
+
+The index type is a factory string in config (``Flat``, ``HNSW32,Flat``, ``IVF1024,Flat``,
+``IVF1024,PQ32``...), so exact and approximate stores are one code path; quantizers are trained on a
+seeded sample. Vectors are L2-normalised by default so inner product is cosine similarity, the metric
+sentence encoders are trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_directory, read_manifest, write_manifest
+from ..config import IndexConfig
+
+STAGE = "index"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the document's id, its row in the store, the similarity score and its text."""
+
+    id: str
+    row: int
+    score: float
+    text: str | None = None
+
+
+def _faiss():
+    import faiss  # imported here: the package is an optional speed-up nowhere else, and import costs ~0.3 s
+
+    return faiss
+
+
+def _metric(name: str) -> int:
+    faiss = _faiss()
+    return {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}[name]
+
+
+def _as_float32(block: np.ndarray, normalize: bool) -> np.ndarray:
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    if normalize:
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        block = block / np.maximum(norms, 1e-12)
+    return block
+
+
+def build_store(
+    vectors: np.ndarray,
+    ids: Sequence[str],
+    out_dir: str | Path,
+    cfg: IndexConfig,
+    texts: Iterable[str] | None = None,
+    source: dict | None = None,
+) -> Path:
+    """Build a store from ``vectors`` (N, D) (a memmap is fine: it is read in blocks) and their ``ids``.
+
+    ``texts`` (optional, row order) are stored beside the index for retrieval-augmented generation.
+    ``source`` describes where the vectors came from (encoder path, embedding run) for the manifest.
+    """
+    faiss = _faiss()
+    if vectors.ndim != 2 or vectors.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty (N, D) array, got shape {tuple(vectors.shape)}")
+    n, dim = vectors.shape
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} embedding rows: the ids file does not match the embeddings")
+    if len(set(ids)) != n:
+        raise ValueError("document ids are not unique")
+    t0 = time.perf_counter()
+    try:
+        index = faiss.index_factory(dim, cfg.factory, _metric(cfg.metric))
+    except RuntimeError as err:
+        raise ValueError(f"index.factory={cfg.factory!r} is not a valid FAISS factory string: {err}") from None
+
+    if not index.is_trained:
+        rng = np.random.default_rng(cfg.seed)
+        sample_rows = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
+        sample = _as_float32(vectors[sample_rows], cfg.normalize)
+        try:
+            index.train(sample)
+        except RuntimeError as err:
+            raise ValueError(
+                f"training index '{cfg.factory}' on {len(sample)} vectors failed ({err}); "
+                "IVF needs at least as many vectors as lists (ideally 39x): use fewer lists or more data"
+            ) from None
+    t_train = time.perf_counter() - t0
+    for start in range(0, n, cfg.add_batch_size):
+        index.add(_as_float32(vectors[start : start + cfg.add_batch_size], cfg.normalize))
+    t_add = time.perf_counter() - t0 - t_train
+
+    with atomic_directory(out_dir) as tmp:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        (tmp / "ids.json").write_text(json.dumps(list(ids)), encoding="utf-8")
+        n_texts = _write_docs(tmp, ids, texts) if texts is not None else 0
+        if texts is not None and n_texts != n:
+            raise ValueError(f"{n_texts} texts for {n} embedding rows: the documents do not match the embeddings")
+        write_manifest(
+            tmp,
+            STAGE,
+            cfg,
+            inputs=source or {},
+            outputs={"count": n, "dim": dim, "has_texts": texts is not None, "index_type": type(index).__name__},
+            timings={"train_s": t_train, "add_s": t_add},
+        )
+    return Path(out_dir)
+
+
+def _write_docs(folder: Path, ids: Sequence[str], texts: Iterable[str]) -> int:
+    offsets = []
+    with open(folder / "docs.jsonl", "wb") as f:
+        for i, text in enumerate(texts):
+            if i >= len(ids):
+                return i + 1
+            offsets.append(f.tell())
+            f.write(json.dumps({"id": ids[i], "text": text}, ensure_ascii=False).encode("utf-8") + b"\n")
+    np.save(folder / "docs.offsets.npy", np.asarray(offsets, dtype=np.int64))
+    return len(offsets)
+
+
+class VectorStore:
+    """A store loaded from disk; ``search`` takes query vectors, ``search_texts`` takes strings."""
+
+    def __init__(self, path: str | Path):
+        faiss = _faiss()
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, expect_stage=STAGE)
+        for name in ("index.faiss", "ids.json"):
+            if not (self.path / name).is_file():
+                raise FileNotFoundError(f"{self.path}: missing {name} (an incomplete or foreign store folder)")
+        from ..config import from_dict
+
+        self.config = from_dict(IndexConfig, self.manifest["config"], source=str(self.path / "manifest.json"))
+        self.index = faiss.read_index(str(self.path / "index.faiss"))
+        if self.config.search_params:
+            faiss.ParameterSpace().set_index_parameters(self.index, self.config.search_params)
+        self.ids: list[str] = json.loads((self.path / "ids.json").read_text(encoding="utf-8"))
+        offsets_path = self.path / "docs.offsets.npy"
+        self._offsets = np.load(offsets_path) if offsets_path.is_file() else None
+        self._encoder = None
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def text(self, row: int) -> str | None:
+        """The stored text of one row, read by its byte offset (the docs file is never loaded whole)."""
+        if self._offsets is None:
+            return None
+        with open(self.path / "docs.jsonl", "rb") as f:
+            f.seek(int(self._offsets[row]))
+            return json.loads(f.readline())["text"]
+
+    def search(self, queries: np.ndarray, k: int = 10, with_text: bool = True) -> list[list[Hit]]:
+        """Top-``k`` hits for each query vector; ``queries`` (Q, D) or (D,)."""
+        queries = np.atleast_2d(queries)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query dimension {queries.shape[1]} does not match the store's {self.dim}")
+        scores, rows = self.index.search(_as_float32(queries, self.config.normalize), min(k, len(self)))
+        return [
+            [
+                Hit(self.ids[r], int(r), float(s), self.text(int(r)) if with_text else None)
+                for s, r in zip(score_row, row_row, strict=True)
+                if r >= 0
+            ]
+            for score_row, row_row in zip(scores, rows, strict=True)
+        ]
+
+    def search_texts(self, queries: Sequence[str], k: int = 10, encoder=None) -> list[list[Hit]]:
+        """Embed ``queries`` with ``encoder`` (default: the encoder recorded in the manifest) and search."""
+        if encoder is None:
+            encoder = self._load_encoder()
+        vectors = encoder.encode(list(queries), convert_to_numpy=True, normalize_embeddings=self.config.normalize)
+        return self.search(np.asarray(vectors), k)
+
+    def _load_encoder(self):
+        if self._encoder is None:
+            model = self.manifest.get("inputs", {}).get("encoder")
+            if not model:
+                raise ValueError(f"{self.path}: the manifest names no encoder; pass --model ENCODER")
+            from sentence_transformers import SentenceTransformer
+
+            self._encoder = SentenceTransformer(str(model))
+        return self._encoder

@@ -1,0 +1,97 @@
+"""The FAISS vector store: approximate indexes against brute force, round trips, and bad input."""
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from mosaic_embed.config import ConfigError, IndexConfig, load_config
+from mosaic_embed.index.store import VectorStore, build_store
+
+
+def clustered(n, dim, n_clusters=20, seed=0):
+    """Vectors around random centres: the structure real embeddings have (uniform noise makes ANN meaningless)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim))
+    x = centres[rng.integers(0, n_clusters, size=n)] + 0.3 * rng.normal(size=(n, dim))
+    return x.astype(np.float32)
+
+
+def exact_top_k(x, q, k):
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(xn)
+    return flat.search(qn, k)
+
+
+@pytest.mark.parametrize(
+    "factory, params, min_recall",
+    [("Flat", "", 1.0), ("HNSW32,Flat", "efSearch=256", 0.98), ("IVF16,Flat", "nprobe=8", 0.9)],
+)
+def test_recall_against_brute_force(tmp_path, factory, params, min_recall):
+    x, q, k = clustered(2000, 24), clustered(50, 24, seed=1), 10
+    ids = [f"doc{i}" for i in range(len(x))]
+    cfg = IndexConfig(factory=factory, search_params=params, train_size=2000)
+    store = VectorStore(build_store(x, ids, tmp_path / "store", cfg))
+    _, exact_rows = exact_top_k(x, q, k)
+    hits = store.search(q, k, with_text=False)
+    recall = np.mean([len({h.row for h in hs} & set(er)) / k for hs, er in zip(hits, exact_rows, strict=True)])
+    assert recall >= min_recall
+    if factory == "Flat":  # exact search also gives the exact scores (cosine similarity)
+        exact_scores, _ = exact_top_k(x, q, k)
+        np.testing.assert_allclose([[h.score for h in hs] for hs in hits], exact_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_round_trip_with_texts_and_memmap(tmp_path):
+    x = clustered(300, 16)
+    np.save(tmp_path / "emb.npy", x.astype(np.float16))
+    emb = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    ids = [f"d{i}" for i in range(300)]
+    texts = [f"text of document {i} ü" for i in range(300)]
+    cfg = load_config(IndexConfig, "tiny", stage="index")
+    path = build_store(emb, ids, tmp_path / "store", cfg, texts=texts, source={"encoder": "enc/"})
+    store = VectorStore(path)
+    assert len(store) == 300 and store.dim == 16
+    assert store.text(123) == texts[123]
+    (hit,) = store.search(x[7], k=1)[0]
+    assert (hit.id, hit.row, hit.text) == ("d7", 7, texts[7])
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["stage"] == "index" and manifest["outputs"]["count"] == 300
+    assert manifest["config"]["factory"] == "IVF8,Flat"
+
+
+def test_bad_inputs_name_the_problem_and_leave_nothing(tmp_path):
+    x = clustered(50, 8)
+    out = tmp_path / "store"
+    with pytest.raises(ValueError, match="49 ids for 50"):
+        build_store(x, [str(i) for i in range(49)], out, IndexConfig())
+    with pytest.raises(ValueError, match="not unique"):
+        build_store(x, ["same"] * 50, out, IndexConfig())
+    with pytest.raises(ValueError, match="not a valid FAISS factory"):
+        build_store(x, [str(i) for i in range(50)], out, IndexConfig(factory="NoSuchIndex"))
+    with pytest.raises(ValueError, match="IVF needs at least"):
+        build_store(x, [str(i) for i in range(50)], out, IndexConfig(factory="IVF256,Flat"))
+    with pytest.raises(ValueError, match="3 texts for 50"):
+        build_store(x, [str(i) for i in range(50)], out, IndexConfig(), texts=["a", "b", "c"])
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folders left behind either
+
+
+def test_store_rejects_foreign_folders_and_wrong_query_dims(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        VectorStore(tmp_path)
+    path = build_store(clustered(40, 8), [str(i) for i in range(40)], tmp_path / "s", IndexConfig())
+    with pytest.raises(ValueError, match="dimension 9"):
+        VectorStore(path).search(np.zeros((1, 9), np.float32))
+    (path / "index.faiss").unlink()
+    with pytest.raises(FileNotFoundError, match="index.faiss"):
+        VectorStore(path)
+
+
+def test_index_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key 'nprobe'"):
+        load_config(IndexConfig, overrides=["nprobe=3"])
+    with pytest.raises(ConfigError, match="'metric'"):
+        load_config(IndexConfig, overrides=["metric=cosine"])
