@@ -292,3 +292,365 @@ class IndexConfig:
 
 
 # --- data: corpus -> tokenizer -> shards (data/corpus.py, data/tokenizer.py, data/shards.py) ---------------
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """``mosaic-embed data prepare``: a corpus -> tokenized train/validation shards (``data/shards.py``).
+
+    ``corpus``: a file or folder (formats in ``data/corpus.py``); None = the bundled sample corpus.
+    ``tokenizer``: a tokenizer folder; None = the bundled bert-base-uncased. Documents are split into
+    consecutive sequences of at most ``max_seq_len`` tokens, ``[CLS]`` and ``[SEP]`` included; a
+    ``validation_fraction`` of the *documents* (chosen by ``seed``) goes to the validation split.
+    ``out``: the shard folder; None = ``cache_dir/shards-<key>``, the key hashing corpus files (paths,
+    sizes, mtimes), tokenizer and settings, so identical inputs reuse the shards and any change rebuilds
+    them. ``num_proc``: tokenizer processes (None = all cores). ``force``: rebuild even when cached.
+    """
+
+    corpus: Path | None = None
+    text_field: str = "text"
+    tokenizer: str | None = None
+    max_seq_len: int = 128
+    validation_fraction: float = 0.05
+    seed: int = 42
+    dedup: bool = True
+    num_proc: int | None = None
+    batch_size: int = 256  # documents per tokenization batch (bounds the memory of one worker)
+    out: Path | None = None
+    cache_dir: Path = Path("~/.cache/mosaic_embed")
+    force: bool = False
+
+    def __post_init__(self):
+        if not self.text_field:
+            raise ValueError("text_field must name a JSON key or a column, got an empty string")
+        if not 3 <= self.max_seq_len <= 65536:
+            raise ValueError(f"max_seq_len must be in [3, 65536] ([CLS] + >= 1 token + [SEP]), got {self.max_seq_len}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1 (or null for all cores), got {self.num_proc}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class TokenizerTrainConfig:
+    """``mosaic-embed tokenizer train``: a domain WordPiece vocabulary (``data/tokenizer.py: train_tokenizer``).
+
+    The learned vocabulary holds at most ``vocab_size`` entries; ``[unusedN]`` tokens pad it to a multiple
+    of ``pad_multiple``. ``strip_accents``: None = strip exactly when lowercasing (BERT uncased).
+    """
+
+    corpus: Path | None = None
+    out: Path | None = None
+    text_field: str = "text"
+    vocab_size: int = 30522
+    min_frequency: int = 2
+    lowercase: bool = True
+    strip_accents: bool | None = None
+    limit_alphabet: int = 1000
+    pad_multiple: int = 64
+    dedup: bool = True
+
+    def __post_init__(self):
+        if not self.text_field:
+            raise ValueError("text_field must name a JSON key or a column, got an empty string")
+        if self.vocab_size < 6:
+            raise ValueError(f"vocab_size must be > 5 (the special tokens), got {self.vocab_size}")
+        if self.min_frequency < 1:
+            raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
+        if self.limit_alphabet < 1:
+            raise ValueError(f"limit_alphabet must be >= 1, got {self.limit_alphabet}")
+        if self.pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
+
+
+# --- glue: finetune + evaluate a checkpoint on GLUE / custom tasks (data/glue.py, train/glue.py) -------------
+
+
+@dataclasses.dataclass
+class GlueTaskHParams:
+    """One task's finetuning recipe (the MosaicBERT paper's appendix values are in recipes/glue/mosaicbert.yaml).
+
+    ``weight_decay`` is *decoupled* as in Composer's DecoupledAdamW (used by the paper): each step
+    multiplies the weights by ``1 - (lr_t / lr) * weight_decay``; torch's AdamW gets ``weight_decay / lr``,
+    which is the same update. ``warmup_fraction`` is the share of all steps spent in linear warmup (then
+    linear decay to 0). ``from_mnli``: start from the MNLI-finetuned backbone (with a new head) when MNLI
+    is part of the run; ``None`` = the task's default (RTE, MRPC, STS-B).
+    """
+
+    lr: float = 3.0e-5
+    epochs: float = 3.0
+    batch_size: int = 32
+    warmup_fraction: float = 0.06
+    weight_decay: float = 3.0e-6
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [19])
+    from_mnli: bool | None = None
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+
+
+def _hp(**kw):
+    return dataclasses.field(default_factory=lambda: GlueTaskHParams(**kw))
+
+
+@dataclasses.dataclass
+class GlueHParams:
+    """Per-task recipes; defaults = the MosaicBERT reference values (see recipes/glue/mosaicbert.yaml)."""
+
+    mnli: GlueTaskHParams = _hp(lr=5.0e-5, epochs=3, batch_size=48, weight_decay=5.0e-6, seeds=[19])
+    qnli: GlueTaskHParams = _hp(lr=1.0e-5, epochs=10, batch_size=16, weight_decay=1.0e-6, seeds=[19])
+    qqp: GlueTaskHParams = _hp(lr=3.0e-5, epochs=5, batch_size=16, weight_decay=3.0e-6, seeds=[19])
+    sst2: GlueTaskHParams = _hp(lr=3.0e-5, epochs=3, batch_size=16, weight_decay=3.0e-6, seeds=[19, 8364, 717])
+    cola: GlueTaskHParams = _hp(lr=5.0e-5, epochs=10, batch_size=32, weight_decay=5.0e-6,
+                                seeds=[19, 8364, 717, 10536])
+    rte: GlueTaskHParams = _hp(lr=1.0e-5, epochs=3, batch_size=16, weight_decay=1.0e-5,
+                               seeds=[19, 8364, 717, 10536, 90166])
+    mrpc: GlueTaskHParams = _hp(lr=8.0e-5, epochs=10, batch_size=32, weight_decay=8.0e-6,
+                                seeds=[19, 8364, 717, 10536, 90166])
+    stsb: GlueTaskHParams = _hp(lr=3.0e-5, epochs=10, batch_size=32, weight_decay=3.0e-6,
+                                seeds=[19, 8364, 717, 10536, 90166])
+    custom: GlueTaskHParams = _hp(lr=3.0e-5, epochs=3, batch_size=16, weight_decay=3.0e-6, seeds=[19, 8364, 717])
+
+
+@dataclasses.dataclass
+class CustomTaskConfig:
+    """A task folder in the SST-2 (``sentence, label``) or pair (``sentence1, sentence2, label``) layout."""
+
+    path: Path
+    num_labels: int
+    metrics: list[str] = dataclasses.field(default_factory=list)
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1 (1 = regression), got {self.num_labels}")
+
+
+@dataclasses.dataclass
+class GlueConfig:
+    """``mosaic-embed glue``: finetune ``model`` (or every checkpoint matching ``checkpoints``) on tasks.
+
+    ``tasks``: GLUE task names or ``["all"]``; empty runs only ``custom_tasks``. ``data_dir``: the original
+    GLUE TSV layout (offline); without it GLUE tasks come from the HF hub. ``seeds`` overrides every task's
+    recipe seeds. ``packing``: "auto" = unpadded (packed, ``cu_seqlens``) batches when the model's forward
+    takes them (MosaicBERT), padded otherwise; "off" forces padded batches (A/B throughput).
+    ``max_train_examples`` / ``max_eval_examples`` cut each split (smoke runs; not for reported numbers).
+    """
+
+    model: Path | None = None
+    checkpoints: str | None = None
+    out: Path = Path("runs/glue")
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["all"])
+    data_dir: Path | None = None
+    custom_tasks: list[CustomTaskConfig] = dataclasses.field(default_factory=list)
+    seeds: list[int] | None = None
+    max_seq_len: int = 256
+    hparams: GlueHParams = dataclasses.field(default_factory=GlueHParams)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1.0e-6
+    eval_batch_size: int = 128
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: str = "auto"
+    packing: Literal["auto", "off"] = "auto"
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    save_models: bool = False
+    log_every: int = 100
+
+    def __post_init__(self):
+        if self.model is None and self.checkpoints is None:
+            raise ValueError("model: give a model folder (--model) or a checkpoint glob (--checkpoints)")
+        if self.model is not None and self.checkpoints is not None:
+            raise ValueError("model and checkpoints: give one, not both")
+        if not 8 <= self.max_seq_len <= 4096:
+            raise ValueError(f"max_seq_len must be in [8, 4096], got {self.max_seq_len}")
+        if not self.tasks and not self.custom_tasks:
+            raise ValueError("tasks: no GLUE task and no custom task to run")
+        if self.seeds is not None and not self.seeds:
+            raise ValueError("seeds: empty list (leave it out to use each task's recipe seeds)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+# --- pretrain: token shards -> MLM pretraining (data/mlm.py, train/pretrain.py, train/callbacks.py) -------
+
+
+@dataclasses.dataclass
+class PretrainModelConfig:
+    """Which encoder to pretrain.
+
+    ``arch: mosaic_bert`` builds ``MosaicBertForMaskedLM`` from ``mosaic_embed.model.preset_config(preset)``;
+    ``arch: hf_bert`` builds transformers' ``BertForMaskedLM`` (the paper's baseline: learned positions,
+    padded batches, SDPA attention) from a preset in ``train/pretrain.py`` (``bert-base``, ``bert-large``,
+    ``bert-small``, ``bert-mini``). ``overrides`` sets config fields of either (e.g. ``num_hidden_layers: 2``,
+    ``attn_impl: torch``); the vocabulary size always comes from the tokenizer, padded to a multiple of 64.
+    """
+
+    arch: Literal["mosaic_bert", "hf_bert"] = "mosaic_bert"
+    preset: str = "mosaic-bert-base"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_from: Path | None = None  # a save_pretrained folder to start from instead of random weights
+
+    def __post_init__(self):
+        if not self.preset:
+            raise ValueError("preset must name a model preset, e.g. mosaic-bert-base or bert-base")
+        if "vocab_size" in self.overrides:
+            raise ValueError("overrides.vocab_size: the vocabulary size comes from the tokenizer (padded to 64)")
+
+
+@dataclasses.dataclass
+class PretrainTrainConfig:
+    """Optimisation, schedule, evaluation and checkpointing of MLM pretraining (defaults: the paper's Base recipe).
+
+    The global batch is split as microbatch x devices x accumulation steps; it must divide evenly.
+    Weight decay is decoupled and scaled with the schedule (Composer's DecoupledAdamW): each step shrinks
+    weights by ``weight_decay * lr / lr_peak``. The learning rate warms up linearly over
+    ``warmup_fraction`` of the steps, then decays linearly to ``final_lr_fraction * lr`` at ``max_steps``.
+    """
+
+    max_steps: int = 70_000
+    global_batch_size: int = 4096  # sequences per optimizer step, over all devices
+    microbatch_size: int = 128  # sequences per device per forward/backward
+    mask_prob: float = 0.30  # training masking ratio (validation always masks 15 %)
+    lr: float = 5.0e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1.0e-6
+    weight_decay: float = 1.0e-5
+    warmup_fraction: float = 0.06
+    final_lr_fraction: float = 0.02
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    seed: int = 17  # model init, dropout, data order and masking
+    log_every_steps: int = 10
+    eval_every_steps: int = 2000  # 0: validate only at the end
+    eval_samples: int = 4096  # validation sequences used (the first ones of the held-out split)
+    eval_batch_size: int = 128
+    save_every_steps: int = 0  # 0: no step-based checkpoints
+    save_every_minutes: float = 0.0  # 0: no time-based checkpoints
+    keep_last: int = 3  # checkpoints kept besides keep_steps
+    keep_steps: list[int] = dataclasses.field(default_factory=list)  # checkpoints never deleted
+    dataloader_workers: int = 2
+    report_to: list[str] = dataclasses.field(default_factory=list)  # "tensorboard" and/or "wandb"
+    fsdp: bool = False  # shard parameters/gradients/optimizer state (FSDP) instead of DDP under torchrun
+    peak_tflops: float | None = None  # device bf16 peak for MFU; None: looked up for known GPUs
+
+    def __post_init__(self):
+        for name in ("max_steps", "global_batch_size", "microbatch_size", "log_every_steps", "eval_samples",
+                     "eval_batch_size", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every_steps", "save_every_steps", "dataloader_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.global_batch_size % self.microbatch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of microbatch_size ({self.microbatch_size})"
+            )
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError("lr and eps must be > 0 and weight_decay >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        if self.max_grad_norm < 0 or self.save_every_minutes < 0:
+            raise ValueError("max_grad_norm and save_every_minutes must be >= 0")
+        unknown = sorted(set(self.report_to) - {"tensorboard", "wandb"})
+        if unknown:
+            raise ValueError(f"report_to: unknown integration {unknown[0]!r}; choose from tensorboard, wandb")
+        self.betas = tuple(self.betas)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """``mosaic-embed pretrain``: corpus -> shards (``data``) -> MLM pretraining of ``model`` -> ``out/final``."""
+
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig())  # noqa: F821 (defined above)
+    model: PretrainModelConfig = dataclasses.field(default_factory=PretrainModelConfig)
+    train: PretrainTrainConfig = dataclasses.field(default_factory=PretrainTrainConfig)
+    out: Path = Path("runs/pretrain")  # the run folder (checkpoints/, final/, metrics.jsonl, manifest.json)
+
+
+# --- contrastive: pairs -> sentence encoder (train/contrastive.py, data/pairs.py) ---------------------------
+
+
+@dataclasses.dataclass
+class ContrastiveConfig:
+    """``mosaic-embed train-encoder``: a pretrained backbone + (query, positive[, negative]) pairs -> an ST folder.
+
+    ``pairs`` is a .jsonl[.gz] / .tsv file, a BEIR folder (its ``beir_split`` qrels) or ``"auto"`` (mine pairs
+    from ``corpus`` with ``mining``). ``loss``: "mnrl" (in-batch negatives, plus hard negatives when the pairs
+    carry a third column) or "cached_mnrl" (GradCache: the same loss and gradients for batches larger than
+    memory, in chunks of ``mini_batch_size``). Under DDP, ``gather_across_devices`` makes every rank's
+    in-batch negatives include all ranks' documents.
+    """
+
+    model: str = ""  # backbone folder (runs/NAME/final) or any AutoModel folder
+    pairs: str = ""
+    out: Path = Path("runs/encoder")
+    corpus: str | None = None  # for pairs == "auto"
+    text_field: str = "text"
+    mining: Literal["mixed", "first-sentence", "spans"] = "mixed"
+    max_pairs: int | None = None
+    beir_split: str = "train"
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_seq_len: int = 128
+    loss: Literal["mnrl", "cached_mnrl"] = "mnrl"
+    mini_batch_size: int = 32
+    gather_across_devices: bool = True
+    scale: float = 20.0
+    batch_size: int = 64
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 5e-5
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    seed: int = 42
+    eval_fraction: float = 0.0  # hold out this share of the pairs for an IR evaluator
+    eval_beir: str | None = None  # or evaluate on a BEIR folder's eval_split
+    eval_split: str = "test"
+    logging_steps: int = 20
+    dataloader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 8:
+            raise ValueError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {self.batch_size}")
+        if self.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        if self.scale <= 0 or self.lr <= 0:
+            raise ValueError("scale and lr must be > 0")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0.0 <= self.eval_fraction < 0.5:
+            raise ValueError(f"eval_fraction must be in [0, 0.5), got {self.eval_fraction}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if self.max_pairs is not None and self.max_pairs < 2:
+            raise ValueError(f"max_pairs must be >= 2, got {self.max_pairs}")
