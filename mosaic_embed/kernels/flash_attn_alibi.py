@@ -1,0 +1,591 @@
+"""FlashAttention with ALiBi on unpadded (variable-length) batches, forward and backward, in Triton.
+
+Sequences are packed back to back: ``q, k, v`` are ``(T, H, D)`` with ``T`` = total real tokens and
+sequence ``b`` occupying rows ``cu_seqlens[b]:cu_seqlens[b+1]``. Attention is bidirectional within a
+sequence and never crosses one. Head ``h`` adds the ALiBi bias ``-slope[h] * |i - j|`` (Press et al.,
+arXiv 2108.12409) to the scaled scores; the bias is computed in the kernel, never materialised.
+
+File order (flash-attention's ``ops/triton/layer_norm.py``): pure-torch reference -> ``@triton.jit``
+kernels -> launchers (block-size table, grids) -> torch custom op (``torch.library``: eager,
+autograd and ``torch.compile`` all run the same kernels) -> public function
+:func:`flash_attn_varlen_alibi`.
+
+Algorithm (FlashAttention-2, Dao 2023, arXiv 2307.08691):
+- forward: one program per (query block, head, sequence); it streams the sequence's key/value blocks
+  with an online softmax in fp32 (exp2 domain: ``log2(e)`` is folded into the scale and the slope)
+  and saves the row log-sum-exp ``lse`` (natural log, fp32, ``(H, T)``) for the backward;
+- backward: a preprocess kernel computes ``delta = rowsum(dO * O)`` (``(H, T)`` fp32); one kernel
+  per key block recomputes ``P = exp(S - lse)`` and accumulates ``dK, dV`` over the sequence's query
+  blocks; ``dQ`` comes either from a separate kernel per query block (deterministic) or from fp32
+  atomics in the key-block kernel; which is faster was measured per head dim / length bucket
+  (see ``_TUNED`` and benchmarks/NOTES_attention.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_reference", "flash_attn_varlen_alibi"]
+
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Pure-torch reference
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_reference(q, k, v, cu_seqlens, alibi_slopes, softmax_scale=None, upcast=True, return_lse=False):
+    """Eager ``softmax(Q K^T * scale - slope * |i - j|) V`` for each packed sequence; differentiable.
+
+    q, k, v: (T, H, D); cu_seqlens: (B+1,) int; alibi_slopes: (H,). Returns out (T, H, D) in q's dtype
+    (fp32 when ``upcast``). ``upcast=True`` computes everything in fp32 (the ground truth of the
+    tests); ``upcast=False`` keeps the matrix products in the input precision with an fp32 softmax,
+    i.e. what plain torch in bf16/fp16 achieves, the yardstick for the kernel's own rounding error.
+    With ``return_lse`` also returns the fp32 row log-sum-exp of the biased scores, (H, T).
+    Memory is O(H * L^2) per sequence: a test and documentation aid, not a training path.
+    """
+    dtype = torch.float32 if upcast else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
+    bounds = cu_seqlens.tolist()
+    outs, lses = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        pos = torch.arange(end - start, device=q.device, dtype=torch.float32)
+        dist = (pos[:, None] - pos[None, :]).abs()  # (n, n)
+        scores = (qs @ ks.transpose(1, 2)).float() * scale - slopes[:, None, None] * dist  # (H, n, n)
+        probs = torch.softmax(scores, dim=-1).to(dtype)
+        outs.append((probs @ vs).transpose(0, 1))  # (n, H, D)
+        lses.append(torch.logsumexp(scores, dim=-1))  # (H, n)
+    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+    if return_lse:
+        lse = torch.cat(lses, dim=1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+        return out, lse
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _seq_block(pid, num_blocks, num_heads, CU, BLOCK: tl.constexpr):
+    """Decode a flat program id into (block start, head, sequence start, sequence length).
+
+    The block index varies fastest so that the programs of one (sequence, head) run side by side and
+    share its K/V (or Q/dO) blocks in L2.
+    """
+    pid_blk = pid % num_blocks
+    bh = pid // num_blocks
+    h = bh % num_heads
+    b = bh // num_heads
+    seq_start = tl.load(CU + b)
+    seqlen = tl.load(CU + b + 1) - seq_start
+    return pid_blk * BLOCK, h, seq_start.to(tl.int64), seqlen
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale, slope2, lo, hi,
+               seqlen, offs_n, offs_d, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Online-softmax sweep over key blocks [lo, hi); MASK handles the sequence's partial last block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASK:
+            col_ok = cols < seqlen
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
+        # slope * |i - j| == |slope*i - slope*j| for slope >= 0: one subtract per element.
+        col_bias = slope2 * cols.to(tl.float32)
+        s = qk * qk_scale - tl.abs(row_bias[:, None] - col_bias[None, :])  # log2 domain
+        if MASK:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
+def _fwd_kernel(Q, K, V, O, LSE, CU, SLOPES,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                total_tokens, num_heads, num_blocks, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block of one (sequence, head): O = softmax(S) V and lse = logsumexp(S) per row."""
+    start_m, h, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_M)
+    if start_m >= seqlen:
+        return
+    slope2 = tl.load(SLOPES + h) * 1.4426950408889634  # log2(e): exp2 instead of exp
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    q_ptrs = Q + seq_start * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + seq_start * stride_kt + h * stride_kh
+    v_base = V + seq_start * stride_vt + h * stride_vh
+    row_bias = slope2 * offs_m.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale,
+                               slope2, 0, n_full, seqlen, offs_n, offs_d, BLOCK_N, False)
+    # zero or one partial block
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale,
+                               slope2, n_full, seqlen, seqlen, offs_n, offs_d, BLOCK_N, True)
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + h * total_tokens + seq_start + offs_m, lse, mask=row_ok)
+    o_ptrs = O + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["total_tokens"])
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_tokens,
+                           HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]  (minus dlse[h, t] when the lse has a gradient)."""
+    h = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_t < total_tokens
+    o = tl.load(O + offs_t[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + offs_t[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=ok[:, None],
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        # d lse / d s = P, so a gradient g on lse adds P * g to dS: fold it into delta (dS = P (dP - delta)).
+        delta -= tl.load(DLSE + h * total_tokens + offs_t, mask=ok, other=0.0)
+    tl.store(DELTA + h * total_tokens + offs_t, delta, mask=ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ_base, stride_qt, stride_dot,
+                    stride_dqt, col_bias, qk_scale, slope2, sm_scale, lo, hi, seqlen, offs_m, offs_d,
+                    BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) (transposed: rows are keys)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+        if MASK:
+            row_ok = rows < seqlen
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            # lse = +inf makes P = 0 on the padding rows, with no select per element
+            lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+            delta = tl.load(delta_base + rows)
+        qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
+        row_bias = slope2 * rows.to(tl.float32)
+        sT = qkT * qk_scale - tl.abs(col_bias[:, None] - row_bias[None, :])
+        pT = tl.exp2(sT - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * sm_scale  # (BLOCK_M, HEAD_DIM)
+            dq_ptrs = DQ_base + rows[:, None] * stride_dqt + offs_d[None, :]
+            if MASK:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU, SLOPES,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+                     total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr):
+    """One key block of one (sequence, head): dK, dV (and dQ by fp32 atomics when ATOMIC_DQ)."""
+    start_n, h, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_N)
+    if start_n >= seqlen:
+        return
+    slope2 = tl.load(SLOPES + h) * 1.4426950408889634
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seqlen
+    k = tl.load(K + seq_start * stride_kt + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + seq_start * stride_vt + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    col_bias = slope2 * offs_n.to(tl.float32)
+    q_base = Q + seq_start * stride_qt + h * stride_qh
+    do_base = DO + seq_start * stride_dot + h * stride_doh
+    dq_base = DQ + seq_start * stride_dqt + h * stride_dqh
+    lse_base = LSE + h * total_tokens + seq_start
+    delta_base = DELTA + h * total_tokens + seq_start
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                             stride_dot, stride_dqt, col_bias, qk_scale, slope2, sm_scale, 0, m_full, seqlen,
+                             offs_m, offs_d, BLOCK_M, False, ATOMIC_DQ)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                             stride_dot, stride_dqt, col_bias, qk_scale, slope2, sm_scale, m_full, seqlen,
+                             seqlen, offs_m, offs_d, BLOCK_M, True, ATOMIC_DQ)
+    dk = dk * sm_scale  # S = scale * QK^T + bias, so dK = scale * dS^T Q
+    tl.store(DK + seq_start * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + seq_start * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale, slope2,
+                  lo, hi, seqlen, offs_n, offs_d, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASK:
+            col_ok = cols < seqlen
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k))
+        col_bias = slope2 * cols.to(tl.float32)
+        s = qk * qk_scale - tl.abs(row_bias[:, None] - col_bias[None, :])
+        p = tl.exp2(s - lse2[:, None])
+        if MASK:
+            p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SLOPES,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dqt, stride_dqh, total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block of one (sequence, head): dQ = scale * dS K over the sequence's key blocks."""
+    start_m, h, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_M)
+    if start_m >= seqlen:
+        return
+    slope2 = tl.load(SLOPES + h) * 1.4426950408889634
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    q = tl.load(Q + seq_start * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + seq_start * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0)
+    row_bias = slope2 * offs_m.to(tl.float32)
+    k_base = K + seq_start * stride_kt + h * stride_kh
+    v_base = V + seq_start * stride_vt + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale, slope2,
+                       0, n_full, seqlen, offs_n, offs_d, BLOCK_N, False)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale, slope2,
+                       n_full, seqlen, seqlen, offs_n, offs_d, BLOCK_N, True)
+    dq = dq * sm_scale
+    tl.store(DQ + seq_start * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch settings of one kernel: (BLOCK_M, BLOCK_N) rows of Q x rows of K."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Settings of the three kernels for one (head_dim, max_seqlen bucket); ``atomic_dq`` picks how dQ is made."""
+
+    fwd: KernelConfig
+    dkdv: KernelConfig
+    dq: KernelConfig
+    atomic_dq: bool = False
+
+
+# Upper edges of the max_seqlen buckets of the tuning table (the last one is open).
+_SEQLEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+
+# Hopper (sm_90) table: {(head_dim, bucket upper edge): AttentionConfig}, chosen by measurement with
+# benchmarks/tune_attention.py on an H100 (log and numbers in benchmarks/NOTES_attention.md). Buckets
+# not listed use the nearest smaller listed bucket of the same head dim.
+_TUNED: dict[tuple[int, int], AttentionConfig] = {}
+
+# Conservative settings for GPUs that are not Hopper (and any gap in the table): small enough tiles
+# to fit 64 KB of shared memory at head_dim 128.
+def _generic_config(head_dim: int) -> AttentionConfig:
+    bn = 64 if head_dim <= 64 else 32
+    return AttentionConfig(
+        fwd=KernelConfig(64, bn, 4, 2), dkdv=KernelConfig(32, bn, 4, 2), dq=KernelConfig(64, bn, 4, 2)
+    )
+
+
+# Hopper defaults before the table was measured (FA2-in-Triton settings known to fit sm_90).
+def _hopper_default(head_dim: int) -> AttentionConfig:
+    return AttentionConfig(
+        fwd=KernelConfig(128, 64 if head_dim <= 64 else 32, 4, 3),
+        dkdv=KernelConfig(32, 128 if head_dim <= 64 else 64, 4, 3),
+        dq=KernelConfig(128 if head_dim <= 64 else 64, 32, 4, 3),
+    )
+
+
+_INTERPRETER_CONFIG = AttentionConfig(
+    fwd=KernelConfig(16, 16, 1, 1), dkdv=KernelConfig(16, 16, 1, 1), dq=KernelConfig(16, 16, 1, 1)
+)
+
+
+def seqlen_bucket(max_seqlen: int) -> int:
+    """The tuning-table bucket of a max sequence length (the upper edge; 8192 stands for 'longer')."""
+    for edge in _SEQLEN_BUCKETS:
+        if max_seqlen <= edge:
+            return edge
+    return 8192
+
+
+def select_config(head_dim: int, max_seqlen: int, device: torch.device) -> AttentionConfig:
+    """Kernel settings for this problem: the measured Hopper table, else safe generic settings."""
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    major, _ = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return _generic_config(head_dim)
+    bucket = seqlen_bucket(max_seqlen)
+    candidates = [b for (d, b) in _TUNED if d == head_dim and b <= bucket]
+    if candidates:
+        return _TUNED[(head_dim, max(candidates))]
+    return _hopper_default(head_dim)
+
+
+def _check_last_dim_contiguous(*tensors):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out=None, lse=None, config=None):
+    """Launch the forward kernel. Returns (out (T, H, D) in q's dtype, lse (H, T) fp32, natural log).
+
+    ``out``/``lse`` may be given (tests poison them to prove every element is written).
+    """
+    total, heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    cfg = (config or select_config(head_dim, max_seqlen, q.device)).fwd
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return out, lse
+    num_blocks = triton.cdiv(max_seqlen, cfg.block_m)
+    grid = (num_blocks * heads * batch,)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, alibi_slopes,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        total, heads, num_blocks, softmax_scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
+               dq=None, dk=None, dv=None, config=None):
+    """Launch the backward kernels. Returns dq, dk, dv (T, H, D) in q's dtype.
+
+    dlse: optional (H, T) gradient of the returned log-sum-exp. dq/dk/dv may be given (tests poison them).
+    """
+    total, heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    cfg = config or select_config(head_dim, max_seqlen, q.device)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return dq, dk, dv
+    delta = torch.empty((heads, total), device=q.device, dtype=torch.float32)
+    block_t = 64
+    _bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
+        out, dout, dlse if dlse is not None else delta, delta,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
+        HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
+    )
+    qk_scale = softmax_scale * _LOG2E
+    # fp32 accumulator for the atomic dQ path (zeroed: atomics add into it).
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if cfg.atomic_dq else dq
+    c = cfg.dkdv
+    num_blocks = triton.cdiv(max_seqlen, c.block_n)
+    _bwd_dkdv_kernel[(num_blocks * heads * batch,)](
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_seqlens, alibi_slopes,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
+        total, heads, num_blocks, qk_scale, softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=cfg.atomic_dq,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    if cfg.atomic_dq:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
+    c = cfg.dq
+    num_blocks = triton.cdiv(max_seqlen, c.block_m)
+    _bwd_dq_kernel[(num_blocks * heads * batch,)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens, alibi_slopes,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dq.stride(0), dq.stride(1), total, heads, num_blocks, qk_scale, softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. torch custom op (eager, autograd and torch.compile share these kernels)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mosaic_embed::flash_attn_varlen_alibi_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            alibi_slopes: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _check_last_dim_contiguous(q, k, v)
+    return _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+    total, heads, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((heads, total), dtype=torch.float32)
+
+
+@torch.library.custom_op("mosaic_embed::flash_attn_varlen_alibi_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            alibi_slopes: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dout, q, k, v = _check_last_dim_contiguous(dout, q, k, v)
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    return _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+
+
+@_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, alibi_slopes)
+    ctx.max_seqlen = max_seqlen
+    ctx.softmax_scale = softmax_scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes,
+                         ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Public function
+# --------------------------------------------------------------------------------------------------
+
+
+def flash_attn_varlen_alibi(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale=None, return_lse=False):
+    """Bidirectional ALiBi attention over packed variable-length sequences (FlashAttention-2 in Triton).
+
+    Args:
+        q, k, v: (T, H, D) packed tokens of all sequences, bf16 or fp16 (fp32 is accepted for testing;
+            its products run in tf32 on GPU). D in (16, 32, 64, 128). The last dim must be contiguous
+            or it is copied; other strides are free (e.g. views into a fused (T, 3, H, D) projection).
+        cu_seqlens: (B+1,) int32 sequence boundaries on q's device, 0 first, T last.
+        max_seqlen: int, the longest sequence length (sizes the grid: a smaller value leaves rows unwritten).
+        alibi_slopes: (H,) fp32 per-head slopes >= 0; the score bias is ``-slope[h] * |i - j|``.
+        softmax_scale: defaults to 1/sqrt(D).
+        return_lse: also return the per-row log-sum-exp of the biased, scaled scores, (H, T) fp32
+            (differentiable).
+
+    Returns:
+        out (T, H, D) in q's dtype, or (out, lse) when ``return_lse``.
+    """
+    _validate(q, k, v, cu_seqlens, max_seqlen, alibi_slopes)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = torch.ops.mosaic_embed.flash_attn_varlen_alibi_fwd(
+        q, k, v, cu_seqlens, max_seqlen, alibi_slopes, float(softmax_scale)
+    )
+    return (out, lse) if return_lse else out
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, alibi_slopes):
+    where = "flash_attn_varlen_alibi"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{where}: {name} must be (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{where}: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{where}: q, k, v must share a dtype among bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{where}: head_dim must be one of {_SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{where}: cu_seqlens must be a 1-D int32 tensor (B+1,), got {cu_seqlens.dtype} "
+                         f"shape {tuple(cu_seqlens.shape)}")
+    if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) != (q.shape[1],):
+        raise ValueError(f"{where}: alibi_slopes must be fp32 of shape ({q.shape[1]},), got {alibi_slopes.dtype} "
+                         f"shape {tuple(alibi_slopes.shape)}")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens", cu_seqlens), ("alibi_slopes", alibi_slopes)):
+        if t.device != q.device:
+            raise ValueError(f"{where}: {name} is on {t.device}, q on {q.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise ValueError(f"{where}: max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{where}: max_seqlen must be >= 0, got {max_seqlen}")
