@@ -1,0 +1,121 @@
+"""Retrieval evaluation: nDCG@k, recall@k and MRR@k over a BEIR split, with exact (brute-force) search.
+
+Metric definitions follow trec_eval / pytrec_eval, which BEIR reports (Thakur et al., 2021):
+
+- nDCG@k: DCG = sum_{i<k} rel_i / log2(i + 2) over the ranked list (linear gain, as trec_eval's
+  ``ndcg_cut``), divided by the DCG of the ideal ordering of that query's judged documents;
+- recall@k: |relevant in top k| / |relevant| (relevant = qrel score > 0);
+- MRR@k: 1 / rank of the first relevant document within the top k, else 0.
+
+Each metric is averaged over the queries that have at least one relevant document.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def ndcg_at_k(ranked: Sequence[str], qrels: Mapping[str, int], k: int) -> float:
+    dcg = sum(qrels.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]) if qrels.get(doc, 0) > 0)
+    ideal = sorted((s for s in qrels.values() if s > 0), reverse=True)[:k]
+    idcg = sum(s / math.log2(i + 2) for i, s in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranked: Sequence[str], qrels: Mapping[str, int], k: int) -> float:
+    relevant = {d for d, s in qrels.items() if s > 0}
+    if not relevant:
+        return 0.0
+    return len(relevant.intersection(ranked[:k])) / len(relevant)
+
+
+def mrr_at_k(ranked: Sequence[str], qrels: Mapping[str, int], k: int) -> float:
+    for i, doc in enumerate(ranked[:k]):
+        if qrels.get(doc, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def evaluate_run(
+    run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]
+) -> dict[str, float]:
+    """Mean nDCG@10, recall@10, recall@100 and MRR@10 of ``run`` (query id -> ranked doc ids).
+
+    A judged query missing from ``run`` counts as an empty ranking (scores 0), never silently skipped.
+    """
+    scored = [qid for qid, docs in qrels.items() if any(s > 0 for s in docs.values())]
+    if not scored:
+        raise ValueError("no query has a relevant document in the qrels")
+    sums = {"ndcg@10": 0.0, "recall@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+    for qid in scored:
+        ranked, rel = run.get(qid, ()), qrels[qid]
+        sums["ndcg@10"] += ndcg_at_k(ranked, rel, 10)
+        sums["recall@10"] += recall_at_k(ranked, rel, 10)
+        sums["recall@100"] += recall_at_k(ranked, rel, 100)
+        sums["mrr@10"] += mrr_at_k(ranked, rel, 10)
+    return {name: value / len(scored) for name, value in sums.items()}
+
+
+def exact_search(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner-product search with faiss ``IndexFlatIP`` (exact; cosine when rows are normalised).
+
+    queries (Q, D), docs (N, D) -> scores (Q, k') float32, indices (Q, k') int64 with k' = min(k, N).
+    """
+    import faiss
+
+    if queries.ndim != 2 or docs.ndim != 2 or queries.shape[1] != docs.shape[1]:
+        raise ValueError(f"exact_search: shapes {queries.shape} and {docs.shape} do not match")
+    index = faiss.IndexFlatIP(docs.shape[1])
+    index.add(np.ascontiguousarray(docs, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, docs.shape[0]))
+
+
+def rank_with_embeddings(
+    query_ids: Sequence[str], query_emb: np.ndarray, doc_ids: Sequence[str], doc_emb: np.ndarray, k: int = 100
+) -> dict[str, list[str]]:
+    _, idx = exact_search(query_emb, doc_emb, k)
+    return {qid: [doc_ids[j] for j in row if j >= 0] for qid, row in zip(query_ids, idx, strict=True)}
+
+
+def evaluate_encoder(
+    model: str | Path | Any,
+    beir_dir: str | Path,
+    split: str = "test",
+    max_seq_len: int | None = None,
+    batch_size: int = 128,
+    device: str | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Embed a BEIR split's corpus and queries with an encoder folder (or a loaded ``Encoder``), search
+    exactly, and score. Returns the metrics plus counts and timings."""
+    import time
+
+    from ..data.beir import doc_text, load_beir
+    from ..encode import Encoder
+
+    data = load_beir(beir_dir, split)
+    encoder = model if isinstance(model, Encoder) else Encoder.load(model, device=device, max_seq_len=max_seq_len)
+    doc_ids = list(data.corpus)
+    t0 = time.perf_counter()
+    doc_emb = encoder.encode([doc_text(data.corpus[d]) for d in doc_ids], batch_size=batch_size,
+                             show_progress=show_progress)
+    t1 = time.perf_counter()
+    query_ids = list(data.queries)
+    query_emb = encoder.encode([data.queries[q] for q in query_ids], batch_size=batch_size)
+    t2 = time.perf_counter()
+    run = rank_with_embeddings(query_ids, query_emb, doc_ids, doc_emb, k=100)
+    metrics = evaluate_run(run, data.qrels)
+    return {
+        **metrics,
+        "n_queries": len(query_ids),
+        "n_docs": len(doc_ids),
+        "max_seq_len": encoder.max_seq_len,
+        "encode_docs_s": t1 - t0,
+        "encode_queries_s": t2 - t1,
+        "path": encoder.path_used,
+    }
