@@ -1,0 +1,274 @@
+"""MosaicBERT model: layouts, heads, save/load, Auto registration, ablation switches, presets, extrapolation."""
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+)
+
+import mosaic_embed  # noqa: F401  (registers the Auto classes)
+from mosaic_embed.model import (
+    MosaicBertConfig,
+    MosaicBertForMaskedLM,
+    MosaicBertForSequenceClassification,
+    MosaicBertModel,
+    preset_config,
+)
+from mosaic_embed.model.modeling import MosaicBertLayerNorm
+
+VOCAB = 128
+
+
+def tiny(**overrides) -> MosaicBertConfig:
+    return preset_config("mosaic-bert-tiny", **{"attn_impl": "torch", **overrides})
+
+
+def batch(seed=0, b=3, s=12):
+    """Random ids with ragged right padding: lengths s, s-5, 4."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, s - 5:] = 0
+    mask[2, 4:] = 0
+    ids = ids * mask  # pad id 0 at padding
+    types = torch.zeros_like(ids)
+    types[:, s // 2:] = 1
+    return ids, mask, types * mask
+
+
+def seeded(cls, config, seed=0):
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def test_padded_and_unpadded_paths_agree_and_padding_is_zero():
+    ids, mask, types = batch()
+    unpadded = seeded(MosaicBertModel, tiny())
+    padded = seeded(MosaicBertModel, tiny(unpad=False))
+    padded.load_state_dict(unpadded.state_dict())
+    a = unpadded(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    b = padded(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert a.shape == (3, 12, 32)
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-5)
+    assert torch.all(a[~keep] == 0)
+
+
+def test_padding_does_not_change_real_tokens():
+    """A sequence gives the same states alone and inside a padded batch (attention ignores padding)."""
+    ids, mask, types = batch()
+    model = seeded(MosaicBertModel, tiny())
+    full = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    alone = model(ids[2:3, :4], token_type_ids=types[2:3, :4]).last_hidden_state
+    torch.testing.assert_close(full[2:3, :4], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_packed_input_matches_padded(unpad):
+    ids, mask, types = batch()
+    model = seeded(MosaicBertModel, tiny(unpad=unpad))
+    padded = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    keep = mask.bool()
+    lengths = mask.sum(1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    packed = model(ids[keep], token_type_ids=types[keep], cu_seqlens=cu, max_seqlen=int(lengths.max())).last_hidden_state
+    assert packed.shape == (int(lengths.sum()), 32)
+    torch.testing.assert_close(packed, padded[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_mlm_loss_only_on_labelled_positions_equals_full_logit_loss():
+    ids, mask, types = batch()
+    model = seeded(MosaicBertForMaskedLM, tiny())
+    labels = torch.full_like(ids, -100)
+    labels[0, [1, 5, 9]] = ids[0, [1, 5, 9]]
+    labels[2, 2] = 7
+    out = model(ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    assert out.logits.shape == (4, VOCAB)
+    full = model(ids, attention_mask=mask, token_type_ids=types).logits  # (B, S, V)
+    assert full.shape == (3, 12, VOCAB)
+    sel = labels != -100
+    torch.testing.assert_close(out.logits, full[sel], atol=1e-5, rtol=1e-5)
+    expected = torch.nn.functional.cross_entropy(full.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    no_labels = model(ids, attention_mask=mask, labels=torch.full_like(ids, -100))
+    assert no_labels.loss.item() == 0.0 and no_labels.logits.shape == (0, VOCAB)
+
+
+def test_classification_and_regression_heads():
+    ids, mask, types = batch()
+    clf = seeded(MosaicBertForSequenceClassification, tiny(num_labels=3))
+    out = clf(ids, attention_mask=mask, token_type_ids=types, labels=torch.tensor([0, 2, 1]))
+    assert out.logits.shape == (3, 3) and out.loss.ndim == 0
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2, 1])))
+    reg = seeded(MosaicBertForSequenceClassification, tiny(num_labels=1))
+    target = torch.tensor([0.5, 1.5, 4.0])
+    out = reg(ids, attention_mask=mask, labels=target)
+    assert out.logits.shape == (3, 1)
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), target))
+
+
+def test_classifier_reads_first_real_token_under_left_padding():
+    """Left padding: the pooled [CLS] is the first real token, so logits equal the unpadded sequence's."""
+    model = seeded(MosaicBertForSequenceClassification, tiny(num_labels=2))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    left = torch.tensor([[0, 0, 5, 6, 7, 8]])
+    left_mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    for unpad in (True, False):
+        model.config.unpad = unpad
+        torch.testing.assert_close(model(left, attention_mask=left_mask).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    model.config.unpad = True
+
+
+def test_save_load_round_trip_and_auto_classes(tmp_path):
+    ids, mask, types = batch()
+    model = seeded(MosaicBertForMaskedLM, tiny())
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MosaicBertConfig)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MosaicBertForMaskedLM
+    assert loaded.mlm_head.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                               rtol=0, atol=0)
+    backbone = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(backbone) is MosaicBertModel
+    torch.testing.assert_close(backbone(ids, attention_mask=mask).last_hidden_state,
+                               model.bert(ids, attention_mask=mask).last_hidden_state, rtol=0, atol=0)
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert type(clf) is MosaicBertForSequenceClassification and clf.classifier.out_features == 3
+    assert torch.equal(clf.bert.encoder.layers[1].mlp.wi.weight, model.bert.encoder.layers[1].mlp.wi.weight)
+
+
+def test_all_switches_off_is_bert_in_parameters_and_shapes():
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=128)
+    ours = MosaicBertForMaskedLM(MosaicBertConfig(position="learned", mlp="gelu", unpad=False,
+                                                  low_precision_layernorm=False, attn_impl="torch", **kw)).eval()
+    bert = BertForMaskedLM(BertConfig(**kw)).eval()
+    assert ours.num_parameters() == bert.num_parameters()
+    ours_shapes = sorted(tuple(p.shape) for p in ours.parameters())
+    bert_shapes = sorted(tuple(p.shape) for p in bert.parameters())
+    # BERT keeps q, k, v as three (H, H) Linears; ours fuses them into one (3H, H): same numbers.
+    assert sum(torch.Size(s).numel() for s in ours_shapes) == sum(torch.Size(s).numel() for s in bert_shapes)
+    ids, mask, types = batch()
+    assert ours(ids, attention_mask=mask).logits.shape == bert(ids, attention_mask=mask).logits.shape
+    # GeGLU adds I*H per layer (and drops the first bias); ALiBi drops the position table.
+    geglu = MosaicBertForMaskedLM(MosaicBertConfig(position="learned", mlp="geglu", **kw))
+    assert geglu.num_parameters() - bert.num_parameters() == 2 * (64 * 32 - 64)
+    alibi = MosaicBertForMaskedLM(MosaicBertConfig(position="alibi", mlp="gelu", **kw))
+    assert bert.num_parameters() - alibi.num_parameters() == 128 * 32
+
+
+def test_all_switches_off_matches_bert_outputs():
+    """Copy BERT's weights in: with every switch off the logits are BERT's."""
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=128, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(**kw)).eval()
+    ours = MosaicBertForMaskedLM(MosaicBertConfig(position="learned", mlp="gelu", unpad=False,
+                                                  low_precision_layernorm=False, attn_impl="torch", **kw)).eval()
+    sd = bert.state_dict()
+    new = {
+        "bert.embeddings.word_embeddings.weight": sd["bert.embeddings.word_embeddings.weight"],
+        "bert.embeddings.token_type_embeddings.weight": sd["bert.embeddings.token_type_embeddings.weight"],
+        "bert.embeddings.position_embeddings.weight": sd["bert.embeddings.position_embeddings.weight"],
+        "bert.embeddings.norm.weight": sd["bert.embeddings.LayerNorm.weight"],
+        "bert.embeddings.norm.bias": sd["bert.embeddings.LayerNorm.bias"],
+        "mlm_head.dense.weight": sd["cls.predictions.transform.dense.weight"],
+        "mlm_head.dense.bias": sd["cls.predictions.transform.dense.bias"],
+        "mlm_head.norm.weight": sd["cls.predictions.transform.LayerNorm.weight"],
+        "mlm_head.norm.bias": sd["cls.predictions.transform.LayerNorm.bias"],
+        "mlm_head.decoder.weight": sd["bert.embeddings.word_embeddings.weight"],
+        "mlm_head.decoder.bias": sd["cls.predictions.bias"],
+    }
+    for i in range(2):
+        src, dst = f"bert.encoder.layer.{i}.", f"bert.encoder.layers.{i}."
+        for part in ("weight", "bias"):
+            new[dst + f"attention.Wqkv.{part}"] = torch.cat(
+                [sd[src + f"attention.self.{n}.{part}"] for n in ("query", "key", "value")])
+            new[dst + f"attention.out.{part}"] = sd[src + f"attention.output.dense.{part}"]
+            new[dst + f"attention.norm.{part}"] = sd[src + f"attention.output.LayerNorm.{part}"]
+            new[dst + f"mlp.wi.{part}"] = sd[src + f"intermediate.dense.{part}"]
+            new[dst + f"mlp.wo.{part}"] = sd[src + f"output.dense.{part}"]
+            new[dst + f"mlp.norm.{part}"] = sd[src + f"output.LayerNorm.{part}"]
+    ours.load_state_dict(new, strict=True)
+    ids, mask, types = batch()
+    expected = bert(ids, attention_mask=mask, token_type_ids=types).logits
+    got = ours(ids, attention_mask=mask, token_type_ids=types).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_preset_parameter_counts():
+    """Exact counts of MosaicBertForMaskedLM (tied decoder once); Base is the paper's 137 M within 1 %."""
+    expected = {
+        "mosaic-bert-base": 137_400_384,
+        "mosaic-bert-large": 435_221_312,
+        "mosaic-bert-small": 49_517_888,
+        "mosaic-bert-mini": 12_116_544,
+        "mosaic-bert-tiny": 26_528,
+    }
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = MosaicBertForMaskedLM(preset_config(name))
+        assert model.num_parameters() == count, name
+    assert abs(expected["mosaic-bert-base"] - 137e6) / 137e6 < 0.01
+    assert MosaicBertConfig().to_dict() == preset_config("mosaic-bert-base").to_dict()
+
+
+def test_alibi_extrapolates_to_four_times_the_configured_length():
+    config = tiny(max_position_embeddings=128)
+    model = seeded(MosaicBertModel, config)
+    ids = torch.randint(1, VOCAB, (1, 4 * 128))
+    out = model(ids).last_hidden_state
+    assert out.shape == (1, 512, 32) and torch.isfinite(out).all()
+    # The bias is built for the actual length: the first 128 positions see the far tokens, so outputs differ
+    # from a 128-token run, while a learned-position model refuses the longer input.
+    assert not torch.allclose(out[:, :128], model(ids[:, :128]).last_hidden_state)
+    learned = seeded(MosaicBertModel, tiny(position="learned"))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        learned(ids)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="vocab_size"):
+        MosaicBertConfig(vocab_size=30522)
+    with pytest.raises(ValueError, match="position"):
+        tiny(position="rotary")
+    with pytest.raises(ValueError, match="mlp"):
+        tiny(mlp="swiglu")
+    with pytest.raises(ValueError, match="attn_impl"):
+        tiny(attn_impl="flash")
+    with pytest.raises(ValueError, match="attn_impl"):
+        preset_config("mosaic-bert-tiny", unpad=False, attn_impl="triton")
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        tiny(num_attention_heads=5)
+    with pytest.raises(ValueError, match="preset"):
+        preset_config("mosaic-bert-huge")
+
+
+def test_triton_requested_on_cpu_is_an_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = seeded(MosaicBertModel, preset_config("mosaic-bert-tiny", attn_impl="triton"))
+    with pytest.raises((RuntimeError, ValueError), match="triton"):
+        model(torch.randint(1, VOCAB, (2, 5)))
+
+
+def test_low_precision_layernorm_runs_in_autocast_dtype():
+    x = torch.randn(4, 32)
+    lp = MosaicBertLayerNorm(32, 1e-12, low_precision=True)
+    fp = MosaicBertLayerNorm(32, 1e-12, low_precision=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lp(x).dtype == torch.bfloat16
+        assert fp(x).dtype == torch.float32
+    assert lp(x).dtype == torch.float32  # no autocast: plain LayerNorm
+    torch.testing.assert_close(lp(x), fp(x))
