@@ -57,7 +57,7 @@ def _check_against_reference(lens, heads, head_dim, dtype, slopes="alibi", facto
     got = _kernel_grads(q, k, v, do, cu, max(lens), sl)
     ref = _reference_grads(q, k, v, do, cu, sl, upcast=True)
     low = _reference_grads(q, k, v, do, cu, sl, upcast=False)
-    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low):
+    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low, strict=False):
         assert g.dtype == dtype and g.shape == r.shape, name
         assert torch.isfinite(g).all(), f"{name}: non-finite values (seed {seed})"
         err = (g.float() - r).abs().max().item()
@@ -98,7 +98,7 @@ def test_every_output_element_written_and_dq_paths_agree():
         for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
             assert torch.isfinite(g).all(), f"unwritten {name} (atomic_dq={atomic}, seed {seed})"
         grads[atomic] = (dq, dk, dv)
-    for a, b in zip(grads[False], grads[True]):
+    for a, b in zip(grads[False], grads[True], strict=False):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
@@ -115,7 +115,7 @@ def test_lse_and_its_gradient():
     want = torch.autograd.grad((ref_out * do).sum() + (ref_lse * dlse).sum(), ref_leaves)
     tol = 1e-4 if DEVICE.type == "cpu" else 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol, msg=f"lse (seed {seed})")
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=f"grad through lse (seed {seed})")
 
 
@@ -146,7 +146,7 @@ def test_compiles_without_graph_break_cpu():
     ref = f(*ref_leaves)
     ref.sum().backward()
     torch.testing.assert_close(out, ref)
-    for a, b in zip(leaves, ref_leaves):
+    for a, b in zip(leaves, ref_leaves, strict=False):
         torch.testing.assert_close(a.grad, b.grad)
 
 
@@ -237,5 +237,5 @@ def test_torch_compile_fullgraph_gpu():
     compiled(*leaves).backward()
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     f(*ref_leaves).backward()
-    for a, b in zip(leaves, ref_leaves):
+    for a, b in zip(leaves, ref_leaves, strict=False):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-2, rtol=1e-2)  # atomic dQ sums in any order

@@ -57,7 +57,7 @@ def attention_reference(q, k, v, cu_seqlens, alibi_slopes, softmax_scale=None, u
     slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
     bounds = cu_seqlens.tolist()
     outs, lses = [], []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=False):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
         pos = torch.arange(end - start, device=q.device, dtype=torch.float32)
         dist = (pos[:, None] - pos[None, :]).abs()  # (n, n)
@@ -128,7 +128,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, row_bias,
 
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
-def _fwd_kernel(Q, K, V, O, LSE, CU, SLOPES,
+def _fwd_kernel(Q, K, V, Out, LSE, CU, SLOPES,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 total_tokens, num_heads, num_blocks, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -160,19 +160,19 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, SLOPES,
     acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + h * total_tokens + seq_start + offs_m, lse, mask=row_ok)
-    o_ptrs = O + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_ptrs = Out + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["total_tokens"])
-def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_tokens,
+def _bwd_preprocess_kernel(Out, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_tokens,
                            HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]  (minus dlse[h, t] when the lse has a gradient)."""
     h = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_t < total_tokens
-    o = tl.load(O + offs_t[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(Out + offs_t[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + offs_t[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=ok[:, None],
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)

@@ -1,0 +1,188 @@
+"""Measure tile shapes / num_warps / num_stages of the varlen ALiBi attention kernels (GPU only).
+
+For each head dim and max-length bucket it times every candidate of the forward kernel, of the
+dK/dV kernel (with the separate dQ kernel fixed), of the dQ kernel (with the best dK/dV), and of the
+dK/dV kernel with atomic dQ, on a batch drawn like the benchmark's (lengths uniform in [L/2, L], about
+25k tokens, 12 heads), and prints/writes the winners as a table for ``flash_attn_alibi._TUNED``.
+
+Candidates are compiled first in parallel worker processes (Triton's on-disk cache then serves the
+timing process), because compiling ~100 kernels one after another would take minutes of GPU lease.
+
+Usage: python benchmarks/tune_attention.py [--head-dims 32 64 128] [--lengths 128 512 2048 8192]
+       [--out tuned.json] [--workers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mosaic_embed.kernels import flash_attn_alibi as faa
+
+HEADS = 12
+
+FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+       (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)]
+DKDV = [(16, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+        (64, 128, 8, 2), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 2)]
+DQ = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2),
+      (128, 64, 4, 3), (64, 32, 4, 4)]
+
+
+def install_table(table: dict) -> None:
+    """Load a table written by this script into ``flash_attn_alibi._TUNED`` (keys 'head_dim,bucket')."""
+    for key, entry in table.items():
+        d, b = (int(x) for x in key.split(","))
+        faa._TUNED[(d, b)] = faa.AttentionConfig(
+            fwd=faa.KernelConfig(*entry["fwd"]), dkdv=faa.KernelConfig(*entry["dkdv"]),
+            dq=faa.KernelConfig(*entry["dq"]), atomic_dq=bool(entry["atomic_dq"]),
+        )
+
+
+def _config(d, fwd=None, dkdv=None, dq=None, atomic=False):
+    base = faa._hopper_default(d)
+    return faa.AttentionConfig(
+        fwd=faa.KernelConfig(*fwd) if fwd else base.fwd,
+        dkdv=faa.KernelConfig(*dkdv) if dkdv else base.dkdv,
+        dq=faa.KernelConfig(*dq) if dq else base.dq,
+        atomic_dq=atomic,
+    )
+
+
+def _batch(d, max_len, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = max(25000, 4 * max_len)
+    lens = []
+    while sum(lens) < tokens:
+        lens.append(int(torch.randint(max(1, max_len // 2), max_len + 1, (1,), generator=gen)))
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()
+    q, k, v, do = (torch.randn(sum(lens), HEADS, d, generator=gen).cuda().bfloat16() for _ in range(4))
+    slopes = torch.tensor([2.0 ** (-8.0 / HEADS * (i + 1)) for i in range(HEADS)]).cuda()
+    return q, k, v, do, cu, max(lens), slopes, lens
+
+
+def _jobs(head_dims):
+    jobs = []
+    for d in head_dims:
+        jobs += [("fwd", d, c, False) for c in FWD]
+        jobs += [("dkdv", d, c, False) for c in DKDV]
+        jobs += [("dkdv", d, c, True) for c in DKDV]
+        jobs += [("dq", d, c, False) for c in DQ]
+    return jobs
+
+
+def _run(kind, q, k, v, do, cu, max_len, slopes, cfg, out=None, lse=None):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if kind == "fwd":
+        return lambda: faa._flash_fwd(q, k, v, cu, max_len, slopes, scale, config=cfg)
+    return lambda: faa._flash_bwd(do, q, k, v, out, lse, None, cu, max_len, slopes, scale, config=cfg)
+
+
+def compile_only(jobs):
+    """Worker: launch each candidate once on a tiny batch so Triton compiles and caches it."""
+    for kind, d, c, atomic in jobs:
+        q, k, v, do, cu, max_len, slopes, _ = _batch(d, 64)
+        cfg = _config(d, **{kind: c}, atomic=atomic)
+        try:
+            out, lse = faa._flash_fwd(q, k, v, cu, max_len, slopes, 0.1, config=cfg)
+            if kind != "fwd":
+                _run(kind, q, k, v, do, cu, max_len, slopes, cfg, out, lse)()
+            torch.cuda.synchronize()
+        except Exception as exc:  # out of shared memory etc.: reported, skipped later
+            print(f"compile failed {kind} d={d} {c} atomic={atomic}: {type(exc).__name__}: {exc}"[:300], flush=True)
+
+
+def precompile(head_dims, workers):
+    jobs = _jobs(head_dims)
+    chunks = [jobs[i::workers] for i in range(workers)]
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--compile-only", json.dumps(c)]) for c in chunks if c]
+    for p in procs:
+        p.wait()
+    print(f"precompiled {len(jobs)} candidates in {time.time() - t0:.0f}s with {len(procs)} workers", flush=True)
+
+
+def bench(fn):
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    except Exception as exc:
+        print(f"  skipped: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        return float("inf")
+
+
+def tune(d, max_len):
+    q, k, v, do, cu, max_seqlen, slopes, lens = _batch(d, max_len, seed=max_len)
+    base = _config(d)
+    out, lse = faa._flash_fwd(q, k, v, cu, max_seqlen, slopes, 1.0 / math.sqrt(d), config=base)
+    times = {"fwd": {}, "dkdv": {}, "dq": {}, "atomic": {}}
+    for c in FWD:
+        times["fwd"][c] = bench(_run("fwd", q, k, v, do, cu, max_seqlen, slopes, _config(d, fwd=c)))
+    for c in DKDV:
+        times["dkdv"][c] = bench(_run("bwd", q, k, v, do, cu, max_seqlen, slopes, _config(d, dkdv=c), out, lse))
+    best_dkdv = min(times["dkdv"], key=times["dkdv"].get)
+    for c in DQ:
+        times["dq"][c] = bench(_run("bwd", q, k, v, do, cu, max_seqlen, slopes, _config(d, dkdv=best_dkdv, dq=c),
+                                    out, lse))
+    for c in DKDV:
+        times["atomic"][c] = bench(_run("bwd", q, k, v, do, cu, max_seqlen, slopes,
+                                        _config(d, dkdv=c, atomic=True), out, lse))
+    best = {kind: min(t, key=t.get) for kind, t in times.items()}
+    separate, atomic = times["dq"][best["dq"]], times["atomic"][best["atomic"]]
+    entry = {
+        "fwd": best["fwd"],
+        "dkdv": best["atomic"] if atomic < separate else best_dkdv,
+        "dq": best["dq"],
+        "atomic_dq": atomic < separate,
+        "fwd_ms": times["fwd"][best["fwd"]],
+        "bwd_ms": min(separate, atomic),
+        "bwd_separate_ms": separate,
+        "bwd_atomic_ms": atomic,
+        "default_fwd_ms": bench(_run("fwd", q, k, v, do, cu, max_seqlen, slopes, base)),
+        "default_bwd_ms": bench(_run("bwd", q, k, v, do, cu, max_seqlen, slopes, base, out, lse)),
+        "tokens": sum(lens),
+        "all_ms": {kind: {",".join(map(str, c)): t for c, t in tt.items()} for kind, tt in times.items()},
+    }
+    return entry
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 8192])
+    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=Path("tuned_attention.json"))
+    ap.add_argument("--compile-only", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.compile_only:
+        compile_only([(k, d, tuple(c), a) for k, d, c, a in json.loads(args.compile_only)])
+        return
+    precompile(args.head_dims, args.workers)
+    table = {}
+    for d in args.head_dims:
+        for max_len in args.lengths:
+            t0 = time.time()
+            e = tune(d, max_len)
+            table[f"{d},{faa.seqlen_bucket(max_len)}"] = e
+            print(f"d={d} L={max_len}: fwd {e['fwd']} {e['fwd_ms']:.3f}ms (default {e['default_fwd_ms']:.3f}) | "
+                  f"bwd {'atomic' if e['atomic_dq'] else 'separate'} dkdv {e['dkdv']} dq {e['dq']} "
+                  f"{e['bwd_ms']:.3f}ms (sep {e['bwd_separate_ms']:.3f}, atomic {e['bwd_atomic_ms']:.3f}, "
+                  f"default {e['default_bwd_ms']:.3f}) [{time.time() - t0:.0f}s]", flush=True)
+    args.out.write_text(json.dumps(table, indent=1) + "\n")
+    print("\n_TUNED entries:")
+    for key, e in table.items():
+        d, b = key.split(",")
+        print(f"    ({d}, {b}): AttentionConfig(KernelConfig{tuple(e['fwd'])}, KernelConfig{tuple(e['dkdv'])}, "
+              f"KernelConfig{tuple(e['dq'])}, atomic_dq={e['atomic_dq']}),")
+
+
+if __name__ == "__main__":
+    main()
