@@ -156,8 +156,8 @@ def tune(d, max_len):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 8192])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 32])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048, 256, 1024, 8192])
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--out", type=Path, default=Path("tuned_attention.json"))
     ap.add_argument("--compile-only", help=argparse.SUPPRESS)
@@ -176,7 +176,7 @@ def main(argv=None):
                   f"bwd {'atomic' if e['atomic_dq'] else 'separate'} dkdv {e['dkdv']} dq {e['dq']} "
                   f"{e['bwd_ms']:.3f}ms (sep {e['bwd_separate_ms']:.3f}, atomic {e['bwd_atomic_ms']:.3f}, "
                   f"default {e['default_bwd_ms']:.3f}) [{time.time() - t0:.0f}s]", flush=True)
-    args.out.write_text(json.dumps(table, indent=1) + "\n")
+            args.out.write_text(json.dumps(table, indent=1) + "\n")  # after each entry: partial runs count
     print("\n_TUNED entries:")
     for key, e in table.items():
         d, b = key.split(",")
