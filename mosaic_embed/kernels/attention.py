@@ -85,8 +85,20 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype, dropout_p: float) -> str:
+def _kernel_head_dims() -> tuple[int, ...] | None:
+    """Head dims the Triton kernel supports (None if it does not say)."""
+    from . import flash_attn_alibi
+
+    return getattr(flash_attn_alibi, "_SUPPORTED_HEAD_DIMS", None)
+
+
+def resolve_attn_impl(
+    impl: str, device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int | None = None
+) -> str:
     """Turn ``impl`` ("auto" | "torch" | "triton") into the path that will run; announce it once.
+
+    "auto" picks triton only for fp16/bf16 CUDA inputs, no attention dropout, a head dim the kernel
+    supports and Triton installed. An explicit "triton" also accepts fp32 (the kernel takes it, for tests).
 
     Raises:
         ValueError / RuntimeError when "triton" is asked for where it cannot run (no silent fallback).
@@ -108,11 +120,9 @@ def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype, dropo
                 f"attn_impl='triton' needs CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs the "
                 "kernel in Triton's CPU interpreter for tests); use attn_impl='torch' or 'auto'"
             )
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(
-                f"attn_impl='triton' takes fp16/bf16 q, k, v (got {dtype}); run under "
-                "torch.autocast(dtype=torch.bfloat16) or use attn_impl='torch'"
-            )
+        supported = _kernel_head_dims()
+        if head_dim is not None and supported is not None and head_dim not in supported:
+            raise ValueError(f"attn_impl='triton' supports head dims {supported}, got {head_dim}; use 'torch'")
         choice, why = "triton", "attn_impl='triton'"
     elif device.type != "cuda":
         choice, why = "torch", f"attn_impl='auto' on {device.type}"
@@ -122,6 +132,8 @@ def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype, dropo
         choice, why = "torch", f"attn_impl='auto' with {dtype} inputs (the Triton kernel takes fp16/bf16)"
     elif dropout_p > 0:
         choice, why = "torch", f"attn_impl='auto' with attention dropout {dropout_p} (the kernel has none)"
+    elif head_dim is not None and (supported := _kernel_head_dims()) is not None and head_dim not in supported:
+        choice, why = "torch", f"attn_impl='auto' with head dim {head_dim} (the kernel takes {supported})"
     else:
         choice, why = "triton", "attn_impl='auto' on CUDA with fp16/bf16 inputs"
     key = (impl, choice, why)
@@ -219,7 +231,7 @@ def varlen_alibi_attention(
     if alibi_slopes is not None and alibi_slopes.shape != (q.shape[1],):
         raise ValueError(f"varlen_alibi_attention: alibi_slopes must be ({q.shape[1]},), got "
                          f"{tuple(alibi_slopes.shape)}")
-    choice = resolve_attn_impl(impl, q.device, q.dtype, dropout_p)
+    choice = resolve_attn_impl(impl, q.device, q.dtype, dropout_p, head_dim=q.shape[-1])
     if choice == "triton":
         from .flash_attn_alibi import flash_attn_varlen_alibi
 
