@@ -59,5 +59,162 @@ def tokenizer() -> None:
     """Train or inspect WordPiece tokenizers."""
 
 
+def _replace(cfg, **flags):
+    """Command-line flags win over the recipe and ``--set``; unset flags (None/False) leave the config alone."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None and v is not False})
+
+
+@data.command("prepare")
+@click.option("--corpus", type=click.Path(), default=None,
+              help="Corpus file or folder (.txt .md .jsonl[.gz] .json .csv .tsv .parquet); default: the bundled sample.")
+@click.option("--text-field", default=None, help="JSON key / CSV, TSV, Parquet column holding the text (default: text).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
+              help="Tokenizer folder (mosaic-embed tokenizer train, save_pretrained); default: bundled bert-base-uncased.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Shards folder; default: a cache folder keyed by the inputs (cache_dir).")
+@click.option("--num-proc", type=int, default=None, help="Tokenizer processes (default: all cores).")
+@click.option("--force", is_flag=True, help="Rebuild even if the shards are up to date.")
+@recipe_options
+def data_prepare_cmd(corpus, text_field, tokenizer_path, out, num_proc, force, recipe, overrides):
+    """Read a corpus, tokenize it into train/validation shards; print the corpus summary and shard counts."""
+    from pathlib import Path
+
+    from .artifacts import read_manifest
+    from .config import DataConfig, load_config
+    from .data.shards import format_shards_summary, prepare_shards
+
+    cfg = load_config(DataConfig, recipe, overrides, stage="data")
+    cfg = _replace(cfg, corpus=corpus and Path(corpus), text_field=text_field, tokenizer=tokenizer_path,
+                   out=out and Path(out), num_proc=num_proc, force=force)
+    path = prepare_shards(cfg, log=click.echo)
+    click.echo(format_shards_summary(read_manifest(path, expect_stage="data")))
+    click.echo(f"shards: {path}")
+
+
+@tokenizer.command("train")
+@click.option("--corpus", type=click.Path(), default=None, help="Corpus file or folder; default: the bundled sample.")
+@click.option("--vocab-size", type=int, default=None, help="Learned vocabulary size (padded with [unusedN] to a multiple of 64).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output tokenizer folder.")
+@click.option("--text-field", default=None, help="JSON key / column holding the text (default: text).")
+@click.option("--min-frequency", type=int, default=None, help="Minimum count of a learned piece (default: 2).")
+@recipe_options
+def tokenizer_train_cmd(corpus, vocab_size, out, text_field, min_frequency, recipe, overrides):
+    """Train a WordPiece tokenizer (BERT-style, uncased by default) on a corpus; save it as an HF tokenizer."""
+    import dataclasses
+    from pathlib import Path
+
+    from .artifacts import read_manifest
+    from .config import TokenizerTrainConfig, load_config
+    from .data.corpus import bundled_corpus_path, format_corpus_summary
+    from .data.tokenizer import train_tokenizer
+
+    cfg = load_config(TokenizerTrainConfig, recipe, overrides, stage="tokenizer")
+    cfg = _replace(cfg, corpus=corpus and Path(corpus), vocab_size=vocab_size, out=Path(out),
+                   text_field=text_field, min_frequency=min_frequency)
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("corpus", "vocab_size", "out")}
+    path = train_tokenizer(cfg.corpus or bundled_corpus_path(), cfg.vocab_size, cfg.out, **options)
+    manifest = read_manifest(path, expect_stage="tokenizer")
+    click.echo(format_corpus_summary(manifest["corpus_summary"]))
+    o = manifest["outputs"]
+    click.echo(f"tokenizer: {path} (vocab {o['vocab_size']:,} = {o['learned_vocab_size']:,} learned + "
+               f"{o['unused_tokens_added']} [unusedN] padding; trained in {manifest['timings']['train_s']} s)")
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True, help="Demo run folder.")
+def demo_cmd(out):
+    """Run the pipeline's stages on the bundled sample corpus (mosaic_embed/demo.py: run_demo)."""
+    from .demo import run_demo
+
+    run_demo(out, log=click.echo)
+
+
+# ---- glue: finetune + evaluate, Pareto plots (train/glue.py, plot.py) ------------------------------------
+
+
+@main.command("glue")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="A model folder (runs/NAME/final, or any BERT checkpoint AutoModelForSequenceClassification loads).")
+@click.option("--checkpoints", default=None, metavar="GLOB",
+              help="Evaluate every checkpoint matching GLOB (e.g. 'runs/NAME/checkpoints/*'): Pareto points.")
+@click.option("--tasks", default=None, help="all | comma-separated GLUE tasks (mnli,qnli,qqp,sst2,cola,rte,mrpc,stsb).")
+@click.option("--seeds", default=None, help="Comma-separated seeds for every task (default: each task's recipe seeds).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="GLUE in its original TSV layout (MNLI/, SST-2/, ...); without it: HF nyu-mll/glue (online).")
+@click.option("--task-dir", type=click.Path(file_okay=False), default=None,
+              help="A custom task folder (train.tsv, dev.tsv; SST-2 or sentence1/sentence2/label layout).")
+@click.option("--num-labels", type=int, default=None, help="Classes of --task-dir (1 = regression).")
+@click.option("--metric", "metrics", multiple=True, help="Metric(s) of --task-dir: accuracy, f1, matthews, pearson, spearman.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder (results.json, results.md).")
+@recipe_options
+def glue_cmd(model, checkpoints, tasks, seeds, data_dir, task_dir, num_labels, metrics, out, recipe, overrides):
+    """Finetune and evaluate a checkpoint (or every checkpoint of a run) on GLUE and custom tasks."""
+    import logging
+
+    from .train.glue import custom_task_from_cli, load_glue_config, run_glue
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    fields = {"model": model, "checkpoints": checkpoints, "data_dir": data_dir, "out": out}
+    if tasks is not None:
+        fields["tasks"] = [t for t in tasks.split(",") if t.strip()]
+    elif task_dir is not None:
+        fields["tasks"] = []  # only the custom task unless --tasks asks for GLUE too
+    if seeds is not None:
+        try:
+            fields["seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{seeds!r}: expected comma-separated integers", param_hint="--seeds") from None
+    if task_dir is not None:
+        fields["custom_tasks"] = [vars(custom_task_from_cli(task_dir, num_labels, metrics))]
+    elif num_labels is not None or metrics:
+        raise ConfigError("--num-labels/--metric describe a custom task: give --task-dir too")
+    cfg = load_glue_config(recipe, overrides, **fields)
+    results = run_glue(cfg)
+    for p in results["points"]:
+        g = p.get("glue_average")
+        summary = ", ".join(f"{n} {100 * t['summary']['score']['mean']:.2f}" for n, t in p["tasks"].items())
+        click.echo(f"{p['model']}: {summary}" + (f"; GLUE average {100 * g['mean']:.2f}" if g else ""))
+    click.echo(f"wrote {cfg.out}/results.json and results.md")
+
+
+@main.group()
+def plot() -> None:
+    """Plots of run results."""
+
+
+@plot.command("pareto")
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output path without suffix (writes .png and .svg).")
+@click.option("--label", "labels", multiple=True, help="Curve label per RESULTS file (default: the run name).")
+@click.option("--title", default=None)
+def plot_pareto_cmd(results, out, labels, title):
+    """GLUE score (per task + average) vs pretraining hours, one curve per RESULTS file, error bars over seeds."""
+    from .plot import plot_pareto
+
+    for path in plot_pareto(results, out, title=title, labels=labels or None):
+        click.echo(f"wrote {path}")
+
+
+# ---- model: original MosaicBERT checkpoint conversion (model/convert.py) ---------------------------------
+
+
+@main.command("convert")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="Original MosaicBERT weights (mosaicml/examples bert_layers.py names): .pt/.bin/.safetensors, "
+                   "or a Composer checkpoint (state dict under ['state']['model'], 'model.' prefix).")
+@click.option("--config", "config", default="mosaic-bert-base", show_default=True,
+              help="A preset name (mosaic-bert-base|large|small|mini|tiny) or a config.json path.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model folder (save_pretrained).")
+@click.option("--trust-pickle", is_flag=True, help="Unpickle arbitrary objects (Composer checkpoints); trusted files only.")
+def convert_cmd(checkpoint, config, out, trust_pickle):
+    """Convert an original MosaicBERT checkpoint into a folder AutoModel* loads."""
+    from .model.convert import convert_checkpoint
+
+    model = convert_checkpoint(checkpoint, config, out, trust_pickle=trust_pickle)
+    click.echo(f"wrote {out} ({type(model).__name__}, {model.num_parameters():,} parameters)")
+
+
 if __name__ == "__main__":
     main()
