@@ -1,0 +1,158 @@
+"""Trainer callbacks for pretraining: progress bar (loss, tokens/s, MFU, ETA), JSON-lines metrics, timed saves.
+
+They read what :class:`mosaic_embed.train.pretrain.MLMTrainer` adds to each training log (``tokens_seen``,
+``tokens_per_s``, ``mfu``, ``wall_clock_s``) and only the main process writes or prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+#: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU when no figure is configured.
+#: Matched against ``torch.cuda.get_device_name()``; longest key first so "H100 PCIe" wins over "H100".
+_BF16_PEAKS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+}
+
+
+def device_peak_flops(configured_tflops: float | None = None) -> float | None:
+    """The per-device bf16 peak in FLOP/s: the configured figure, else a datasheet value for known GPUs, else None."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(_BF16_PEAKS, key=len, reverse=True):
+        if key in name:
+            return _BF16_PEAKS[key]
+    return None
+
+
+def _fmt_rate(x: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps (tqdm's ETA) whose postfix shows loss, tokens/s and MFU of the last log."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="pretrain", unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            post = {"loss": f"{logs['loss']:.4f}"}
+            if "tokens_per_s" in logs:
+                post["tok/s"] = _fmt_rate(logs["tokens_per_s"])
+            if logs.get("mfu") is not None:
+                post["mfu"] = f"{logs['mfu']:.2f}"
+            self.bar.set_postfix(post, refresh=True)
+        elif "eval_loss" in logs:
+            self.bar.write(
+                f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}  "
+                f"eval_accuracy {logs.get('eval_accuracy', float('nan')):.4f}"
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Appends every log (training and validation) to ``path`` as one JSON object per line, with its step.
+
+    On resume the file is first cut back to the checkpoint's step, so the file holds one consistent curve.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.resume_step = resume_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record: dict[str, Any] = {"step": state.global_step}
+        for k, v in logs.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                v = str(v)  # JSON has no NaN; keep the fact visible
+            record[k] = v
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class TimedCheckpointCallback(TrainerCallback):
+    """Asks for a checkpoint every ``minutes`` of wall-clock time (rank 0's clock decides for all ranks)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.interval = minutes * 60.0
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = torch.tensor([time.monotonic() - self.last >= self.interval], dtype=torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must take the same decision or the collective inside saving would hang
+            backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            due = due.to(backend_device)
+            torch.distributed.broadcast(due, src=0)
+        if bool(due.item()):
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+
+class StopAtStepCallback(TrainerCallback):
+    """Raises ``KeyboardInterrupt`` when step ``step`` begins: simulates a run killed mid-way (tests, demos)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt(f"stopped at step {state.global_step} (StopAtStepCallback)")

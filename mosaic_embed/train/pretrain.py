@@ -1,0 +1,631 @@
+"""MLM pretraining: corpus -> token shards -> masked-LM training on HF ``Trainer`` -> ``runs/NAME/final``.
+
+``pretrain(cfg)`` is the whole stage; the CLI (``mosaic-embed pretrain``) is a thin layer over it.
+
+Engine: transformers' ``Trainer`` (accelerate underneath, so ``torchrun`` gives DDP, or FSDP with
+``train.fsdp``), specialised by :class:`MLMTrainer` for what the paper's recipe needs:
+
+* unpadded batches: the collator packs a batch into ``input_ids`` (T,) + ``cu_seqlens``; only real tokens
+  are moved or computed (``BertForMaskedLM``, which needs (B, S), gets the padded collator instead);
+* the schedule: linear warmup, then linear decay to ``final_lr_fraction`` of the peak;
+* decoupled weight decay scaled by the schedule (torch AdamW with ``weight_decay = wd / lr_peak``);
+* validation always masks 15 %, reports token-weighted MLM loss and accuracy;
+* checkpoints as ``checkpoints/step-NNNNNN/`` (loadable model + tokenizer + ``checkpoint_meta.json`` +
+  optimizer/scheduler/RNG/trainer state), written under a temporary name and renamed when complete,
+  the last ``keep_last`` kept plus ``keep_steps``;
+* exact resume: the data order is a pure function of the seed (:class:`~mosaic_embed.data.mlm.KeyedDataset`,
+  :class:`~mosaic_embed.data.mlm.EpochShuffleSampler`), masks are hashed from (seed, sample key), and the
+  Trainer restores model, optimizer, scheduler and RNG states, then skips the consumed batches;
+* a non-finite loss stops the run (:class:`NonFiniteLossError`) before anything else is saved.
+
+``checkpoint_meta.json`` records ``wall_clock_s``: seconds spent training (data, forward, backward,
+optimizer) summed over all resumed segments, *excluding* validation and checkpoint writing (setup such
+as tokenisation and model construction is excluded too); ``elapsed_s`` is the same including validation
+and checkpoint writing. ``tokens_seen`` counts real (non-padding) tokens over all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..artifacts import atomic_write_json, read_manifest, write_manifest
+from ..config import PretrainConfig, PretrainModelConfig, save_config
+from ..data.mlm import (
+    IGNORE_INDEX,
+    VALIDATION_MASK_PROB,
+    EpochShuffleSampler,
+    KeyedDataset,
+    MLMMasker,
+    PaddedMLMCollator,
+    UnpaddedMLMCollator,
+)
+from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback, device_peak_flops
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_META = "checkpoint_meta.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+#: transformers ``BertConfig`` shapes for the baseline (Devlin et al.; small/mini as in Turc et al. 2019).
+HF_BERT_PRESETS: dict[str, dict[str, int]] = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "bert-small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+    "bert-mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model, schedule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedModel:
+    """The masked-LM model a recipe asks for; vocabulary = the tokenizer's, padded to a multiple of 64."""
+    from ..data.tokenizer import padded_vocab_size
+
+    if model_cfg.init_from is not None:
+        from transformers import AutoModelForMaskedLM
+
+        if not Path(model_cfg.init_from).is_dir():
+            raise FileNotFoundError(f"model.init_from: {model_cfg.init_from} is not a folder")
+        return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from)
+    vocab = padded_vocab_size(tokenizer)
+    if model_cfg.arch == "mosaic_bert":
+        from ..model import MosaicBertForMaskedLM, preset_config
+
+        config = preset_config(model_cfg.preset, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                               **model_cfg.overrides)
+        return MosaicBertForMaskedLM(config)
+    from transformers import BertConfig, BertForMaskedLM
+
+    if model_cfg.preset not in HF_BERT_PRESETS:
+        raise ValueError(f"model.preset: unknown hf_bert preset {model_cfg.preset!r}; choose from {sorted(HF_BERT_PRESETS)}")
+    fields = {**HF_BERT_PRESETS[model_cfg.preset], **model_cfg.overrides}
+    try:
+        config = BertConfig(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, **fields)
+    except TypeError as err:
+        raise ValueError(f"model.overrides: {err}") from None
+    config._attn_implementation = "sdpa"
+    return BertForMaskedLM(config)
+
+
+class WarmupLinearDecay:
+    """LR multiplier at scheduler step ``s`` (0-based): linear warmup to 1 over ``warmup`` steps, then linear
+    decay reaching ``final`` at the last step ``total - 1``. A callable object (not a lambda) so that
+    ``LambdaLR.state_dict`` stores its settings with the checkpoint."""
+
+    def __init__(self, warmup: int, total: int, final: float):
+        self.warmup, self.total, self.final = warmup, total, final
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        frac = min(1.0, (s - self.warmup + 1) / span)
+        return 1.0 - (1.0 - self.final) * frac
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MLMTrainer(Trainer):
+    """``Trainer`` for MLM pretraining on packed or padded batches; see the module docstring for what differs.
+
+    Extra constructor arguments: ``run_dir`` (checkpoints go to ``run_dir/checkpoints``), ``train_cfg``
+    (:class:`~mosaic_embed.config.PretrainTrainConfig`), ``train_sampler`` (the stateless data order),
+    ``eval_collator``, ``resume_meta`` (the checkpoint meta being resumed, restoring counters) and
+    ``data_order`` (recorded in every checkpoint, checked on resume).
+    """
+
+    def __init__(self, *args, run_dir: Path, train_cfg, train_sampler, eval_collator, data_order: dict,
+                 resume_meta: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.train_cfg = train_cfg
+        self.train_sampler = train_sampler
+        self.eval_collator = eval_collator
+        self.data_order = data_order
+        # The models compute a mean over labelled tokens themselves; never let Trainer pass num_items_in_batch
+        # (BertForMaskedLM would ignore it and the loss would no longer be divided by the accumulation steps).
+        self.model_accepts_loss_kwargs = False
+        meta = resume_meta or {}
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self._wall_before = float(meta.get("wall_clock_s", 0.0))
+        self._elapsed_before = float(meta.get("elapsed_s", 0.0))
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.peak_flops = device_peak_flops(train_cfg.peak_tflops)
+        self._local_tokens = 0  # this rank's real tokens since the last sync
+        self._window_tokens = 0  # global tokens since the last training log
+        self._loss_sum: torch.Tensor | None = None  # sum of per-step losses since the last training log
+        self._loss_steps = 0
+        self._bad_loss: torch.Tensor | None = None
+        self._segment_start: float | None = None
+        self._excluded_s = 0.0  # validation + checkpoint writing time of this segment
+        self._window_start = 0.0
+        self._window_excluded = 0.0
+        self.last_eval: dict[str, float] = {}
+
+    # ---- clocks and counters -------------------------------------------------------------------------
+
+    def _start_clock(self) -> None:
+        if self._segment_start is None:
+            self._segment_start = time.perf_counter()
+            self._window_start = self._segment_start
+            self._last_logged_step = self.state.global_step
+
+    def elapsed_s(self) -> float:
+        seg = 0.0 if self._segment_start is None else time.perf_counter() - self._segment_start
+        return self._elapsed_before + seg
+
+    def wall_clock_s(self) -> float:
+        seg = 0.0 if self._segment_start is None else time.perf_counter() - self._segment_start
+        return self._wall_before + seg - self._excluded_s
+
+    def _sync_tokens(self) -> None:
+        """Add every rank's tokens since the last sync to ``tokens_seen`` (a collective: all ranks call it)."""
+        local = torch.tensor([self._local_tokens], dtype=torch.int64, device=self.args.device)
+        total = int(self.accelerator.reduce(local, reduction="sum").item()) if self.args.world_size > 1 else int(local.item())
+        self._local_tokens = 0
+        self.tokens_seen += total
+        self._window_tokens += total
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._bad_loss is None:
+            return
+        bad = self._bad_loss
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad.to(torch.int32), reduction="sum") > 0
+        if bool(bad.item()):
+            good = latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"the training loss became NaN/inf by step {self.state.global_step + 1}; stopped. "
+                + (f"Last good checkpoint: {good}" if good else "No checkpoint was saved before it.")
+                + " Lower train.lr, raise warmup, or check the data; resume from the checkpoint with --resume."
+            )
+
+    # ---- training ------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return self.train_sampler
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0  # MFU is computed from real tokens in log(); skip Trainer's per-batch parameter count
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            cfg = self.train_cfg
+            warmup = int(round(cfg.warmup_fraction * num_training_steps))
+            sched = WarmupLinearDecay(warmup, num_training_steps, cfg.final_lr_fraction)
+            self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, sched)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._start_clock()
+        self._local_tokens += int(inputs.pop("num_tokens"))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # `loss` is this microbatch's mean loss / accumulation steps: summing microbatches gives the step loss.
+        self._loss_sum = loss.detach().float() if self._loss_sum is None else self._loss_sum + loss.detach().float()
+        finite = torch.isfinite(loss.detach())
+        self._bad_loss = ~finite if self._bad_loss is None else (self._bad_loss | ~finite)
+        if loss.device.type == "cpu":  # free to check at once on CPU; on GPU checked at logs and saves
+            self._raise_if_nonfinite()
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log (all ranks arrive here together)
+            self._raise_if_nonfinite()
+            self._sync_tokens()
+            steps = max(self.state.global_step - self._last_logged_step, 1)
+            loss_sum = self._loss_sum if self._loss_sum is not None else torch.zeros((), device=self.args.device)
+            if self.args.world_size > 1:
+                loss_sum = self.accelerator.reduce(loss_sum, reduction="mean")
+            logs["loss"] = float(loss_sum.item()) / steps
+            self._loss_sum = None
+            self._last_logged_step = self.state.global_step
+            now = time.perf_counter()
+            dt = max(now - self._window_start - self._window_excluded, 1e-9)
+            logs["tokens_per_s"] = self._window_tokens / dt
+            logs["mfu"] = (6.0 * self.n_params * logs["tokens_per_s"] / (self.peak_flops * self.args.world_size)
+                           if self.peak_flops else None)
+            self._window_tokens, self._window_start, self._window_excluded = 0, now, 0.0
+            logs["tokens_seen"] = self.tokens_seen
+            logs["wall_clock_s"] = round(self.wall_clock_s(), 3)
+            logs["elapsed_s"] = round(self.elapsed_s(), 3)
+        # Trainer's epoch is a fraction of the repeated KeyedDataset; report passes over the real data instead
+        self.state.epoch = self.state.global_step * self.data_order["global_batch_size"] / self.data_order["train_examples"]
+        super().log(logs, *args, **kwargs)
+
+    # ---- validation ----------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Token-weighted MLM loss and accuracy on the validation split at 15 % masking (fixed masks)."""
+        t0 = time.perf_counter()
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        world, rank = max(1, self.args.world_size), self.args.process_index
+        # equal shares per rank, so that sharded models (FSDP) run the same number of forwards everywhere
+        per_rank = len(dataset) // world
+        indices = list(range(rank * per_rank, (rank + 1) * per_rank))
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, indices), batch_size=self.train_cfg.eval_batch_size,
+            collate_fn=self.eval_collator, shuffle=False, generator=torch.Generator(),
+        )
+        model = self.model_wrapped if self.is_fsdp_enabled else self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)  # loss * n, correct, n
+        use_bf16 = bool(self.args.bf16)
+        with torch.no_grad():
+            for batch in loader:
+                batch.pop("num_tokens")
+                batch = self._prepare_inputs(batch)
+                with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = model(**batch)
+                labels = batch["labels"]
+                sel = labels != IGNORE_INDEX
+                n = sel.sum()
+                logits = out.logits
+                # MosaicBERT returns logits only for the labelled positions: (n, V) instead of (..., V)
+                pred = (logits if logits.shape[:-1] != labels.shape else logits[sel]).argmax(-1)
+                sums += torch.stack([out.loss.double() * n, (pred == labels[sel]).sum().double(), n.double()])
+        if was_training:
+            model.train()
+        if world > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        loss_sum, correct, n = sums.tolist()
+        metrics = {
+            f"{metric_key_prefix}_loss": loss_sum / max(n, 1.0),
+            f"{metric_key_prefix}_accuracy": correct / max(n, 1.0),
+            f"{metric_key_prefix}_masked_tokens": int(n),
+        }
+        dt = time.perf_counter() - t0
+        self._excluded_s += dt
+        self._window_excluded += dt
+        self.last_eval = dict(metrics, step=self.state.global_step)
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial=None) -> str:
+        # Trainer writes checkpoint-N here; _save_checkpoint renames it to checkpoints/step-NNNNNN when complete
+        return str(self.ckpt_root / ".staging")
+
+    def _save_checkpoint(self, model, trial=None) -> None:
+        self._raise_if_nonfinite()  # never save weights that produced a NaN
+        t0 = time.perf_counter()
+        step = self.state.global_step
+        staging = self.ckpt_root / ".staging" / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._sync_tokens()
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            meta = self.checkpoint_meta()
+            atomic_write_json(staging / CHECKPOINT_META, meta)
+            final = self.ckpt_root / f"step-{step:06d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            rotate_checkpoints(self.ckpt_root, self.train_cfg.keep_last, self.train_cfg.keep_steps)
+        self.accelerator.wait_for_everyone()
+        dt = time.perf_counter() - t0
+        self._excluded_s += dt
+        self._window_excluded += dt
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        step = self.state.global_step
+        samples = step * self.data_order["global_batch_size"]
+        return {
+            "step": step,
+            "wall_clock_s": round(self.wall_clock_s(), 3),
+            "elapsed_s": round(self.elapsed_s(), 3),
+            "tokens_seen": self.tokens_seen,
+            "samples_seen": samples,
+            "epoch": samples / self.data_order["train_examples"],
+            "learning_rate": self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else None,
+            "last_eval": self.last_eval or None,
+            "world_size": self.args.world_size,
+            "data_order": self.data_order,
+            "wall_clock_note": "wall_clock_s excludes validation and checkpoint writing; elapsed_s includes them",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoint folders
+# ----------------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(run_dir_or_ckpts: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with ``checkpoint_meta.json``), sorted by step."""
+    root = Path(run_dir_or_ckpts)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / CHECKPOINT_META).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def rotate_checkpoints(ckpt_root: Path, keep_last: int, keep_steps: Sequence[int] = ()) -> None:
+    """Delete complete checkpoints except the newest ``keep_last`` and those whose step is in ``keep_steps``."""
+    ckpts = list_checkpoints(ckpt_root)
+    keep = {s for s, _ in ckpts[-keep_last:]} | set(keep_steps)
+    for step, path in ckpts:
+        if step not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _use_bf16(precision: str) -> bool:
+    if precision == "bf16":
+        if not torch.cuda.is_available():
+            raise ValueError("train.precision: bf16 needs a CUDA device; use 'auto' or 'fp32' on CPU")
+        return True
+    return precision == "auto" and torch.cuda.is_available()
+
+
+def make_collators(arch: str, tokenizer: Any, mask_prob: float, seed: int):
+    """(train collator at ``mask_prob``, validation collator at 15 %) for the model's input layout."""
+    train_masker = MLMMasker.from_tokenizer(tokenizer, mask_prob, seed=seed)
+    # validation masks depend on a fixed seed only, so every evaluation of every run sees the same masks
+    eval_masker = MLMMasker.from_tokenizer(tokenizer, VALIDATION_MASK_PROB, seed=0)
+    if arch == "mosaic_bert":
+        return UnpaddedMLMCollator(train_masker), UnpaddedMLMCollator(eval_masker)
+    pad = tokenizer.pad_token_id
+    return PaddedMLMCollator(train_masker, pad_token_id=pad), PaddedMLMCollator(eval_masker, pad_token_id=pad)
+
+
+def train_mlm(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    train_tokens: Any,
+    eval_tokens: Any,
+    cfg: PretrainConfig,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> MLMTrainer:
+    """Train ``model`` on token datasets (rows with ``input_ids``) into ``cfg.out``; returns the finished trainer.
+
+    ``resume=True`` continues from the latest complete checkpoint in ``cfg.out/checkpoints``.
+    """
+    tc = cfg.train
+    run_dir = Path(cfg.out)
+    world = _world_size()
+    per_step = tc.microbatch_size * world
+    if tc.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of microbatch_size x devices "
+            f"({tc.microbatch_size} x {world})"
+        )
+    accum = tc.global_batch_size // per_step
+    n_train = len(train_tokens)
+    if n_train == 0:
+        raise ValueError("the training split has no sequences")
+    epochs = max(1, math.ceil(tc.max_steps * tc.global_batch_size / n_train))
+    arch = "mosaic_bert" if getattr(model.config, "model_type", "") == "mosaic_bert" else "hf_bert"
+    train_collator, eval_collator = make_collators(arch, tokenizer, tc.mask_prob, tc.seed)
+    train_ds = KeyedDataset(train_tokens, epochs=epochs)
+    eval_ds = KeyedDataset(eval_tokens.select(range(min(len(eval_tokens), tc.eval_samples)))
+                           if hasattr(eval_tokens, "select") else eval_tokens)
+    sampler = EpochShuffleSampler(n_train, epochs, seed=tc.seed)
+    data_order = {"seed": tc.seed, "global_batch_size": tc.global_batch_size, "train_examples": n_train,
+                  "mask_prob": tc.mask_prob}
+
+    resume_from, resume_meta = None, None
+    if resume:
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        resume_meta = json.loads((resume_from / CHECKPOINT_META).read_text(encoding="utf-8"))
+        saved = resume_meta.get("data_order", {})
+        diff = {k: (saved.get(k), v) for k, v in data_order.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"--resume: {resume_from} was trained with a different data order "
+                + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
+                + "; resuming would not continue the same run"
+            )
+    elif list_checkpoints(run_dir) or (run_dir / "final").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
+
+    use_bf16 = _use_bf16(tc.precision)
+    if "tensorboard" in tc.report_to:  # transformers 5 reads the TensorBoard folder from the environment
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    fused = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        max_steps=tc.max_steps,
+        per_device_train_batch_size=tc.microbatch_size,
+        per_device_eval_batch_size=tc.eval_batch_size,
+        gradient_accumulation_steps=accum,
+        learning_rate=tc.lr,
+        adam_beta1=tc.betas[0],
+        adam_beta2=tc.betas[1],
+        adam_epsilon=tc.eps,
+        # torch AdamW decays by lr * weight_decay; dividing by the peak gives Composer's decoupled decay
+        weight_decay=tc.weight_decay / tc.lr,
+        optim="adamw_torch_fused" if fused else "adamw_torch",
+        max_grad_norm=tc.max_grad_norm,
+        bf16=use_bf16,
+        logging_strategy="steps",
+        logging_steps=tc.log_every_steps,
+        logging_nan_inf_filter=False,
+        eval_strategy="steps" if tc.eval_every_steps else "no",
+        eval_steps=tc.eval_every_steps or None,
+        save_strategy="steps" if tc.save_every_steps else "no",
+        save_steps=tc.save_every_steps or None,
+        save_total_limit=None,  # rotate_checkpoints keeps keep_last + keep_steps
+        seed=tc.seed,
+        dataloader_num_workers=tc.dataloader_workers,
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        report_to=list(tc.report_to) or "none",
+        disable_tqdm=True,
+        torch_compile=tc.compile,
+        ddp_find_unused_parameters=False,
+        fsdp="full_shard auto_wrap" if tc.fsdp else None,
+    )
+    cbs: list[TrainerCallback] = [
+        ProgressCallback(),
+        JsonlMetricsCallback(run_dir / "metrics.jsonl",
+                             resume_step=int(resume_meta["step"]) if resume_meta else None),
+    ]
+    if tc.save_every_minutes:
+        cbs.append(TimedCheckpointCallback(tc.save_every_minutes))
+    cbs.extend(callbacks)
+    trainer = MLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=train_collator,
+        processing_class=tokenizer,
+        callbacks=cbs,
+        run_dir=run_dir,
+        train_cfg=tc,
+        train_sampler=sampler,
+        eval_collator=eval_collator,
+        data_order=data_order,
+        resume_meta=resume_meta,
+    )
+    for cb in (PrinterCallback, HFProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if trainer.last_eval.get("step") != trainer.state.global_step:
+        trainer.evaluate()
+    return trainer
+
+
+def pretrain(
+    cfg: PretrainConfig, *, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()
+) -> Path:
+    """Corpus -> shards (cached) -> MLM pretraining -> ``cfg.out/final`` (model + tokenizer + manifest).
+
+    Returns the run folder. ``resume=True`` continues an interrupted run from its latest checkpoint.
+    """
+    from ..data.shards import load_shards, prepare_shards
+    from ..data.tokenizer import load_tokenizer
+
+    run_dir = Path(cfg.out)
+    t_start = time.perf_counter()
+    if _is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    from transformers import set_seed
+
+    shards = prepare_shards(cfg.data)
+    dsd = load_shards(shards)
+    for split in ("train", "validation"):
+        if split not in dsd:
+            raise ValueError(f"{shards}: no '{split}' split (found {sorted(dsd)})")
+    tokenizer = load_tokenizer(str(cfg.data.tokenizer) if cfg.data.tokenizer else None)
+    set_seed(cfg.train.seed)  # model initialisation is part of the seeded run
+    model = build_model(cfg.model, tokenizer)
+    if _is_main() and not resume:
+        save_config(cfg, run_dir / "config.yaml")
+    t_setup = time.perf_counter() - t_start
+
+    trainer = train_mlm(model, tokenizer, dsd["train"], dsd["validation"], cfg, resume=resume, callbacks=callbacks)
+
+    # final/: every rank joins save_model (FSDP gathers the full state); rank 0 writes and renames.
+    staging = run_dir / ".final.partial"
+    if trainer.args.should_save and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        meta = trainer.checkpoint_meta()
+        shards_manifest = _maybe_manifest(shards)
+        write_manifest(
+            staging,
+            "pretrain",
+            config=cfg,
+            inputs={"shards": str(shards), "shards_manifest": shards_manifest,
+                    "corpus": str(cfg.data.corpus) if cfg.data.corpus else "bundled"},
+            outputs={"model_type": model.config.model_type, "parameters": trainer.n_params},
+            timings={"setup_s": round(t_setup, 3), "wall_clock_s": meta["wall_clock_s"],
+                     "elapsed_s": meta["elapsed_s"]},
+            step=meta["step"],
+            tokens_seen=meta["tokens_seen"],
+            final_eval=trainer.last_eval,
+        )
+        final = run_dir / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    trainer.accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _maybe_manifest(path: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        m = read_manifest(path)
+        return {k: m.get(k) for k in ("stage", "created", "outputs")}
+    return None
+
+
+__all__ = [
+    "HF_BERT_PRESETS",
+    "MLMTrainer",
+    "NonFiniteLossError",
+    "WarmupLinearDecay",
+    "build_model",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "make_collators",
+    "pretrain",
+    "rotate_checkpoints",
+    "train_mlm",
+]
