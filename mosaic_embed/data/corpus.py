@@ -102,8 +102,9 @@ def corpus_files(path: str | Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         # Hidden folders (.git, .cache, editor state) are never corpus; prune them from the walk.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
-    return found
+        found.extend(Path(dirpath) / name for name in filenames if not name.startswith("."))
+    # Sorted by path components (a/b/c.txt before a/z.txt), not in os.walk's files-before-subfolders order.
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
 @dataclass
@@ -379,7 +380,8 @@ def _read_csv(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str |
     # Documents are long; the csv module's default 128 KiB field limit would reject whole books.
     csv.field_size_limit(2**31 - 1)
     with open(path, encoding="utf-8-sig", newline="") as f:
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ","}
+        # strict: a malformed quoted field is an error to report, not a row to mangle silently.
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ",", "strict": True}
         reader = csv.DictReader(f, **dialect)
         columns = reader.fieldnames or []
         if text_field not in columns:
@@ -392,7 +394,9 @@ def _read_csv(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str |
             except StopIteration:
                 break
             except csv.Error as err:  # the parser cannot resynchronise after this: stop the file here
-                stats.skip_record("bad-line", f"{path}:{reader.line_num}", f"CSV error ({err}); rest of file skipped")
+                # line_num counts the lines read before the failing one
+                where = f"{path}:{reader.line_num + 1}"
+                stats.skip_record("bad-line", where, f"CSV error ({err}); rest of file skipped")
                 yield None
                 return
             rows += 1
