@@ -295,3 +295,84 @@ def test_triton_path_matches_torch_path_in_the_model():
     ga = torch_model.bert.encoder.layers[0].attention.Wqkv.weight.grad
     gb = triton_model.bert.encoder.layers[0].attention.Wqkv.weight.grad
     torch.testing.assert_close(gb, ga, atol=2e-3, rtol=2e-2)
+
+
+def test_attention_dropout_switch():
+    """attention_probs_dropout_prob > 0 makes training forwards stochastic and leaves eval unchanged."""
+    ids, mask, _ = batch()
+    plain = seeded(MosaicBertModel, tiny(hidden_dropout_prob=0.0))
+    dropped = seeded(MosaicBertModel, tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3))
+    dropped.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(dropped(ids, attention_mask=mask).last_hidden_state,
+                               plain(ids, attention_mask=mask).last_hidden_state, atol=0, rtol=0)
+    plain.train()
+    dropped.train()
+    torch.testing.assert_close(plain(ids, attention_mask=mask).last_hidden_state,
+                               plain(ids, attention_mask=mask).last_hidden_state, atol=0, rtol=0)
+    a = dropped(ids, attention_mask=mask).last_hidden_state
+    b = dropped(ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(a, b)
+
+
+def test_position_switch_alibi_is_shift_invariant_learned_is_not():
+    """ALiBi sees only relative distance: moving every position by 3 changes nothing; learned positions do."""
+    ids = torch.randint(1, VOCAB, (1, 6))
+    for position, invariant in (("alibi", True), ("learned", False)):
+        model = seeded(MosaicBertModel, tiny(position=position))
+        base = model(ids).last_hidden_state
+        shifted = model(ids, position_ids=torch.arange(3, 9)[None]).last_hidden_state
+        assert torch.allclose(base, shifted, atol=1e-6) is invariant, position
+
+
+def test_mlp_switch_geglu_is_gated():
+    """GeGLU: zeroing the V half of wi zeroes the MLP branch; the GELU MLP has no such half."""
+    model = seeded(MosaicBertModel, tiny())
+    mlp = model.encoder.layers[0].mlp
+    assert mlp.wi.weight.shape == (2 * 64, 32) and mlp.wi.bias is None
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        mlp.wi.weight[64:] = 0  # V = 0
+    torch.testing.assert_close(mlp(x), mlp.norm(x))
+    gelu = seeded(MosaicBertModel, tiny(mlp="gelu")).encoder.layers[0].mlp
+    assert gelu.wi.weight.shape == (64, 32) and gelu.wi.bias is not None
+
+
+def test_low_precision_layernorm_switch_in_the_model():
+    ids, mask, _ = batch()
+    for low, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        model = seeded(MosaicBertForMaskedLM, tiny(low_precision_layernorm=low))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, output_hidden_states=True)
+        assert out.hidden_states[-1].dtype == dtype
+        assert torch.isfinite(out.logits.float()).all()
+
+
+def test_bf16_autocast_training_step_and_gradient_checkpointing():
+    ids, mask, _ = batch()
+    labels = torch.where(mask.bool(), ids, -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = seeded(MosaicBertForMaskedLM, tiny(hidden_dropout_prob=0.0)).train()
+        if checkpointing:  # transformers 5.23 renamed the method; 5.17 has only the old name
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+            assert model.bert.encoder.layers[0].gradient_checkpointing
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert all(torch.isfinite(g).all() for g in grads[-1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_hidden_states_and_tuple_output():
+    ids, mask, _ = batch()
+    model = seeded(MosaicBertModel, tiny())
+    out = model(ids, attention_mask=mask, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and all(h.shape == (3, 12, 32) for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+    as_tuple = model(ids, attention_mask=mask, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
