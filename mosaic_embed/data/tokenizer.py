@@ -205,7 +205,11 @@ def train_tokenizer(
     ``len(tokenizer)`` is a multiple of ``pad_multiple`` (module docstring).
 
     Writes ``out_dir/`` = ``tokenizer.json``, ``tokenizer_config.json`` and ``manifest.json`` (settings,
-    corpus summary, learned and padded sizes). Returns ``out_dir``.
+    corpus summary, learned and padded sizes, the pipeline's fingerprint). Returns ``out_dir``.
+
+    Reruns are not bit-identical: the Rust trainer breaks ties between equally frequent merges in hash
+    order, so token ids and a few rare pieces can differ. Keep the trained folder; do not expect to
+    regenerate it (the shards' cache key follows the tokenizer's fingerprint, so either way stays consistent).
     """
     from tokenizers import Tokenizer
     from tokenizers.models import WordPiece
