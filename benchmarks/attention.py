@@ -22,11 +22,13 @@ Usage: python benchmarks/attention.py [--lengths 128 512 2048] [--tokens 25000] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -73,6 +75,35 @@ def time_step(step, reps, warmup=10):
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=False))
+
+
+def graph_time(step, reps):
+    """Median ms of CUDA-graph replays of ``step`` (GPU time without the host's launch overhead), or None."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return time_step(graph.replay, reps)
+    except Exception as exc:  # a method that cannot be captured is reported, not fatal
+        print(f"  graph capture failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return None
+
+
+def host_time(step, reps=50):
+    """Mean host-side ms to enqueue one ``step`` (synchronised before and after the loop)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / reps * 1e3
 
 
 def build_case(max_len, tokens, seed):
@@ -174,8 +205,19 @@ def build_case(max_len, tokens, seed):
         flex_out = flex(qf, kf, vf, score_mod=score_mod, block_mask=block_mask)[0].transpose(0, 1)[:total].float()
     check = {"ours_vs_sdpa_fp32_max_err": (got - ref).abs().max().item(),
              "flex_vs_sdpa_fp32_max_err": (flex_out - ref).abs().max().item()}
+    def ours_noskip():
+        # the same kernels with far-tile skipping off: what the exact-skip bound buys
+        saved = dict(faa._TUNED)
+        try:
+            for key, cfg in saved.items():
+                faa._TUNED[key] = dataclasses.replace(cfg, skip_far_above=1 << 30)
+            ours_step()
+        finally:
+            faa._TUNED.clear()
+            faa._TUNED.update(saved)
+
     steps = {"ours": ours_step, "sdpa_bias": sdpa_bias, "flex": flex_step, "sdpa_nobias": sdpa_nobias,
-             "ours_fwd": ours_fwd}
+             "ours_fwd": ours_fwd, "ours_noskip": ours_noskip}
     sum_sq = sum(n * n for n in lens)
     return lens, steps, check, sum_sq
 
@@ -217,6 +259,10 @@ def main(argv=None):
             for name, step in steps.items():
                 samples[name].append(time_step(step, args.reps))
         ms = {name: statistics.median(v) for name, v in samples.items()}
+        graph_ms = {name: graph_time(step, args.reps) for name, step in steps.items() if name != "ours_noskip"}
+        host_ms = {name: host_time(step) for name, step in steps.items() if name != "ours_noskip"}
+        print(f"L={max_len} graph: " + ", ".join(f"{k}={v if v is None else round(v, 3)}" for k, v in graph_ms.items()))
+        print(f"L={max_len} host enqueue: " + ", ".join(f"{k}={v:.3f}" for k, v in host_ms.items()))
         flops = 3.5 * 4 * sum_sq * HEAD_DIM * HEADS
         cfg = faa.select_config(HEAD_DIM, max(lens), torch.device("cuda"))
         row = {
@@ -234,6 +280,10 @@ def main(argv=None):
             "speedup_vs_sdpa_bias": ms["sdpa_bias"] / ms["ours"],
             "speedup_vs_flex": ms["flex"] / ms["ours"],
             "ratio_to_sdpa_nobias": ms["ours"] / ms["sdpa_nobias"],
+            "ours_noskip_ms": ms["ours_noskip"],
+            "graph_ms": graph_ms,
+            "graph_ours_tflops": flops / graph_ms["ours"] / 1e9 if graph_ms.get("ours") else None,
+            "host_enqueue_ms": host_ms,
             "rounds_ms": samples,
             "config": repr(cfg),
             **check,
@@ -266,6 +316,14 @@ def main(argv=None):
               f"{r['speedup_vs_sdpa_bias']:>5.2f} {r['speedup_vs_flex']:>5.2f} {r['ratio_to_sdpa_nobias']:>5.2f} "
               f"{r['ours_tflops']:>7.1f} {r['ours_fwd_ms']:>6.3f}")
     print("targets: x(a) >= 1.5, x(b) >= 2.0, /(c) <= 1.2")
+    print("\nCUDA-graph replays (GPU time, no host launch overhead), ms:")
+    print(f"{'L':>5} {'ours':>7} {'sdpa+bias':>9} {'flex':>7} {'sdpa-nobias':>11} {'x(a)':>5} {'x(b)':>5} {'/(c)':>5} "
+          f"{'TFLOP/s':>7} {'noskip(eager)':>13}")
+    for r in rows:
+        g = {k: (v if v else float("nan")) for k, v in r["graph_ms"].items()}
+        print(f"{r['max_seqlen']:>5} {g['ours']:>7.3f} {g['sdpa_bias']:>9.3f} {g['flex']:>7.3f} {g['sdpa_nobias']:>11.3f} "
+              f"{g['sdpa_bias'] / g['ours']:>5.2f} {g['flex'] / g['ours']:>5.2f} {g['ours'] / g['sdpa_nobias']:>5.2f} "
+              f"{(r['graph_ours_tflops'] or float('nan')):>7.1f} {r['ours_noskip_ms']:>13.3f}")
     print(f"wrote {args.out}")
 
 

@@ -15,6 +15,7 @@ Usage: python benchmarks/tune_attention.py [--head-dims 32 64 128] [--lengths 12
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -91,7 +92,7 @@ def compile_only(jobs):
         q, k, v, do, cu, max_len, slopes, _ = _batch(d, 64)
         cfg = _config(d, **{kind: c}, atomic=atomic)
         try:
-            out, lse = faa._flash_fwd(q, k, v, cu, max_len, slopes, 0.1, config=cfg)
+            out, lse, _ = faa._flash_fwd(q, k, v, cu, max_len, slopes, 0.1, config=cfg)
             if kind != "fwd":
                 _run(kind, q, k, v, do, cu, max_len, slopes, cfg, out, lse)()
             torch.cuda.synchronize()
@@ -122,7 +123,7 @@ def bench(fn):
 def tune(d, max_len):
     q, k, v, do, cu, max_seqlen, slopes, lens = _batch(d, max_len, seed=max_len)
     base = _config(d)
-    out, lse = faa._flash_fwd(q, k, v, cu, max_seqlen, slopes, 1.0 / math.sqrt(d), config=base)
+    out, lse, _ = faa._flash_fwd(q, k, v, cu, max_seqlen, slopes, 1.0 / math.sqrt(d), config=base)
     times = {"fwd": {}, "dkdv": {}, "dq": {}, "atomic": {}}
     for c in FWD:
         times["fwd"][c] = bench(_run("fwd", q, k, v, do, cu, max_seqlen, slopes, _config(d, fwd=c)))
@@ -137,7 +138,12 @@ def tune(d, max_len):
                                         _config(d, dkdv=c, atomic=True), out, lse))
     best = {kind: min(t, key=t.get) for kind, t in times.items()}
     separate, atomic = times["dq"][best["dq"]], times["atomic"][best["atomic"]]
+    chosen = _config(d, fwd=best["fwd"], dkdv=best["atomic"] if atomic < separate else best_dkdv, dq=best["dq"],
+                     atomic=atomic < separate)
+    noskip = dataclasses.replace(chosen, skip_far_above=1 << 30)
     entry = {
+        "fwd_noskip_ms": bench(_run("fwd", q, k, v, do, cu, max_seqlen, slopes, noskip)),
+        "bwd_noskip_ms": bench(_run("bwd", q, k, v, do, cu, max_seqlen, slopes, noskip, out, lse)),
         "fwd": best["fwd"],
         "dkdv": best["atomic"] if atomic < separate else best_dkdv,
         "dq": best["dq"],
@@ -175,7 +181,8 @@ def main(argv=None):
             print(f"d={d} L={max_len}: fwd {e['fwd']} {e['fwd_ms']:.3f}ms (default {e['default_fwd_ms']:.3f}) | "
                   f"bwd {'atomic' if e['atomic_dq'] else 'separate'} dkdv {e['dkdv']} dq {e['dq']} "
                   f"{e['bwd_ms']:.3f}ms (sep {e['bwd_separate_ms']:.3f}, atomic {e['bwd_atomic_ms']:.3f}, "
-                  f"default {e['default_bwd_ms']:.3f}) [{time.time() - t0:.0f}s]", flush=True)
+                  f"default {e['default_bwd_ms']:.3f}) noskip fwd {e['fwd_noskip_ms']:.3f} bwd {e['bwd_noskip_ms']:.3f} "
+                  f"[{time.time() - t0:.0f}s]", flush=True)
             args.out.write_text(json.dumps(table, indent=1) + "\n")  # after each entry: partial runs count
     print("\n_TUNED entries:")
     for key, e in table.items():
