@@ -1,0 +1,603 @@
+"""GLUE finetuning and evaluation: ``run_glue(cfg)`` behind ``mosaic-embed glue``.
+
+For every task and seed: load the checkpoint with ``AutoModelForSequenceClassification`` (a new head
+with the task's number of labels), finetune it with AdamW + linear warmup/decay at sequence length 256,
+evaluate on the dev split(s), and record the GLUE metrics and the run's own throughput. The paper's
+staging is kept: MNLI runs first, and RTE, MRPC and STS-B start from the MNLI-finetuned backbone
+(encoder weights from MNLI, classification head new) when MNLI is part of the run.
+
+Batches are *unpadded* when the model's forward takes ``cu_seqlens`` (MosaicBERT): the examples of a
+batch are concatenated into ``input_ids (T,)`` with ``cu_seqlens (B+1,)`` and ``max_seqlen``, so no
+compute is spent on padding. Models without that path (transformers' BERT, the baseline) get padded
+``(B, S)`` batches with ``attention_mask``, padded only to the longest example of the batch.
+
+With ``checkpoints`` (a glob over ``runs/NAME/checkpoints/*``) every checkpoint is evaluated in turn and
+its pretraining wall-clock time (``checkpoint_meta.json``) is recorded: the points of a Pareto curve of
+accuracy against pretraining time (``mosaic-embed plot pareto``).
+
+Outputs in ``cfg.out``: ``results.json`` (every seed's metrics, means and spreads, throughput, the GLUE
+average), ``results.md`` (the table), ``config.yaml`` and ``manifest.json``; all written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import inspect
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import atomic_directory, atomic_write_json, atomic_write_text, write_manifest
+from ..config import (
+    ConfigError,
+    CustomTaskConfig,
+    GlueConfig,
+    GlueTaskHParams,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    resolve_recipe,
+    save_config,
+    to_dict,
+)
+from ..data.glue import GLUE_TASKS, Examples, TaskData, load_custom_task, load_glue_task, resolve_tasks
+from .glue_metrics import compute_metrics, glue_average, mean_std, task_score
+
+log = logging.getLogger(__name__)
+
+RESULTS_KIND = "mosaic_embed.glue_results"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_glue_config(recipe: str | Path | None = None, overrides: Sequence[str] = (), **fields: Any) -> GlueConfig:
+    """Defaults <- recipe (name under recipes/glue/ or a path) <- ``--set`` overrides <- explicit ``fields``.
+
+    The recipe is merged key by key into the defaults, so a recipe that sets only ``hparams.rte.epochs``
+    keeps RTE's other values (a plain dataclass load would reset them to the generic defaults).
+    """
+    defaults = to_dict(GlueConfig(model=Path(".")))
+    defaults.pop("model")
+    source = "<defaults>"
+    data = defaults
+    if recipe is not None:
+        path = resolve_recipe(recipe, "glue")
+        data = _deep_merge(data, load_yaml(path))
+        source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides, GlueConfig)
+        source += " with --set " + " ".join(overrides)
+    data = _deep_merge(data, {k: v for k, v in fields.items() if v is not None})
+    return from_dict(GlueConfig, data, source=source)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model loading and staging
+# ----------------------------------------------------------------------------------------------------------
+
+
+def supports_packed(model: torch.nn.Module) -> bool:
+    """True when ``model.forward`` takes unpadded input (``cu_seqlens``, ``max_seqlen``): MosaicBERT."""
+    params = inspect.signature(model.forward).parameters
+    return "cu_seqlens" in params and "max_seqlen" in params
+
+
+def load_classifier(model_dir: str | Path, num_labels: int, backbone_from: str | Path | None = None):
+    """``AutoModelForSequenceClassification`` from ``model_dir`` with a new ``num_labels`` head.
+
+    With ``backbone_from`` (a finetuned classifier folder, e.g. the MNLI model), every weight under the
+    model's ``base_model_prefix`` (the encoder, and the pooler where it lives inside it) is replaced by
+    that folder's; the rest (the classification head) stays freshly initialised. Any encoder weight the
+    donor lacks, or a shape that differs, is an error: a silently partial transfer would be a wrong result.
+    """
+    import transformers
+
+    import mosaic_embed  # noqa: F401  (registers MosaicBERT with the Auto classes)
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model folder not found")
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+    if backbone_from is None:
+        return model
+    donor = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(backbone_from), num_labels=num_labels, ignore_mismatched_sizes=True
+    )
+    prefix = model.base_model_prefix + "."
+    ours = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    theirs = {k: v for k, v in donor.state_dict().items() if k.startswith(prefix)}
+    missing = sorted(set(ours) - set(theirs))
+    if missing:
+        raise ValueError(f"{backbone_from}: lacks encoder weights {missing[:3]} of {model_dir}")
+    for k, v in ours.items():
+        if theirs[k].shape != v.shape:
+            raise ValueError(f"{backbone_from}: {k} has shape {tuple(theirs[k].shape)}, expected {tuple(v.shape)}")
+    result = model.load_state_dict(theirs, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{backbone_from}: unexpected weights {result.unexpected_keys[:3]}")
+    del donor
+    return model
+
+
+def pretraining_meta(model_dir: str | Path) -> dict[str, Any]:
+    """How long the checkpoint was pretrained: ``checkpoint_meta.json``, else the folder's ``manifest.json``.
+
+    Returns ``{"wall_clock_s", "step", "tokens_seen", "source"}`` (values None when unknown).
+    """
+    model_dir = Path(model_dir)
+    meta: dict[str, Any] = {"wall_clock_s": None, "step": None, "tokens_seen": None, "source": None}
+    cm = model_dir / "checkpoint_meta.json"
+    if cm.is_file():
+        try:
+            data = json.loads(cm.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{cm}: not valid JSON ({err})") from None
+        if "wall_clock_s" not in data:
+            raise ValueError(f"{cm}: no 'wall_clock_s' field")
+        meta.update({k: data.get(k) for k in ("wall_clock_s", "step", "tokens_seen")}, source=str(cm))
+        return meta
+    mf = model_dir / "manifest.json"
+    if mf.is_file():
+        try:
+            data = json.loads(mf.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{mf}: not valid JSON ({err})") from None
+        # A pretraining manifest keeps the run's totals; accept the few names a run may use for them.
+        pools = [data, data.get("timings") or {}, data.get("outputs") or {}, data.get("final") or {}]
+        for pool in pools:
+            if not isinstance(pool, dict):
+                continue
+            for key in ("wall_clock_s", "train_wall_clock_s", "train_s", "pretrain_s", "total_s"):
+                if isinstance(pool.get(key), int | float) and meta["wall_clock_s"] is None:
+                    meta["wall_clock_s"] = float(pool[key])
+            for key in ("step", "steps", "global_step"):
+                if isinstance(pool.get(key), int) and meta["step"] is None:
+                    meta["step"] = pool[key]
+            if isinstance(pool.get("tokens_seen"), int) and meta["tokens_seen"] is None:
+                meta["tokens_seen"] = pool["tokens_seen"]
+        if meta["wall_clock_s"] is not None:
+            meta["source"] = str(mf)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A tokenized split: per-example token ids and segment ids (lists of int), and labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: np.ndarray  # (N,) int64 class ids or float32 scores
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(tokenizer, examples: Examples, max_seq_len: int, regression: bool) -> Encoded:
+    """Tokenize ``[CLS] a [SEP] (b [SEP])`` truncated to ``max_seq_len`` (longest-first for pairs)."""
+    enc = tokenizer(
+        examples.text_a, examples.text_b, truncation=True, max_length=max_seq_len,
+        return_token_type_ids=True, return_attention_mask=False,
+    )
+    ids = enc["input_ids"]
+    tt = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+    labels = np.asarray(examples.labels, dtype=np.float32 if regression else np.int64)
+    return Encoded(ids, tt, labels)
+
+
+def collate(enc: Encoded, idx: Sequence[int], packed: bool, pad_id: int, device: torch.device) -> dict[str, Any]:
+    """Model inputs for the examples ``idx``.
+
+    packed: ``input_ids``/``token_type_ids`` (T,) = the examples concatenated, ``cu_seqlens`` (B+1,) int32
+    = their offsets, ``max_seqlen`` int. padded: (B, S) with S the longest example, ``attention_mask``.
+    """
+    seqs = [enc.input_ids[i] for i in idx]
+    types = [enc.token_type_ids[i] for i in idx]
+    lens = [len(s) for s in seqs]
+    if packed:
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+        return {
+            "input_ids": torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device),
+            "token_type_ids": torch.tensor([t for s in types for t in s], dtype=torch.long, device=device),
+            "cu_seqlens": cu.to(device),
+            "max_seqlen": max(lens),
+        }
+    S = max(lens)
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    tts = torch.zeros((len(seqs), S), dtype=torch.long)
+    mask = torch.zeros((len(seqs), S), dtype=torch.long)
+    for r, (s, t) in enumerate(zip(seqs, types, strict=True)):
+        ids[r, : len(s)] = torch.tensor(s)
+        tts[r, : len(t)] = torch.tensor(t)
+        mask[r, : len(s)] = 1
+    return {"input_ids": ids.to(device), "token_type_ids": tts.to(device), "attention_mask": mask.to(device)}
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one finetuning run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _logits(model, batch: dict[str, Any]) -> torch.Tensor:
+    out = model(**batch)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float()
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return torch.nn.functional.mse_loss(logits.view(-1), labels.view(-1))
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def evaluate(model, enc: Encoded, regression: bool, batch_size: int, packed: bool, pad_id: int,
+             device: torch.device, precision: str) -> tuple[np.ndarray, dict[str, float]]:
+    """Predictions for every example (class ids or scores, in input order) and the pass's throughput.
+
+    Examples are batched in order of length: padded batches then waste little, and the order of the
+    predictions is restored afterwards.
+    """
+    model.eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
+    preds = np.empty(len(enc), dtype=np.float32 if regression else np.int64)
+    tokens = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = collate(enc, idx, packed, pad_id, device)
+        with _autocast(device, precision):
+            logits = _logits(model, batch)
+        out = logits.view(-1) if regression else logits.argmax(-1)
+        preds[idx] = out.cpu().numpy()
+        tokens += sum(len(enc.input_ids[j]) for j in idx)
+    _sync(device)
+    dt = max(time.perf_counter() - t0, 1e-9)
+    return preds, {"examples": len(enc), "tokens": tokens, "seconds": dt,
+                   "examples_per_s": len(enc) / dt, "tokens_per_s": tokens / dt}
+
+
+def finetune_one(
+    model_dir: Path,
+    task: TaskData,
+    hp: GlueTaskHParams,
+    seed: int,
+    cfg: GlueConfig,
+    tokenizer,
+    encoded: dict[str, Encoded],
+    backbone_from: Path | None = None,
+    save_to: Path | None = None,
+) -> dict[str, Any]:
+    """Finetune one seed of one task and evaluate it; returns metrics per eval split and throughput.
+
+    The optimizer is AdamW over all parameters (the reference applies decoupled decay to every weight),
+    ``weight_decay = hp.weight_decay / hp.lr`` (the decoupled value, see :class:`GlueTaskHParams`);
+    linear warmup over ``warmup_fraction`` of the steps, then linear decay to 0.
+    """
+    spec = task.spec
+    device = _device(cfg.device)
+    torch.manual_seed(seed)  # the new head's init
+    model = load_classifier(model_dir, spec.num_labels, backbone_from).to(device)
+    packed = cfg.packing == "auto" and supports_packed(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train = encoded["train"]
+    steps_per_epoch = math.ceil(len(train) / hp.batch_size)
+    total = max(1, math.ceil(hp.epochs * steps_per_epoch))
+    warmup = int(hp.warmup_fraction * total)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                            weight_decay=hp.weight_decay / hp.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    labels_t = torch.as_tensor(train.labels)
+    model.train()
+    step, tokens, seen, losses = 0, 0, 0, []
+    _sync(device)
+    t0 = time.perf_counter()
+    while step < total:
+        for idx in _batches(len(train), hp.batch_size, gen):
+            batch = collate(train, idx, packed, pad_id, device)
+            y = labels_t[idx].to(device)
+            with _autocast(device, cfg.precision):
+                logits = _logits(model, batch)
+            loss = _loss(logits, y, spec.is_regression)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{spec.name} seed {seed}: loss is {loss.item()} at step {step}")
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(idx)
+            tokens += sum(len(train.input_ids[j]) for j in idx)
+            losses.append(loss.item())
+            if cfg.log_every and step % cfg.log_every == 0:
+                log.info("%s seed %d: step %d/%d loss %.4f lr %.2e", spec.name, seed, step, total,
+                         float(np.mean(losses[-cfg.log_every:])), sched.get_last_lr()[0])
+            if step >= total:
+                break
+    _sync(device)
+    train_s = max(time.perf_counter() - t0, 1e-9)
+    result: dict[str, Any] = {
+        "seed": seed,
+        "init": "mnli" if backbone_from is not None else "pretrained",
+        "batches": "packed" if packed else "padded",
+        "steps": total,
+        "final_loss": float(np.mean(losses[-max(1, min(50, len(losses))):])),
+        "train": {"examples": seen, "tokens": tokens, "seconds": train_s,
+                  "examples_per_s": seen / train_s, "tokens_per_s": tokens / train_s},
+        "eval": {},
+        "metrics": {},
+    }
+    for split, enc in encoded.items():
+        if split == "train":
+            continue
+        preds, thr = evaluate(model, enc, spec.is_regression, cfg.eval_batch_size, packed, pad_id, device,
+                              cfg.precision)
+        result["metrics"][split] = compute_metrics(spec.metrics, preds, enc.labels)
+        result["eval"][split] = thr
+    result["score"] = task_score(result["metrics"], spec.score_metrics or spec.metrics)
+    # STS-B's leaderboard score averages Pearson and Spearman; the reference code scores Spearman only.
+    result["score_leaderboard"] = task_score(result["metrics"], spec.metrics)
+    if save_to is not None:
+        with atomic_directory(save_to) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        result["saved"] = str(save_to)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a whole model: every task x seed
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_tasks(cfg: GlueConfig) -> list[TaskData]:
+    """GLUE tasks (in run order, MNLI first) then custom tasks, cut to ``max_*_examples``."""
+    tasks = [load_glue_task(n, cfg.data_dir) for n in (resolve_tasks(cfg.tasks) if cfg.tasks else [])]
+    for ct in cfg.custom_tasks:
+        tasks.append(load_custom_task(ct.path, ct.num_labels, ct.metrics or None, ct.name))
+    names = [t.spec.name for t in tasks]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"task names must be unique, got {sorted(dup)} twice (give custom tasks a name)")
+    for t in tasks:
+        t.train = t.train.subset(cfg.max_train_examples)
+        t.evals = {k: v.subset(cfg.max_eval_examples) for k, v in t.evals.items()}
+    return tasks
+
+
+def _hparams(cfg: GlueConfig, name: str) -> GlueTaskHParams:
+    hp = getattr(cfg.hparams, name) if name in GLUE_TASKS else cfg.hparams.custom
+    if cfg.seeds is not None:
+        hp = dataclasses.replace(hp, seeds=list(cfg.seeds))
+    return hp
+
+
+def evaluate_model(model_dir: str | Path, cfg: GlueConfig, out: Path, tasks: list[TaskData]) -> dict[str, Any]:
+    """Finetune + evaluate ``model_dir`` on every task and seed; returns one result point (see module doc)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    point: dict[str, Any] = {"model": str(model_dir), "pretrain": pretraining_meta(model_dir), "tasks": {}}
+    mnli_model: Path | None = None
+    for task in tasks:
+        spec = task.spec
+        hp = _hparams(cfg, spec.name)
+        from_mnli = spec.from_mnli if hp.from_mnli is None else hp.from_mnli
+        if from_mnli and mnli_model is None:
+            log.warning("%s: MNLI is not part of this run: starting from the pretrained weights, not from "
+                        "the MNLI-finetuned ones (the paper's staging)", spec.name)
+        t0 = time.perf_counter()
+        encoded = {"train": encode(tokenizer, task.train, cfg.max_seq_len, spec.is_regression)}
+        encoded.update({k: encode(tokenizer, v, cfg.max_seq_len, spec.is_regression) for k, v in task.evals.items()})
+        tokenize_s = time.perf_counter() - t0
+        runs = []
+        for i, seed in enumerate(hp.seeds):
+            # The first MNLI seed's model is the starting point of the staged tasks (as in the reference).
+            keep = spec.name == "mnli" and i == 0
+            save_to = out / "models" / f"{spec.name}-seed{seed}" if (keep or cfg.save_models) else None
+            log.info("%s: seed %d (%d train examples, %s)", spec.name, seed, len(task.train),
+                     "from MNLI" if from_mnli and mnli_model else "from pretrained")
+            r = finetune_one(model_dir, task, hp, seed, cfg, tokenizer, encoded,
+                             backbone_from=mnli_model if from_mnli else None, save_to=save_to)
+            log.info("%s seed %d: %s", spec.name, seed, json.dumps(r["metrics"]))
+            runs.append(r)
+            if keep:
+                mnli_model = save_to
+        summary: dict[str, Any] = {}
+        for split in task.evals:
+            for metric in spec.metrics:
+                summary[f"{split}/{metric}"] = mean_std([r["metrics"][split][metric] for r in runs])
+        summary["score"] = mean_std([r["score"] for r in runs])
+        summary["score_leaderboard"] = mean_std([r["score_leaderboard"] for r in runs])
+        point["tasks"][spec.name] = {
+            "glue": spec.name in GLUE_TASKS,
+            "metrics": list(spec.metrics),
+            "score_metrics": list(spec.score_metrics or spec.metrics),
+            "hparams": to_dict(hp),
+            "train_examples": len(task.train),
+            "eval_examples": {k: len(v) for k, v in task.evals.items()},
+            "tokenize_s": tokenize_s,
+            "seeds": runs,
+            "summary": summary,
+            "throughput": {
+                "train_examples_per_s": float(np.mean([r["train"]["examples_per_s"] for r in runs])),
+                "train_tokens_per_s": float(np.mean([r["train"]["tokens_per_s"] for r in runs])),
+                "eval_examples_per_s": float(np.mean([e["examples_per_s"] for r in runs for e in r["eval"].values()])),
+                "eval_tokens_per_s": float(np.mean([e["tokens_per_s"] for r in runs for e in r["eval"].values()])),
+                "batches": runs[0]["batches"],
+            },
+        }
+    glue = {n: t for n, t in point["tasks"].items() if t["glue"]}
+    if glue:
+        point["glue_average"] = glue_average({n: [r["score"] for r in t["seeds"]] for n, t in glue.items()})
+        point["glue_average_leaderboard"] = glue_average(
+            {n: [r["score_leaderboard"] for r in t["seeds"]] for n, t in glue.items()})
+        point["glue_average"]["complete"] = len(glue) == len(GLUE_TASKS)
+    return point
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints (Pareto points) and the entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def find_checkpoints(pattern: str) -> list[Path]:
+    """Checkpoint folders matching ``pattern``, ordered by pretraining step (``checkpoint_meta.json``)."""
+    found = [Path(p) for p in glob.glob(pattern) if Path(p).is_dir()]
+    if not found:
+        raise FileNotFoundError(f"--checkpoints {pattern!r}: no folder matches")
+    models = [p for p in found if (p / "config.json").is_file()]
+    if not models:
+        raise FileNotFoundError(f"--checkpoints {pattern!r}: no matching folder holds a model (config.json)")
+
+    def key(p: Path) -> tuple[float, str]:
+        meta = pretraining_meta(p)
+        if meta["step"] is not None:
+            return float(meta["step"]), p.name
+        m = re.search(r"(\d+)$", p.name)
+        return (float(m.group(1)) if m else math.inf), p.name
+
+    return sorted(models, key=key)
+
+
+def run_glue(cfg: GlueConfig) -> dict[str, Any]:
+    """Finetune and evaluate ``cfg.model`` (or every checkpoint in ``cfg.checkpoints``) on the configured tasks.
+
+    Returns the results dict also written to ``cfg.out/results.json``: ``{"kind", "run", "points": [...]}``
+    with one point per model (a single model gives one point), each with per-task seeds, mean/std
+    summaries, throughput, the pretraining time, and the GLUE average when GLUE tasks ran.
+    """
+    out = Path(cfg.out)
+    models = find_checkpoints(cfg.checkpoints) if cfg.checkpoints else [Path(cfg.model)]
+    tasks = load_tasks(cfg)  # load (and validate) every file before the first finetuning step
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {
+        "kind": RESULTS_KIND,
+        "run": _run_name(models[0]) if cfg.checkpoints else models[0].name,
+        "points": [],
+    }
+    for m in models:
+        sub = out / m.name if cfg.checkpoints else out
+        log.info("evaluating %s", m)
+        point = evaluate_model(m, cfg, sub, tasks)
+        results["points"].append(point)
+        _write_results(out, results)  # after every point: a long Pareto sweep keeps what it has done
+    write_manifest(out, "glue", cfg, inputs={"models": [str(m) for m in models]},
+                   outputs={"results": "results.json", "table": "results.md"},
+                   timings={"total_s": time.perf_counter() - t0})
+    return results
+
+
+def _run_name(checkpoint: Path) -> str:
+    # runs/NAME/checkpoints/step-000100 -> NAME
+    parent = checkpoint.parent
+    return parent.parent.name if parent.name == "checkpoints" else parent.name
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown_table(results))
+
+
+def _fmt(s: dict[str, float]) -> str:
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if s["n"] > 1 else f"{100 * s['mean']:.2f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results as Markdown: per model point, one row per task (metrics x100, mean ± std over seeds)."""
+    lines = [f"# GLUE results: {results['run']}", ""]
+    for p in results["points"]:
+        pre = p["pretrain"]
+        hours = f"{pre['wall_clock_s'] / 3600:.3f} h" if pre.get("wall_clock_s") is not None else "unknown"
+        lines += [f"## {p['model']}", "", f"pretraining time: {hours}"
+                  + (f", step {pre['step']}" if pre.get("step") is not None else ""), ""]
+        lines += ["| task | seeds | metrics (dev, ×100, mean ± std) | score | init | batches "
+                  "| train ex/s | train tok/s | eval ex/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, t in p["tasks"].items():
+            metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in t["summary"].items()
+                                if k not in ("score", "score_leaderboard"))
+            th = t["throughput"]
+            lines.append(
+                f"| {name} | {len(t['seeds'])} | {metrics} | {_fmt(t['summary']['score'])} "
+                f"| {t['seeds'][0]['init']} | {th['batches']} | {th['train_examples_per_s']:.1f} "
+                f"| {th['train_tokens_per_s']:.0f} | {th['eval_examples_per_s']:.1f} |"
+            )
+        if "glue_average" in p:
+            g, gl = p["glue_average"], p["glue_average_leaderboard"]
+            tag = "" if g["complete"] else f" (over {g['tasks']} of 8 tasks)"
+            lines += ["", f"**GLUE average{tag}: {100 * g['mean']:.2f} ± {100 * g['std']:.2f}** "
+                      f"(leaderboard-style STS-B: {100 * gl['mean']:.2f})"]
+        lines.append("")
+    lines += [
+        "GLUE average: mean over tasks of each task's seed-mean score; MNLI = (m + mm)/2, QQP/MRPC = "
+        "(acc + F1)/2, STS-B = Spearman (leaderboard-style: (Pearson + Spearman)/2), CoLA = Matthews, "
+        "accuracy otherwise (the MosaicBERT reference code's rule).", "",
+    ]
+    return "\n".join(lines)
+
+
+def custom_task_from_cli(task_dir: str | Path, num_labels: int | None, metrics: Sequence[str]) -> CustomTaskConfig:
+    """The ``--task-dir DIR --num-labels N [--metric M]`` flags as a :class:`CustomTaskConfig`."""
+    if num_labels is None:
+        raise ConfigError("--task-dir needs --num-labels N (1 = regression)")
+    return CustomTaskConfig(path=Path(task_dir), num_labels=num_labels, metrics=list(metrics))

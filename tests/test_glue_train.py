@@ -1,0 +1,213 @@
+"""GLUE finetuning end to end on CPU with a tiny BERT: staging, outputs, checkpoints, packing, the CLI."""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "glue"
+
+
+def _tiny_vocab() -> list[str]:
+    """[PAD]=0 and the other specials, then the fixtures' most frequent words and punctuation (128 entries)."""
+    words: Counter = Counter()
+    for f in sorted(FIXTURES.rglob("*.tsv")):
+        words.update(re.findall(r"[a-z]+|[^\sa-z0-9]", f.read_text().lower()))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return specials + sorted(w for w, _ in words.most_common(128 - len(specials)))
+
+
+def make_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """A tiny transformers BERT MLM checkpoint + WordPiece tokenizer (hidden 32, 2 layers, 4 heads)."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = _tiny_vocab()
+    # transformers 5: the tokenizers-backed BERT tokenizer takes the vocabulary as a dict
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    BertForMaskedLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _cfg(model, out, **kw):
+    from mosaic_embed.train.glue import load_glue_config
+
+    kw.setdefault("data_dir", str(FIXTURES))
+    return load_glue_config("tiny", (), model=str(model), out=str(out), **kw)
+
+
+def test_config_recipe_merge_keeps_task_defaults():
+    from mosaic_embed.config import ConfigError
+    from mosaic_embed.train.glue import load_glue_config
+
+    cfg = load_glue_config(None, ["hparams.rte.epochs=7"], model="m")
+    assert cfg.hparams.rte.epochs == 7 and cfg.hparams.rte.lr == 1.0e-5 and cfg.hparams.rte.batch_size == 16
+    paper = load_glue_config("mosaicbert", (), model="m")
+    assert paper.hparams.mnli.batch_size == 48 and paper.max_seq_len == 256
+    assert paper.hparams.mrpc.lr == 8.0e-5 and len(paper.hparams.stsb.seeds) == 5
+    with pytest.raises(ConfigError, match="unknown key 'hparams.wnli'"):
+        load_glue_config(None, ["hparams.wnli.lr=1e-5"], model="m")
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        load_glue_config(None, ["hparams.rte.lr=0"], model="m")
+    with pytest.raises(ConfigError, match="model"):
+        load_glue_config(None, ())
+
+
+def test_staging_rte_starts_from_mnli_weights(tiny_model, tmp_path):
+    """RTE's encoder at init must equal the MNLI-finetuned encoder, not the pretrained one; the head is new."""
+    from mosaic_embed.train.glue import load_classifier, run_glue
+
+    cfg = _cfg(tiny_model, tmp_path / "out", tasks=["mnli", "rte"], seeds=[3])
+    results = run_glue(cfg)
+    point = results["points"][0]
+    assert point["tasks"]["rte"]["seeds"][0]["init"] == "mnli"
+    assert point["tasks"]["mnli"]["seeds"][0]["init"] == "pretrained"
+    mnli_dir = tmp_path / "out" / "models" / "mnli-seed3"
+    assert (mnli_dir / "config.json").is_file()
+
+    pre = load_classifier(tiny_model, 2)
+    staged = load_classifier(tiny_model, 2, backbone_from=mnli_dir)
+    mnli = load_classifier(mnli_dir, 3)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(staged.state_dict()[key], mnli.state_dict()[key])
+    assert not torch.equal(staged.state_dict()[key], pre.state_dict()[key])  # MNLI finetuning moved it
+    for k, v in mnli.state_dict().items():
+        if k.startswith("bert."):
+            assert torch.equal(staged.state_dict()[k], v), k
+    assert staged.classifier.weight.shape == (2, 32)  # a new 2-way head, not MNLI's 3-way one
+
+
+def test_end_to_end_all_tasks_outputs(tiny_model, tmp_path):
+    from mosaic_embed.train.glue import run_glue
+
+    out = tmp_path / "out"
+    results = run_glue(_cfg(tiny_model, out, tasks=["all"], seeds=[1, 2]))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["points"][0]["glue_average"] == pytest.approx(results["points"][0]["glue_average"])
+    point = saved["points"][0]
+    assert list(point["tasks"]) == ["mnli", "qnli", "qqp", "sst2", "cola", "rte", "mrpc", "stsb"]
+    for name, t in point["tasks"].items():
+        assert len(t["seeds"]) == 2
+        assert t["throughput"]["batches"] == "padded"  # HF BERT has no packed path
+        assert t["throughput"]["train_examples_per_s"] > 0 and t["throughput"]["eval_tokens_per_s"] > 0
+        for s in t["seeds"]:
+            assert s["metrics"]  # every eval split scored
+    mnli = point["tasks"]["mnli"]
+    assert set(mnli["seeds"][0]["metrics"]) == {"dev_matched", "dev_mismatched"}
+    assert set(point["tasks"]["stsb"]["seeds"][0]["metrics"]["dev"]) == {"pearson", "spearman"}
+    assert {"dev/accuracy", "dev/f1", "score"} <= set(point["tasks"]["mrpc"]["summary"])
+    g = point["glue_average"]
+    assert g["complete"] and g["tasks"] == 8
+    task_means = [t["summary"]["score"]["mean"] for t in point["tasks"].values()]
+    assert g["mean"] == pytest.approx(sum(task_means) / 8)
+    md = (out / "results.md").read_text()
+    assert "| mnli | 2 |" in md and "GLUE average" in md
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "glue"
+
+
+def test_custom_task_learns_and_checkpoint_sweep(tmp_path):
+    """A separable custom task is learnt; --checkpoints evaluates every checkpoint with its pretraining time."""
+    from mosaic_embed.train.glue import load_glue_config, run_glue
+
+    task = tmp_path / "polarity"
+    task.mkdir()
+    good = ["a good fun film", "the best movie", "good and fun", "the best film of the year", "a fun good movie"]
+    bad = ["a bad dull film", "the worst movie", "bad and dull", "the worst film of the year", "a dull bad movie"]
+    rows = [f"{s}\t1" for s in good] + [f"{s}\t0" for s in bad]
+    (task / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
+    (task / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+
+    run = tmp_path / "runs" / "tiny" / "checkpoints"
+    for i, step in enumerate([100, 200]):
+        d = make_tiny_bert(run / f"step-{step:06d}", seed=i)
+        (d / "checkpoint_meta.json").write_text(json.dumps({"step": step, "wall_clock_s": 36.0 * step,
+                                                            "tokens_seen": 1000 * step}))
+    cfg = load_glue_config("tiny", ["hparams.custom.epochs=8", "hparams.custom.lr=3e-3"],
+                           checkpoints=str(run / "*"), out=str(tmp_path / "sweep"), tasks=[],
+                           custom_tasks=[{"path": str(task), "num_labels": 2}])
+    results = run_glue(cfg)
+    assert results["run"] == "tiny"
+    pts = results["points"]
+    assert [p["pretrain"]["step"] for p in pts] == [100, 200]
+    assert [p["pretrain"]["wall_clock_s"] for p in pts] == [3600.0, 7200.0]
+    for p in pts:
+        acc = p["tasks"]["polarity"]["summary"]["dev/accuracy"]["mean"]
+        assert acc >= 0.9, acc  # the words separate the classes: a working loop learns them
+        assert "glue_average" not in p
+
+
+def test_packed_batches_match_padded():
+    """The unpadded collation carries the same tokens as the padded one, with hand-checked offsets."""
+    import numpy as np
+
+    from mosaic_embed.train.glue import Encoded, collate
+
+    enc = Encoded([[2, 5, 3], [2, 6, 7, 8, 3], [2, 3]], [[0, 0, 0], [0, 0, 1, 1, 1], [0, 0]], np.array([0, 1, 0]))
+    packed = collate(enc, [0, 1, 2], True, 0, torch.device("cpu"))
+    assert packed["cu_seqlens"].tolist() == [0, 3, 8, 10] and packed["cu_seqlens"].dtype == torch.int32
+    assert packed["max_seqlen"] == 5
+    assert packed["input_ids"].tolist() == [2, 5, 3, 2, 6, 7, 8, 3, 2, 3]
+    assert packed["token_type_ids"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
+    padded = collate(enc, [0, 1, 2], False, 0, torch.device("cpu"))
+    assert padded["input_ids"].shape == (3, 5)
+    assert padded["input_ids"][padded["attention_mask"].bool()].tolist() == packed["input_ids"].tolist()
+
+
+def test_pretraining_meta_and_errors(tiny_model, tmp_path):
+    from mosaic_embed.train.glue import find_checkpoints, pretraining_meta, run_glue
+
+    assert pretraining_meta(tiny_model)["wall_clock_s"] is None
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "checkpoint_meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="checkpoint_meta.json: not valid JSON"):
+        pretraining_meta(d)
+    with pytest.raises(FileNotFoundError, match="no folder matches"):
+        find_checkpoints(str(tmp_path / "nothing" / "*"))
+    # a bad data file fails before any training, naming the file
+    bad = tmp_path / "glue" / "SST-2"
+    bad.mkdir(parents=True)
+    (bad / "train.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    (bad / "dev.tsv").write_text("sentence\tlabel\nfine\t5\n")
+    with pytest.raises(ValueError, match=r"SST-2/dev.tsv:2: label 5"):
+        run_glue(_cfg(tiny_model, tmp_path / "o", tasks=["sst2"], data_dir=str(tmp_path / "glue")))
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_cli_glue_and_plot(tiny_model, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mosaic_embed.cli import main
+
+    model = shutil.copytree(tiny_model, tmp_path / "step-000050")
+    (model / "checkpoint_meta.json").write_text('{"step": 50, "wall_clock_s": 90.0, "tokens_seen": 6400}')
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(main, ["glue", "--model", str(model), "--tasks", "sst2,cola", "--seeds", "1,2",
+                                  "--data-dir", str(FIXTURES), "--recipe", "tiny", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["points"][0]["tasks"]) == ["sst2", "cola"]
+    assert [s["seed"] for s in res["points"][0]["tasks"]["cola"]["seeds"]] == [1, 2]
+    assert res["points"][0]["pretrain"]["wall_clock_s"] == 90.0
+    r = CliRunner().invoke(main, ["plot", "pareto", str(out / "results.json"), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.svg").stat().st_size > 0
+    r = CliRunner().invoke(main, ["glue", "--model", str(tiny_model), "--tasks", "wnli", "--out", str(out)])
+    assert r.exit_code == 2 and "unknown GLUE task 'wnli'" in r.output
+    r = CliRunner().invoke(main, ["glue", "--model", str(tiny_model), "--task-dir", str(tmp_path), "--out", str(out)])
+    assert r.exit_code == 2 and "--num-labels" in r.output
