@@ -376,3 +376,41 @@ def test_hidden_states_and_tuple_output():
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
     as_tuple = model(ids, attention_mask=mask, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
+
+
+def test_export_remote_code_loads_without_the_package(tmp_path):
+    """In a fresh interpreter where mosaic_embed cannot be imported, trust_remote_code builds the model from
+    the copied files and reproduces the logits."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from mosaic_embed.model.remote_code import export_remote_code
+
+    model = seeded(MosaicBertForMaskedLM, tiny())
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    written = {p.name for p in export_remote_code(folder)}
+    assert {"modeling.py", "attention.py", "padding.py", "configuration.py", "config.json"} <= written
+    ids, mask, _ = batch()
+    torch.save((ids, mask, model(ids, attention_mask=mask).logits), tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "mosaic_embed":
+                    raise ImportError("mosaic_embed is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForMaskedLM
+        model = AutoModelForMaskedLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids, mask, expected = torch.load({str(tmp_path / "expected.pt")!r})
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected, atol=0, rtol=0)
+        print("REMOTE OK")
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "REMOTE OK" in result.stdout, result.stderr[-3000:]
