@@ -44,16 +44,19 @@ def install_table(table: dict) -> None:
         faa._TUNED[(d, b)] = faa.AttentionConfig(
             fwd=faa.KernelConfig(*entry["fwd"]), dkdv=faa.KernelConfig(*entry["dkdv"]),
             dq=faa.KernelConfig(*entry["dq"]), atomic_dq=bool(entry["atomic_dq"]),
+            short_bwd_max=entry["short_bwd_max"], short_bwd_warps=entry["short_bwd_warps"],
         )
 
 
 def _config(d, fwd=None, dkdv=None, dq=None, atomic=False):
+    """Tiled-backward settings (the fused short-sequence backward is measured separately)."""
     base = faa._hopper_default(d)
     return faa.AttentionConfig(
         fwd=faa.KernelConfig(*fwd) if fwd else base.fwd,
         dkdv=faa.KernelConfig(*dkdv) if dkdv else base.dkdv,
         dq=faa.KernelConfig(*dq) if dq else base.dq,
         atomic_dq=atomic,
+        short_bwd_max=0,
     )
 
 
@@ -89,15 +92,18 @@ def _run(kind, q, k, v, do, cu, max_len, slopes, cfg, out=None, lse=None):
 def compile_only(jobs):
     """Worker: launch each candidate once on a tiny batch so Triton compiles and caches it."""
     for kind, d, c, atomic in jobs:
-        q, k, v, do, cu, max_len, slopes, _ = _batch(d, 64)
-        cfg = _config(d, **{kind: c}, atomic=atomic)
-        try:
-            out, lse, _ = faa._flash_fwd(q, k, v, cu, max_len, slopes, 0.1, config=cfg)
-            if kind != "fwd":
-                _run(kind, q, k, v, do, cu, max_len, slopes, cfg, out, lse)()
-            torch.cuda.synchronize()
-        except Exception as exc:  # out of shared memory etc.: reported, skipped later
-            print(f"compile failed {kind} d={d} {c} atomic={atomic}: {type(exc).__name__}: {exc}"[:300], flush=True)
+        for length in (64, 300):  # without and with far-tile skipping (a constexpr)
+            q, k, v, do, cu, max_len, slopes, _ = _batch(d, length)
+            cfg = _config(d, **{kind: c}, atomic=atomic)
+            try:
+                out, lse, _ = faa._flash_fwd(q, k, v, cu, max_len, slopes, 0.1, config=cfg)
+                if kind != "fwd":
+                    _run(kind, q, k, v, do, cu, max_len, slopes, cfg, out, lse)()
+                torch.cuda.synchronize()
+            except Exception as exc:  # out of shared memory etc.: reported, skipped later
+                print(f"compile failed {kind} d={d} {c} atomic={atomic}: {type(exc).__name__}: {exc}"[:300],
+                      flush=True)
+                break
 
 
 def precompile(head_dims, workers):
@@ -141,7 +147,17 @@ def tune(d, max_len):
     chosen = _config(d, fwd=best["fwd"], dkdv=best["atomic"] if atomic < separate else best_dkdv, dq=best["dq"],
                      atomic=atomic < separate)
     noskip = dataclasses.replace(chosen, skip_far_above=1 << 30)
+    short = {}
+    if max_len <= 128:
+        for warps in (4, 8):
+            cfg = dataclasses.replace(chosen, short_bwd_max=128, short_bwd_warps=warps)
+            short[warps] = bench(_run("bwd", q, k, v, do, cu, max_seqlen, slopes, cfg, out, lse))
+    short_warps = min(short, key=short.get) if short else 8
+    use_short = bool(short) and short[short_warps] < min(separate, atomic)
     entry = {
+        "short_bwd_max": 128 if use_short else 0,
+        "short_bwd_warps": short_warps,
+        "short_bwd_ms": {str(w): t for w, t in short.items()},
         "fwd_noskip_ms": bench(_run("fwd", q, k, v, do, cu, max_seqlen, slopes, noskip)),
         "bwd_noskip_ms": bench(_run("bwd", q, k, v, do, cu, max_seqlen, slopes, noskip, out, lse)),
         "fwd": best["fwd"],
@@ -181,14 +197,15 @@ def main(argv=None):
             print(f"d={d} L={max_len}: fwd {e['fwd']} {e['fwd_ms']:.3f}ms (default {e['default_fwd_ms']:.3f}) | "
                   f"bwd {'atomic' if e['atomic_dq'] else 'separate'} dkdv {e['dkdv']} dq {e['dq']} "
                   f"{e['bwd_ms']:.3f}ms (sep {e['bwd_separate_ms']:.3f}, atomic {e['bwd_atomic_ms']:.3f}, "
-                  f"default {e['default_bwd_ms']:.3f}) noskip fwd {e['fwd_noskip_ms']:.3f} bwd {e['bwd_noskip_ms']:.3f} "
+                  f"default {e['default_bwd_ms']:.3f}) short {e['short_bwd_ms']} noskip fwd {e['fwd_noskip_ms']:.3f} bwd {e['bwd_noskip_ms']:.3f} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
             args.out.write_text(json.dumps(table, indent=1) + "\n")  # after each entry: partial runs count
     print("\n_TUNED entries:")
     for key, e in table.items():
         d, b = key.split(",")
         print(f"    ({d}, {b}): AttentionConfig(KernelConfig{tuple(e['fwd'])}, KernelConfig{tuple(e['dkdv'])}, "
-              f"KernelConfig{tuple(e['dq'])}, atomic_dq={e['atomic_dq']}),")
+              f"KernelConfig{tuple(e['dq'])}, atomic_dq={e['atomic_dq']}, short_bwd_max={e['short_bwd_max']}, "
+              f"short_bwd_warps={e['short_bwd_warps']}),")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ CPU runs use Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) at
 ``gpu`` tests run real sizes. Inputs are fresh random draws in every check (the seed is in the message).
 """
 
+import dataclasses
 import math
 import random
 
@@ -72,14 +73,24 @@ def _check_against_reference(lens, heads, head_dim, dtype, slopes="alibi", facto
 # ----------------------------------------------------------------------------- small (CPU interpreter)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_fp32_reference_small(dtype):
-    # lengths 1 and non-multiples of the interpreter's 16-wide blocks; two slope magnitudes
-    _check_against_reference([1, 7, 16, 33], heads=2, head_dim=32, dtype=dtype, slopes="steep")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lens", [[1, 7, 16, 33], [30, 1, 7]], ids=["tiled", "short"])
+def test_matches_fp32_reference_small(dtype, lens):
+    # lengths 1 and non-multiples of the interpreter's 16-wide tiles; steep slopes so that far tiles are
+    # skipped; max length 33 runs the tiled backward, 30 the fused short-sequence one
+    _check_against_reference(lens, heads=2, head_dim=32, dtype=dtype, slopes="steep")
 
 
-def test_every_output_element_written_and_dq_paths_agree():
-    """Poisoned (NaN) outputs must be overwritten everywhere; atomic and separate-kernel dQ agree."""
+def _backward_modes(base):
+    return {
+        "short": dataclasses.replace(base, short_bwd_max=1 << 30),
+        "tiled": dataclasses.replace(base, short_bwd_max=0, atomic_dq=False),
+        "atomic": dataclasses.replace(base, short_bwd_max=0, atomic_dq=True),
+    }
+
+
+def test_every_output_element_written_and_backward_paths_agree():
+    """Poisoned (NaN) outputs must be overwritten everywhere; the three backward paths agree."""
     lens = [5, 16, 20]
     q, k, v, do, cu, sl, seed = _inputs(lens, 2, 32, torch.float16)
     scale = 1 / math.sqrt(32)
@@ -91,15 +102,15 @@ def test_every_output_element_written_and_dq_paths_agree():
     faa._flash_fwd(q, k, v, cu, max(lens), sl, scale, out=out, lse=lse, config=base)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"unwritten forward output (seed {seed})"
     grads = {}
-    for atomic in (False, True):
-        cfg = faa.AttentionConfig(base.fwd, base.dkdv, base.dq, atomic_dq=atomic)
+    for mode, cfg in _backward_modes(base).items():
         dq, dk, dv = (torch.full_like(q, nan) for _ in range(3))
         faa._flash_bwd(do, q, k, v, out, lse, None, cu, max(lens), sl, scale, dq=dq, dk=dk, dv=dv, config=cfg)
         for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
-            assert torch.isfinite(g).all(), f"unwritten {name} (atomic_dq={atomic}, seed {seed})"
-        grads[atomic] = (dq, dk, dv)
-    for a, b in zip(grads[False], grads[True], strict=False):
-        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+            assert torch.isfinite(g).all(), f"unwritten {name} ({mode} backward, seed {seed})"
+        grads[mode] = (dq, dk, dv)
+    for mode in ("tiled", "atomic"):
+        for a, b in zip(grads["short"], grads[mode], strict=True):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=f"{mode} vs short backward (seed {seed})")
 
 
 def test_lse_and_its_gradient():
@@ -208,20 +219,19 @@ def test_matches_fp32_reference_gpu(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("atomic", [False, True])
-def test_every_output_element_written_gpu(head_dim, atomic):
-    lens = [1, 129, 300, 64, 1000]
+@pytest.mark.parametrize("mode", ["short", "tiled", "atomic"])
+def test_every_output_element_written_gpu(head_dim, mode):
+    lens = [1, 100, 128, 64, 7] if mode == "short" else [1, 129, 300, 64, 1000]
     q, k, v, do, cu, sl, seed = _inputs(lens, 4, head_dim, torch.bfloat16)
     total, heads, _ = q.shape
-    base = faa.select_config(head_dim, max(lens), DEVICE)
-    cfg = faa.AttentionConfig(base.fwd, base.dkdv, base.dq, atomic_dq=atomic)
+    cfg = _backward_modes(faa.select_config(head_dim, max(lens), DEVICE))[mode]
     out = torch.full_like(q, float("nan"))
     lse = torch.full((heads, total), float("nan"), device=DEVICE)
     faa._flash_fwd(q, k, v, cu, max(lens), sl, 0.125, out=out, lse=lse, config=cfg)
     dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
     faa._flash_bwd(do, q, k, v, out, lse, None, cu, max(lens), sl, 0.125, dq=dq, dk=dk, dv=dv, config=cfg)
     for name, t in (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert torch.isfinite(t).all(), f"unwritten {name} (seed {seed})"
+        assert torch.isfinite(t).all(), f"unwritten {name} ({mode} backward, seed {seed})"
 
 
 @pytest.mark.gpu

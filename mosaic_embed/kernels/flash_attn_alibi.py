@@ -415,6 +415,54 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU, SLOPES, NORMS, SLA
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
+@triton.jit(do_not_specialize=["total_tokens"])
+def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                      stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                      total_tokens, num_heads, qk_scale, sm_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """Whole backward of one (sequence, head) whose sequence fits one BLOCK x BLOCK tile.
+
+    Short sequences (pretraining runs at 128 tokens) make the tiled backward re-read Q, dO, K, V from
+    several programs and pay a separate delta pass; here every input is read once and dQ, dK, dV are
+    written once, with delta = rowsum(dO * O) computed in place.
+    """
+    _, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), 1, num_heads, CU, BLOCK)
+    slope2 = tl.load(SLOPES + h) * 1.4426950408889634
+    idx = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = idx < seqlen
+    rows = idx[:, None]
+    cols = offs_d[None, :]
+    q = tl.load(Q + seq_start * stride_qt + h * stride_qh + rows * stride_qt + cols, mask=ok[:, None], other=0.0)
+    k = tl.load(K + seq_start * stride_kt + h * stride_kh + rows * stride_kt + cols, mask=ok[:, None], other=0.0)
+    v = tl.load(V + seq_start * stride_vt + h * stride_vh + rows * stride_vt + cols, mask=ok[:, None], other=0.0)
+    o = tl.load(Out + seq_start * stride_ot + h * stride_oh + rows * stride_ot + cols, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + seq_start * stride_dot + h * stride_doh + rows * stride_dot + cols, mask=ok[:, None],
+                 other=0.0)
+    # lse = +inf on padding rows gives P = 0 there
+    lse2 = tl.load(LSE + h * total_tokens + seq_start + idx, mask=ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + h * total_tokens + seq_start + idx, mask=ok, other=0.0)
+
+    pos = slope2 * idx.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * qk_scale - tl.abs(pos[:, None] - pos[None, :])  # (BLOCK, BLOCK), log2 domain
+    p = tl.exp2(s - lse2[:, None])
+    p = tl.where(ok[None, :], p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+    dp = tl.dot(do, tl.trans(v))
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dq = tl.dot(ds, k) * sm_scale
+    dk = tl.dot(tl.trans(ds), q) * sm_scale
+    tl.store(DQ + seq_start * stride_dqt + h * stride_dqh + rows * stride_dqt + cols, dq.to(DQ.dtype.element_ty),
+             mask=ok[:, None])
+    tl.store(DK + seq_start * stride_dkt + h * stride_dkh + rows * stride_dkt + cols, dk.to(DK.dtype.element_ty),
+             mask=ok[:, None])
+    tl.store(DV + seq_start * stride_dvt + h * stride_dvh + rows * stride_dvt + cols, dv.to(DV.dtype.element_ty),
+             mask=ok[:, None])
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Launchers
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +485,8 @@ class AttentionConfig:
     ``atomic_dq``: dQ by fp32 atomics in the dK/dV kernel instead of a separate kernel.
     ``skip_far_above``: skip provably negligible far-away tiles (see ``_window``) when max_seqlen exceeds
     this; below it the two extra launches (norms) cost more than the few tiles they could skip.
+    ``short_bwd_max``: when max_seqlen is at most this, the backward is one fused kernel per (sequence, head)
+    (``_bwd_short_kernel``, tile = next power of two >= max_seqlen) with ``short_bwd_warps`` warps.
     """
 
     fwd: KernelConfig
@@ -444,14 +494,16 @@ class AttentionConfig:
     dq: KernelConfig
     atomic_dq: bool = False
     skip_far_above: int = 256
+    short_bwd_max: int = 128
+    short_bwd_warps: int = 8
 
 
 # Upper edges of the max_seqlen buckets of the tuning table (the last one is open).
 _SEQLEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 
 
-def _cfg(fwd, dkdv, dq, atomic_dq=False):
-    return AttentionConfig(KernelConfig(*fwd), KernelConfig(*dkdv), KernelConfig(*dq), atomic_dq)
+def _cfg(fwd, dkdv, dq, atomic_dq=False, **kw):
+    return AttentionConfig(KernelConfig(*fwd), KernelConfig(*dkdv), KernelConfig(*dq), atomic_dq, **kw)
 
 
 # Hopper (sm_90) table: {(head_dim, bucket upper edge): settings}, (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -502,7 +554,7 @@ def _hopper_default(head_dim: int) -> AttentionConfig:
 # skipping on from 17 tokens so that the tests exercise it.
 _INTERPRETER_CONFIG = AttentionConfig(
     fwd=KernelConfig(16, 16, 1, 1), dkdv=KernelConfig(16, 16, 1, 1), dq=KernelConfig(16, 16, 1, 1),
-    skip_far_above=16,
+    skip_far_above=16, short_bwd_max=32, short_bwd_warps=1,
 )
 
 
@@ -593,6 +645,16 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
     if total == 0 or batch == 0 or max_seqlen == 0:
+        return dq, dk, dv
+    if max_seqlen <= cfg.short_bwd_max:
+        _bwd_short_kernel[(heads * batch,)](
+            q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+            dv.stride(0), dv.stride(1), total, heads, softmax_scale * _LOG2E, softmax_scale,
+            HEAD_DIM=head_dim, BLOCK=max(16, triton.next_power_of_2(max_seqlen)), HAS_DLSE=dlse is not None,
+            num_warps=cfg.short_bwd_warps, num_stages=1,
+        )
         return dq, dk, dv
     delta = torch.empty((heads, total), device=q.device, dtype=torch.float32)
     block_t = 64
