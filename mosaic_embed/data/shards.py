@@ -309,7 +309,9 @@ def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) ->
             splits[name] = tokenized.remove_columns("chunk")
         tokenize_s = time.perf_counter() - tok_start
 
-        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        # An empty split must still be written as one (empty) shard: datasets cannot load a split of 0 shards.
+        empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
+        datasets.DatasetDict(splits).save_to_disk(str(tmp), num_shards={**dict.fromkeys(splits), **empty})
         del docs, splits, part, tokenized
         shutil.rmtree(work, ignore_errors=True)
         tok.save_pretrained(str(tmp / "tokenizer"))
