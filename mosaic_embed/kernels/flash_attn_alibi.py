@@ -524,8 +524,8 @@ _TUNED: dict[tuple[int, int], AttentionConfig] = {
     (64, 1024): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
     (64, 2048): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3)),
     (64, 8192): _cfg((128, 64, 8, 4), (32, 64, 4, 3), (128, 64, 8, 3)),
-    (128, 128): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
-    (128, 256): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
+    (128, 128): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), short_bwd_max=64),
+    (128, 256): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), short_bwd_max=64),
     (128, 512): _cfg((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)),
     (128, 1024): _cfg((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)),
     (128, 2048): _cfg((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4)),
@@ -537,7 +537,8 @@ def _generic_config(head_dim: int) -> AttentionConfig:
     """Conservative settings for GPUs that are not Hopper: tiles that fit 64 KB of shared memory at D=128."""
     bn = 64 if head_dim <= 64 else 32
     return AttentionConfig(
-        fwd=KernelConfig(64, bn, 4, 2), dkdv=KernelConfig(32, bn, 4, 2), dq=KernelConfig(64, bn, 4, 2)
+        fwd=KernelConfig(64, bn, 4, 2), dkdv=KernelConfig(32, bn, 4, 2), dq=KernelConfig(64, bn, 4, 2),
+        short_bwd_max=64 if head_dim <= 64 else 0, short_bwd_warps=4,
     )
 
 
@@ -547,6 +548,7 @@ def _hopper_default(head_dim: int) -> AttentionConfig:
         fwd=KernelConfig(128, 64 if head_dim <= 64 else 32, 4, 3),
         dkdv=KernelConfig(32, 128 if head_dim <= 64 else 64, 4, 3),
         dq=KernelConfig(128 if head_dim <= 64 else 64, 32, 4, 3),
+        short_bwd_max=128 if head_dim <= 64 else 64,
     )
 
 
