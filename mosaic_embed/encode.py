@@ -1,0 +1,438 @@
+"""Embedding at scale: a sentence-transformers encoder folder -> memory-mapped ``.npy`` embeddings on disk.
+
+Why not just ``SentenceTransformer.encode``: for a BERT-Base-sized model on a modern GPU it spends most of
+its time on the host (tokenizing in the loop, padding every batch to its longest member, one small
+batch at a time), so the GPU idles. Here, for a MosaicBERT backbone:
+
+1. a background thread tokenizes the next window of texts (the Rust tokenizer releases the GIL and
+   runs its own thread pool) while the GPU embeds the current one;
+2. inside a window (thousands of texts) texts are sorted by length and cut into batches, and each
+   batch is fed *packed*: all its tokens concatenated (T,) with ``cu_seqlens`` (B+1,), so no padding
+   token is ever computed (MosaicBERT's unpadded path, the same one used in pretraining);
+3. pooling (mean / CLS) and normalisation run on the packed (T, H) output with segment sums, matching
+   sentence-transformers' ``Pooling`` + ``Normalize`` exactly;
+4. the model runs in bf16 on GPU, and the results of a whole window come back to the host at once.
+
+Any other backbone (or a folder with modules we do not mirror, e.g. ``Dense``) falls back to plain
+``SentenceTransformer.encode``; ``Encoder.path_used`` says which path runs, and it is logged once.
+
+``embed_file`` streams a JSON-lines input of any size (one pass counts records and writes ids, one pass
+embeds), writes ``embeddings.npy`` through ``np.lib.format.open_memmap`` (rows in input order) and
+``ids.jsonl``, checkpoints progress per window (an interrupted run resumes where it stopped), and under
+``torchrun`` shards windows over ranks that all write into the one output file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .artifacts import atomic_write_json, sha256_json, write_manifest
+from .data.beir import open_text
+
+logger = logging.getLogger(__name__)
+
+PACKED, FALLBACK = "packed", "sentence-transformers"
+
+
+def _pooling_mode(module: Any) -> str | None:
+    """The single pooling mode of an ST ``Pooling`` module ('mean', 'cls', ...), across ST 6.x versions."""
+    cfg = module.get_config_dict()
+    mode = cfg.get("pooling_mode")
+    if isinstance(mode, list | tuple):
+        mode = mode[0] if len(mode) == 1 else None
+    if mode is None:  # older ST: one boolean key per mode
+        active = [k[len("pooling_mode_"):] for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+        mode = active[0] if len(active) == 1 else None
+        mode = {"cls_token": "cls", "mean_tokens": "mean"}.get(mode, mode)
+    if cfg.get("include_prompt", True) is False:
+        return None  # prompt exclusion needs the prompt length: leave it to ST
+    return mode
+
+
+class Encoder:
+    """A loaded sentence-transformers model plus the fast packed path when its backbone is MosaicBERT.
+
+    ``encode(texts) -> (N, D) float32`` in input order. ``max_seq_len`` may exceed the length the model
+    was trained at: MosaicBERT has no position table (ALiBi), so longer inputs simply extrapolate.
+    """
+
+    def __init__(self, st_model: Any, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                 path: str | None = None):
+        from sentence_transformers import models
+
+        self.st = st_model
+        self.path = path
+        self.device = torch.device(st_model.device)
+        first = st_model[0]
+        if max_seq_len is not None:
+            st_model.max_seq_length = max_seq_len
+        self.max_seq_len = int(st_model.max_seq_length or 512)
+        self.tokenizer = first.tokenizer
+        get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+
+        # The packed path mirrors exactly [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?].
+        modules = list(st_model)
+        self.pooling, self.normalize = None, False
+        backbone = getattr(first, "auto_model", None)
+        if (
+            isinstance(first, models.Transformer)
+            and backbone is not None
+            and getattr(backbone.config, "model_type", None) == "mosaic_bert"
+            and len(modules) in (2, 3)
+            and isinstance(modules[1], models.Pooling)
+            and _pooling_mode(modules[1]) in ("mean", "cls")
+            and (len(modules) == 2 or isinstance(modules[2], models.Normalize))
+        ):
+            self.pooling = _pooling_mode(modules[1])
+            self.normalize = len(modules) == 3
+            self.backbone = backbone.to(self.dtype).eval()
+            self.path_used = PACKED
+        else:
+            self.backbone = None
+            self.path_used = FALLBACK
+        logger.warning("Encoder(%s): %s path, %s, max_seq_len %d, pooling %s", path, self.path_used,
+                       str(self.dtype).replace("torch.", ""), self.max_seq_len, self.pooling or "ST modules")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None, max_seq_len: int | None = None,
+             dtype: torch.dtype | None = None) -> Encoder:
+        from sentence_transformers import SentenceTransformer
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"encoder folder not found: {path}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        st = SentenceTransformer(str(path), device=device)
+        return cls(st, max_seq_len=max_seq_len, dtype=dtype, path=str(path))
+
+    # -- tokenization ---------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, ``[CLS] ... [SEP]``, truncated to ``max_seq_len``, no padding."""
+        return self.tokenizer(
+            list(texts), add_special_tokens=True, truncation=True, max_length=self.max_seq_len,
+            padding=False, return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+
+    # -- the packed forward -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _forward_packed(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One packed batch: B token lists -> (B, D) pooled (and normalised) embeddings on the device."""
+        lens = torch.tensor([len(x) for x in batch], dtype=torch.int32)
+        flat = torch.from_numpy(np.fromiter((t for x in batch for t in x), dtype=np.int64, count=int(lens.sum())))
+        cu = torch.zeros(len(batch) + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=cu[1:])
+        if self.device.type == "cuda":
+            flat, cu = flat.pin_memory(), cu.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        cu = cu.to(self.device, non_blocking=True)
+        hidden = self.backbone(input_ids=flat, cu_seqlens=cu, max_seqlen=int(lens.max())).last_hidden_state  # (T, H)
+        if self.pooling == "cls":
+            pooled = hidden[cu[:-1].long()].float()  # (B, H): first token of each sequence
+        else:
+            seg = torch.repeat_interleave(torch.arange(len(batch), device=self.device), lens.to(self.device).long())
+            sums = torch.zeros(len(batch), hidden.shape[-1], device=self.device, dtype=torch.float32)
+            sums.index_add_(0, seg, hidden.float())  # (B, H) sums over each sequence's T_b tokens
+            pooled = sums / lens.to(self.device, torch.float32).unsqueeze(1)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def embed_tokenized(self, token_ids: Sequence[Sequence[int]], batch_size: int = 128,
+                        max_tokens: int | None = None, progress: Any = None) -> np.ndarray:
+        """(N,) token lists -> (N, D) float32 in the given order; batches are length-sorted internally.
+
+        ``max_tokens`` caps the real tokens of one packed batch (memory bound for long inputs).
+        """
+        n = len(token_ids)
+        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+        order = sorted(range(n), key=lambda i: len(token_ids[i]), reverse=True)
+        i = 0
+        while i < n:
+            j, tokens = i, 0
+            while j < n and j - i < batch_size and (max_tokens is None or j == i or tokens + len(token_ids[order[j]]) <= max_tokens):
+                tokens += len(token_ids[order[j]])
+                j += 1
+            idx = order[i:j]
+            out[torch.tensor(idx, device=self.device)] = self._forward_packed([token_ids[k] for k in idx])
+            if progress is not None:
+                progress.update(j - i)
+            i = j
+        return out.cpu().numpy()  # one device->host copy per window: keeps the GPU queue full
+
+    def encode(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
+        """(N,) strings -> (N, D) float32 embeddings, input order."""
+        if not len(texts):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.path_used == FALLBACK:
+            emb = self.st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                 show_progress_bar=show_progress)
+            return np.asarray(emb, dtype=np.float32)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc="embed", disable=not show_progress)
+        try:
+            return self.embed_tokenized(self.tokenize(texts), batch_size=batch_size, progress=bar)
+        finally:
+            bar.close()
+
+    def embed_window(self, texts: Sequence[str], token_ids: list[list[int]] | None, batch_size: int,
+                     progress: Any = None) -> np.ndarray:
+        if self.path_used == FALLBACK:
+            emb = self.encode(texts, batch_size=batch_size)
+            if progress is not None:
+                progress.update(len(texts))
+            return emb
+        return self.embed_tokenized(token_ids, batch_size=batch_size, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# streaming a file to disk
+# ----------------------------------------------------------------------------------------------------------
+
+EMBEDDINGS, IDS, STATE, PROGRESS_DIR = "embeddings.npy", "ids.jsonl", "embed_state.json", "progress"
+
+
+def _iter_records(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, raw line) of every non-blank line: record k is the k-th of these."""
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line
+
+
+def _record_text(obj: Any, path: Path, lineno: int, text_field: str, title_field: str | None) -> str:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object")
+    text = obj.get(text_field)
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{lineno}: field '{text_field}' missing or not a string")
+    title = obj.get(title_field) if title_field else None
+    return f"{title} {text}" if isinstance(title, str) and title else text
+
+
+def _parse(line: str, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+
+
+def _count_and_write_ids(path: Path, out: Path, text_field: str, title_field: str | None,
+                         id_field: str | None) -> int:
+    """Pass 1: validate every record, write ``ids.jsonl`` in input order, return the record count."""
+    n = 0
+    tmp = out / f".{IDS}.tmp"
+    with open(tmp, "w", encoding="utf-8") as ids:
+        for lineno, line in _iter_records(path):
+            obj = _parse(line, path, lineno)
+            _record_text(obj, path, lineno, text_field, title_field)
+            if id_field is not None:
+                if id_field not in obj:
+                    raise ValueError(f"{path}:{lineno}: missing id field '{id_field}'")
+                rid = obj[id_field]
+            else:
+                rid = obj.get("_id", obj.get("id", n))
+            ids.write(json.dumps(str(rid)) + "\n")
+            n += 1
+    os.replace(tmp, out / IDS)
+    return n
+
+
+def _windows(path: Path, window: int, wanted: set[int], text_field: str,
+             title_field: str | None) -> Iterator[tuple[int, int, list[str]]]:
+    """(window index, first row, texts) for the windows in ``wanted``; others are skipped unparsed."""
+    buf: list[tuple[int, str]] = []
+    w = row0 = 0
+    for row, (lineno, line) in enumerate(_iter_records(path)):
+        if row and row % window == 0:
+            if w in wanted:
+                yield w, row0, [_record_text(_parse(ln, path, no), path, no, text_field, title_field) for no, ln in buf]
+            buf, w, row0 = [], w + 1, row
+        buf.append((lineno, line))
+    if buf and w in wanted:
+        yield w, row0, [_record_text(_parse(ln, path, no), path, no, text_field, title_field) for no, ln in buf]
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; a process group is set up if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _done_windows(out: Path) -> set[int]:
+    done: set[int] = set()
+    for p in sorted((out / PROGRESS_DIR).glob("rank-*.json")):
+        done.update(json.loads(p.read_text())["done"])
+    return done
+
+
+def embed_file(
+    model: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    text_field: str = "text",
+    title_field: str | None = "title",
+    id_field: str | None = None,
+    batch_size: int = 128,
+    window: int = 16384,
+    dtype: str = "float16",
+    max_seq_len: int | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Embed every record of a JSON-lines file (``.gz`` allowed) into ``out/embeddings.npy`` + ``out/ids.jsonl``.
+
+    Rows of ``embeddings.npy`` (N, D) follow input order. Re-running with the same arguments after an
+    interruption skips the windows already written; different arguments on an existing ``out`` are an error.
+    Under ``torchrun`` window w goes to rank ``w % world_size``; all ranks write the same memmap.
+    """
+    from tqdm.auto import tqdm
+
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    if batch_size < 1 or window < 1:
+        raise ValueError("batch_size and window must be >= 1")
+    input_path, out = Path(input_path), Path(out)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input not found: {input_path}")
+    rank, world, local = _dist()
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{local}"
+    t_start = time.perf_counter()
+    encoder = Encoder.load(model, device=device, max_seq_len=max_seq_len)
+
+    stat = input_path.stat()
+    settings = {
+        "input": str(input_path.resolve()), "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns,
+        "model": str(Path(model).resolve()), "max_seq_len": encoder.max_seq_len, "dtype": dtype,
+        "window": window, "text_field": text_field, "title_field": title_field, "id_field": id_field,
+        "dim": encoder.dim,
+    }
+    key = sha256_json(settings)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        state_path = out / STATE
+        state = json.loads(state_path.read_text()) if state_path.is_file() else None
+        if state is not None and state.get("key") != key:
+            raise ValueError(
+                f"{out} holds embeddings made with other settings ({state_path}); use a new --out or delete it"
+            )
+        if state is None or not (out / EMBEDDINGS).is_file() or not (out / IDS).is_file():
+            n = _count_and_write_ids(input_path, out, text_field, title_field, id_field)
+            np.lib.format.open_memmap(out / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, encoder.dim)).flush()
+            (out / PROGRESS_DIR).mkdir(exist_ok=True)
+            for stale in (out / PROGRESS_DIR).glob("rank-*.json"):
+                stale.unlink()
+            atomic_write_json(state_path, {"key": key, "n": n, "complete": False, **settings})
+    _barrier(world)
+    state = json.loads((out / STATE).read_text())
+    n = state["n"]
+    emb = np.lib.format.open_memmap(out / EMBEDDINGS, mode="r+")
+    n_windows = (n + window - 1) // window
+    done = _done_windows(out)
+    mine = {w for w in range(n_windows) if w % world == rank and w not in done}
+    my_progress = out / PROGRESS_DIR / f"rank-{rank}.json"
+    my_done = sorted(json.loads(my_progress.read_text())["done"]) if my_progress.is_file() else []
+    if done and rank == 0:
+        logger.warning("embed: resuming, %d of %d windows already written", len(done), n_windows)
+
+    # Producer thread: read + tokenize window w+1 while the device embeds window w.
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for w, row0, texts in _windows(input_path, window, mine, text_field, title_field):
+                ids = encoder.tokenize(texts) if encoder.path_used == PACKED else None
+                while not stop.is_set():
+                    try:
+                        q.put((w, row0, texts, ids), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(None)
+        except BaseException as err:  # surfaces in the consumer, with its message
+            q.put(err)
+
+    rows_mine = sum(min(window, n - w * window) for w in mine)
+    bar = tqdm(total=rows_mine, desc=f"embed[{rank}]", disable=not show_progress or rank != 0, unit="doc")
+    thread = threading.Thread(target=produce, daemon=True, name="embed-tokenizer")
+    thread.start()
+    real_tokens = 0
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            w, row0, texts, ids = item
+            vectors = encoder.embed_window(texts, ids, batch_size, progress=bar)
+            emb[row0 : row0 + len(texts)] = vectors.astype(dtype, copy=False)
+            emb.flush()  # rows on disk before the progress file says so
+            real_tokens += sum(len(x) for x in ids) if ids is not None else 0
+            my_done.append(w)
+            atomic_write_json(my_progress, {"done": sorted(my_done)})
+    finally:
+        stop.set()
+        bar.close()
+        thread.join(timeout=5)
+    del emb
+    _barrier(world)
+    if rank == 0:
+        missing = set(range(n_windows)) - _done_windows(out)
+        if missing:
+            raise RuntimeError(f"embed: windows {sorted(missing)[:5]}... were not written; re-run to resume")
+        state["complete"] = True
+        atomic_write_json(out / STATE, state)
+        write_manifest(
+            out, "embed", config=None,
+            inputs={"input": str(input_path), "model": str(model)},
+            outputs={"embeddings": EMBEDDINGS, "ids": IDS, "shape": [n, encoder.dim], "dtype": dtype},
+            timings={"total_s": time.perf_counter() - t_start},
+            settings=settings, path=encoder.path_used, world_size=world,
+        )
+    return out
+
+
+def load_embeddings(out: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Open ``embed_file`` output: (N, D) memory-mapped array (read-only) and the N ids in input order."""
+    out = Path(out)
+    state = out / STATE
+    if not state.is_file() or not json.loads(state.read_text()).get("complete"):
+        raise ValueError(f"{out}: embeddings are incomplete (interrupted run?); re-run `mosaic-embed embed` to resume")
+    with open(out / IDS, encoding="utf-8") as f:
+        ids = [json.loads(line) for line in f]
+    return np.load(out / EMBEDDINGS, mmap_mode="r"), ids
