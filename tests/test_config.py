@@ -1,0 +1,318 @@
+"""Typed configs (config.py), atomic artifacts (artifacts.py), the data recipes, and the data CLI commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mosaic_embed.artifacts import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    write_manifest,
+)
+from mosaic_embed.cli import main
+from mosaic_embed.config import (
+    RECIPES_DIR,
+    ConfigError,
+    DataConfig,
+    TokenizerTrainConfig,
+    from_dict,
+    load_config,
+    parse_override,
+    resolve_recipe,
+    save_config,
+    to_dict,
+)
+
+
+@dataclasses.dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    betas: tuple[float, float] = (0.9, 0.98)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = "x"
+    path: Path | None = None
+    mode: Literal["a", "b"] = "a"
+    flag: bool = False
+    tags: list[str] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def write_yaml(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config machinery
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_from_dict_coerces_only_losslessly():
+    cfg = from_dict(Outer, {"path": "runs/a", "inner": {"lr": 1, "betas": [0.8, 0.9]}, "tags": ["t"],
+                            "extra": {"k": 1}, "mode": "b", "flag": True})
+    assert cfg.path == Path("runs/a") and isinstance(cfg.inner.lr, float) and cfg.inner.lr == 1.0
+    assert cfg.inner.betas == (0.8, 0.9) and cfg.tags == ["t"] and cfg.extra == {"k": 1}
+    assert from_dict(Outer, {"path": None}).path is None
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"nmae": "x"}, "unknown key 'nmae'.*Outer takes: extra, flag, inner, mode, name, path, tags"),
+        ({"inner": {"lrr": 1}}, "unknown key 'inner.lrr'"),
+        ({"inner": {"steps": 2.5}}, "'inner.steps' must be an integer, got 2.5"),
+        ({"inner": {"steps": True}}, "'inner.steps' must be an integer"),
+        ({"flag": "yes"}, "'flag' must be true or false"),
+        ({"name": 3}, "'name' must be a string"),
+        ({"mode": "c"}, "'mode' = 'c' is not one of 'a', 'b'"),
+        ({"tags": "t"}, "'tags' must be a list"),
+        ({"inner": 3}, "'inner' must be a mapping of Inner fields"),
+        ({"path": 3}, "'path' = 3 is not"),
+        ({"inner": {"steps": 0}}, "inner: steps must be >= 1, got 0"),
+    ],
+)
+def test_from_dict_errors_name_the_key_and_the_source(data, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        from_dict(Outer, data, source="recipe.yaml")
+    assert str(err.value).startswith("recipe.yaml: ")
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    bad_key = write_yaml(tmp_path / "bad_key.yaml", {"max_seq_len": 64, "corpuss": "x"})
+    with pytest.raises(ConfigError, match=rf"{bad_key}: unknown key 'corpuss'; DataConfig takes: "):
+        load_config(DataConfig, bad_key)
+    bad_type = write_yaml(tmp_path / "bad_type.yaml", {"max_seq_len": "long"})
+    with pytest.raises(ConfigError, match=rf"{bad_type}: 'max_seq_len' must be an integer, got 'long'"):
+        load_config(DataConfig, bad_type, stage="data")
+    bad_value = write_yaml(tmp_path / "bad_value.yaml", {"validation_fraction": 1.5})
+    with pytest.raises(ConfigError, match=rf"{bad_value}: DataConfig: validation_fraction must be in \[0, 1\)"):
+        load_config(DataConfig, bad_value)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: the top level must be a mapping"):
+        load_config(DataConfig, tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(DataConfig, tmp_path / "broken.yaml")
+    (tmp_path / "latin.yaml").write_bytes(b"text_field: caf\xe9\n")
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8"):
+        load_config(DataConfig, tmp_path / "latin.yaml")
+    with pytest.raises(ConfigError, match="recipe file not found: .*nope.yaml"):
+        load_config(DataConfig, tmp_path / "nope.yaml", stage="data")
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(DataConfig, tmp_path / "empty.yaml") == DataConfig()
+
+
+@pytest.mark.parametrize(
+    "item, key, value",
+    [("train.lr=3e-4", ["train", "lr"], 3e-4), ("a=1", ["a"], 1), ("a=true", ["a"], True), ("a=null", ["a"], None),
+     ("a=[1, 2]", ["a"], [1, 2]), ("a=runs/x.y", ["a"], "runs/x.y"), ("a=", ["a"], ""), ("a=x=y", ["a"], "x=y"),
+     ("a=title", ["a"], "title")],
+)
+def test_parse_override(item, key, value):
+    assert parse_override(item) == (key, value)
+
+
+def test_overrides_apply_after_the_recipe_and_are_checked(tmp_path):
+    recipe = write_yaml(tmp_path / "r.yaml", {"max_seq_len": 64, "seed": 1})
+    cfg = load_config(DataConfig, recipe, ["seed=7", "corpus=/data/x", "num_proc=null", "validation_fraction=1e-1"])
+    assert (cfg.max_seq_len, cfg.seed, cfg.corpus, cfg.num_proc, cfg.validation_fraction) == (64, 7, Path("/data/x"), None, 0.1)
+    nested = load_config(Outer, None, ["inner.lr=5e-5", "inner.steps=3", "extra.free.form=1"])
+    assert nested.inner.lr == 5e-5 and nested.inner.steps == 3 and nested.extra == {"free": {"form": 1}}
+    with pytest.raises(ConfigError, match=r"--set 'inner.lrr=1': unknown key 'inner.lrr'; Inner takes: betas, lr, steps"):
+        load_config(Outer, None, ["inner.lrr=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(Outer, None, ["inner.lr"])
+    with pytest.raises(ConfigError, match="empty key"):
+        load_config(Outer, None, ["inner..lr=1"])
+    with pytest.raises(ConfigError, match=rf"{recipe} with --set seed=x: 'seed' must be an integer"):
+        load_config(DataConfig, recipe, ["seed=x"])
+
+
+def test_resolve_recipe_by_name_and_path(tmp_path):
+    assert resolve_recipe("default", "data") == RECIPES_DIR / "data" / "default.yaml"
+    with pytest.raises(ConfigError, match=r"no recipe 'nope' for stage 'data'.*available: \['default', 'tiny'"):
+        resolve_recipe("nope", "data")
+    path = write_yaml(tmp_path / "mine.yaml", {})
+    assert resolve_recipe(path, "data") == path
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = Outer(path=Path("p"), tags=["a"], inner=Inner(lr=0.5, betas=(0.1, 0.2)))
+    save_config(cfg, tmp_path / "o.yaml")
+    assert load_config(Outer, tmp_path / "o.yaml") == cfg
+    assert to_dict(cfg)["path"] == "p" and to_dict(cfg)["inner"]["betas"] == [0.1, 0.2]
+
+
+def test_data_recipes_load_and_default_matches_the_dataclass():
+    assert load_config(DataConfig, "default", stage="data") == DataConfig()
+    tiny = load_config(DataConfig, "tiny", stage="data")
+    assert tiny.max_seq_len == 64 and tiny.num_proc == 1
+    assert load_config(TokenizerTrainConfig, "default", stage="tokenizer") == TokenizerTrainConfig()
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, message",
+    [(DataConfig, {"max_seq_len": 2}, "max_seq_len"), (DataConfig, {"validation_fraction": -0.1}, "validation_fraction"),
+     (DataConfig, {"num_proc": 0}, "num_proc"), (DataConfig, {"text_field": ""}, "text_field"),
+     (DataConfig, {"batch_size": 0}, "batch_size"), (TokenizerTrainConfig, {"vocab_size": 5}, "vocab_size"),
+     (TokenizerTrainConfig, {"min_frequency": 0}, "min_frequency"), (TokenizerTrainConfig, {"pad_multiple": 0}, "pad_multiple")],
+)
+def test_data_configs_validate(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# artifacts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert os.listdir(tmp_path / "sub") == ["a.json"]
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~_umask())  # not mkstemp's private 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    target = atomic_write_bytes(tmp_path / "f.bin", b"old")
+
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, object())  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_atomic_directory(tmp_path):
+    out = tmp_path / "run"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+        assert not out.exists()  # nothing visible until complete
+    assert (out / "a.txt").read_text() == "1"
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())
+    with atomic_directory(out) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(os.listdir(out)) == ["b.txt"]  # replaced whole
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "c.txt").write_text("3")
+        raise RuntimeError("stage failed")
+    assert sorted(os.listdir(out)) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["run"]
+    with pytest.raises(FileExistsError, match="run exists"), atomic_directory(out, overwrite=False):
+        pass
+
+
+def test_hashes_and_manifests(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert sha256_json({"b": 1, "a": [1, 2]}) == sha256_json({"a": [1, 2], "b": 1})
+    assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+    write_manifest(tmp_path / "run", "data", config=DataConfig(corpus=Path("c")), inputs={"x": 1},
+                   timings={"t": 1.0}, custom="yes")
+    m = read_manifest(tmp_path / "run", expect_stage="data")
+    assert m["config"]["corpus"] == "c" and m["inputs"] == {"x": 1} and m["custom"] == "yes"
+    assert m["environment"]["mosaic_embed"]
+    with pytest.raises(ValueError, match="made by stage 'data', expected 'pretrain'"):
+        read_manifest(tmp_path / "run", expect_stage="pretrain")
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="not a valid manifest"):
+        read_manifest(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    lines = [json.dumps({"body": f"document number {i} about whales and ships " * (1 + i % 5)}) for i in range(30)]
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "junk.bin").write_bytes(b"\x00\x01")
+    return root
+
+
+def test_cli_data_prepare(small_corpus, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "shards"
+    args = ["data", "prepare", "--corpus", str(small_corpus), "--text-field", "body", "--out", str(out),
+            "--recipe", "tiny", "--set", "max_seq_len=16", "--set", "validation_fraction=0.2"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "30 documents" in result.output and "skipped files: unsupported-type 1" in result.output
+    assert "train" in result.output and "validation" in result.output and f"shards: {out}" in result.output
+    manifest = read_manifest(out, expect_stage="data")
+    assert manifest["config"]["max_seq_len"] == 16 and manifest["config"]["num_proc"] == 1  # --set over recipe
+    assert manifest["outputs"]["validation"]["documents"] == 6
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and "up to date" in again.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--set", "max_seq_lenn=4"], "unknown key 'max_seq_lenn'"),
+     (["--set", "max_seq_len=two"], "'max_seq_len' must be an integer"),
+     (["--recipe", "nope"], "no recipe 'nope' for stage 'data'"),
+     (["--text-field", "missing"], "no documents found")],
+)
+def test_cli_data_prepare_errors(small_corpus, tmp_path, extra, message):
+    result = CliRunner().invoke(main, ["data", "prepare", "--corpus", str(small_corpus), "--text-field", "body",
+                                       "--out", str(tmp_path / "s"), *extra])
+    assert result.exit_code == 2
+    assert "error: " in result.output and message in result.output
+
+
+def test_cli_tokenizer_train(small_corpus, tmp_path):
+    out = tmp_path / "tok"
+    result = CliRunner().invoke(main, ["tokenizer", "train", "--corpus", str(small_corpus), "--text-field", "body",
+                                       "--vocab-size", "100", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out, expect_stage="tokenizer")
+    assert manifest["outputs"]["vocab_size"] % 64 == 0
+    assert f"tokenizer: {out} (vocab {manifest['outputs']['vocab_size']}" in result.output
+    # The trained tokenizer feeds data prepare.
+    result = CliRunner().invoke(main, ["data", "prepare", "--corpus", str(small_corpus), "--text-field", "body",
+                                       "--tokenizer", str(out), "--out", str(tmp_path / "s"), "--num-proc", "1"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "s")["tokenizer_info"]["special_token_ids"]["cls"] == 2
+
+
+def test_demo_prepares_the_bundled_corpus(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "demo" / "shards", expect_stage="data")
+    assert manifest["corpus_summary"]["documents"] == 140
+    assert manifest["outputs"]["train"]["documents"] + manifest["outputs"]["validation"]["documents"] == 140
+    assert "140 documents" in result.output
