@@ -234,6 +234,8 @@ def test_alibi_extrapolates_to_four_times_the_configured_length():
     # The bias is built for the actual length: the first 128 positions see the far tokens, so outputs differ
     # from a 128-token run, while a learned-position model refuses the longer input.
     assert not torch.allclose(out[:, :128], model(ids[:, :128]).last_hidden_state)
+    long = model(torch.randint(1, VOCAB, (1, 16 * 128))).last_hidden_state  # 2048 tokens
+    assert long.shape == (1, 2048, 32) and torch.isfinite(long).all()
     learned = seeded(MosaicBertModel, tiny(position="learned"))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         learned(ids)

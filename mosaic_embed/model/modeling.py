@@ -263,6 +263,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
                 raise ValueError("packed input: max_seqlen is required with cu_seqlens")
             if cu_seqlens.dtype != torch.int32:
                 raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+            max_seqlen = int(max_seqlen)  # a 0-d tensor from a collator works too
             total, batch = input_ids.shape[0], cu_seqlens.numel() - 1
             flat_index, positions = cu_seqlens_to_indices(cu_seqlens, max_seqlen, total)  # (T,), (T,)
             if position_ids is None:
