@@ -90,7 +90,7 @@ def data_prepare_cmd(corpus, text_field, tokenizer_path, out, num_proc, force, r
                    out=out and Path(out), num_proc=num_proc, force=force)
     path = prepare_shards(cfg, log=click.echo)
     click.echo(format_shards_summary(read_manifest(path, expect_stage="data")))
-    click.echo(f"shards: {path}")
+    click.echo(f"shards: {path} (corpus summary: {path / 'corpus_summary.json'})")
 
 
 @tokenizer.command("train")

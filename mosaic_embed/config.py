@@ -209,7 +209,8 @@ def _deepcopy(d: Any) -> Any:
 def resolve_recipe(recipe: str | Path, stage: str) -> Path:
     """A recipe given as a path, or as a name under ``recipes/<stage>/`` (``tiny`` -> recipes/pretrain/tiny.yaml)."""
     path = Path(recipe)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A bare name is a recipe name even if a folder of that name happens to sit in the working directory.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         return path

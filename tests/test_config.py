@@ -155,6 +155,13 @@ def test_resolve_recipe_by_name_and_path(tmp_path):
         resolve_recipe("nope", "data")
     path = write_yaml(tmp_path / "mine.yaml", {})
     assert resolve_recipe(path, "data") == path
+    (tmp_path / "tiny").mkdir()  # a folder named like a recipe does not shadow it
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert resolve_recipe("tiny", "data") == RECIPES_DIR / "data" / "tiny.yaml"
+    finally:
+        os.chdir(cwd)
 
 
 def test_save_config_round_trips(tmp_path):
