@@ -101,13 +101,19 @@ def supports_packed(model: torch.nn.Module) -> bool:
     return "cu_seqlens" in params and "max_seqlen" in params
 
 
+#: The task head: the weights that are NOT carried over from the MNLI model (the paper's staging loads the
+#: MNLI checkpoint with ``load_ignore_keys=[...classifier*]``: encoder and pooler carry over). Both
+#: transformers' BERT and MosaicBERT name their output layer ``classifier``.
+HEAD_PREFIX = "classifier."
+
+
 def load_classifier(model_dir: str | Path, num_labels: int, backbone_from: str | Path | None = None):
     """``AutoModelForSequenceClassification`` from ``model_dir`` with a new ``num_labels`` head.
 
-    With ``backbone_from`` (a finetuned classifier folder, e.g. the MNLI model), every weight under the
-    model's ``base_model_prefix`` (the encoder, and the pooler where it lives inside it) is replaced by
-    that folder's; the rest (the classification head) stays freshly initialised. Any encoder weight the
-    donor lacks, or a shape that differs, is an error: a silently partial transfer would be a wrong result.
+    With ``backbone_from`` (a finetuned classifier folder, e.g. the MNLI model), every weight except the
+    output layer (``classifier.*``) -- the encoder and the pooler -- is replaced by that folder's; the
+    output layer stays freshly initialised for the new label set. A weight the donor lacks, or a shape that
+    differs, is an error: a silently partial transfer would be a wrong result.
     """
     import transformers
 
@@ -116,25 +122,21 @@ def load_classifier(model_dir: str | Path, num_labels: int, backbone_from: str |
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder not found")
-    kwargs: dict[str, Any] = {"num_labels": num_labels}
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
     if backbone_from is None:
         return model
-    donor = transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(backbone_from), num_labels=num_labels, ignore_mismatched_sizes=True
-    )
-    prefix = model.base_model_prefix + "."
-    ours = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
-    theirs = {k: v for k, v in donor.state_dict().items() if k.startswith(prefix)}
+    donor = transformers.AutoModelForSequenceClassification.from_pretrained(str(backbone_from))
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    theirs = {k: v for k, v in donor.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    if len(ours) == len(model.state_dict()):
+        raise ValueError(f"{model_dir}: the classifier has no '{HEAD_PREFIX}*' head weights to keep apart")
     missing = sorted(set(ours) - set(theirs))
     if missing:
-        raise ValueError(f"{backbone_from}: lacks encoder weights {missing[:3]} of {model_dir}")
+        raise ValueError(f"{backbone_from}: lacks weights {missing[:3]} of {model_dir}")
     for k, v in ours.items():
         if theirs[k].shape != v.shape:
             raise ValueError(f"{backbone_from}: {k} has shape {tuple(theirs[k].shape)}, expected {tuple(v.shape)}")
-    result = model.load_state_dict(theirs, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{backbone_from}: unexpected weights {result.unexpected_keys[:3]}")
+    model.load_state_dict({k: theirs[k] for k in ours}, strict=False)
     del donor
     return model
 
