@@ -216,5 +216,109 @@ def convert_cmd(checkpoint, config, out, trust_pickle):
     click.echo(f"wrote {out} ({type(model).__name__}, {model.num_parameters():,} parameters)")
 
 
+# ---- encoders: contrastive training, embedding, retrieval evaluation (train/contrastive.py, encode.py) ----
+
+
+@main.command("train-encoder")
+@click.option("--model", type=click.Path(file_okay=False), default=None, help="Backbone folder, e.g. runs/NAME/final.")
+@click.option("--pairs", default=None, help="Pairs .jsonl[.gz] / .tsv, a BEIR folder, or 'auto' (mine from --corpus).")
+@click.option("--corpus", type=click.Path(), default=None, help="Corpus file/folder for --pairs auto.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (a sentence-transformers model).")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default=None, help="Pooling (default: mean).")
+@click.option("--loss", type=click.Choice(["mnrl", "cached_mnrl"]), default=None, help="Ranking loss (default: mnrl).")
+@click.option("--batch-size", type=int, default=None, help="Pairs per device batch (in-batch negatives).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
+@click.option("--eval-beir", type=click.Path(file_okay=False), default=None, help="BEIR folder to evaluate on.")
+@recipe_options
+def train_encoder_cmd(model, pairs, corpus, out, pooling, loss, batch_size, max_steps, eval_beir, recipe, overrides):
+    """Contrastive training (in-batch + hard negatives) of a backbone into a sentence encoder."""
+    from pathlib import Path
+
+    from .config import ContrastiveConfig, load_config
+    from .train.contrastive import train_encoder
+
+    cfg = load_config(ContrastiveConfig, recipe, overrides, stage="contrastive")
+    cfg = _replace(cfg, model=model, pairs=pairs, corpus=corpus, out=out and Path(out), pooling=pooling, loss=loss,
+                   batch_size=batch_size, max_steps=max_steps, eval_beir=eval_beir)
+    path = train_encoder(cfg)
+    click.echo(f"wrote {path}")
+
+
+@main.command("embed")
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Encoder folder (train-encoder output).")
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False), help="JSON lines (.gz ok).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (embeddings.npy, ids.jsonl).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--title-field", default="title", show_default=True, help="Prepended to the text when present ('' = none).")
+@click.option("--id-field", default=None, help="Record id field (default: _id, then id, then the row number).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--window", type=int, default=16384, show_default=True, help="Texts sorted by length together; the checkpoint unit.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--max-seq-len", type=int, default=None, help="Truncation length (may exceed the training length: ALiBi).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available).")
+def embed_cmd(model, input_path, out, text_field, title_field, id_field, batch_size, window, dtype, max_seq_len, device):
+    """Embed a JSON-lines file into memory-mapped .npy + ids; resumable; multi-GPU under torchrun."""
+    from .encode import embed_file
+
+    path = embed_file(model, input_path, out, text_field=text_field, title_field=title_field or None,
+                      id_field=id_field, batch_size=batch_size, window=window, dtype=dtype,
+                      max_seq_len=max_seq_len, device=device)
+    click.echo(f"wrote {path}")
+
+
+@main.command("eval-retrieval")
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Encoder folder.")
+@click.option("--beir", "beir_dir", required=True, type=click.Path(file_okay=False), help="BEIR folder.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--max-seq-len", type=int, default=None, help="Truncation length at embedding time.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON.")
+def eval_retrieval_cmd(model, beir_dir, split, max_seq_len, batch_size, out_json):
+    """nDCG@10, recall@10/100 and MRR@10 of an encoder on a BEIR split (exact search)."""
+    from .artifacts import atomic_write_json
+    from .index.evaluate import evaluate_encoder
+
+    result = evaluate_encoder(model, beir_dir, split=split, max_seq_len=max_seq_len, batch_size=batch_size)
+    for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
+        click.echo(f"{key:>10s}  {result[key]:.4f}")
+    click.echo(f"({result['n_queries']} queries, {result['n_docs']} documents, max_seq_len {result['max_seq_len']})")
+    if out_json:
+        atomic_write_json(out_json, result)
+
+
+# ---- pretrain: shards -> MLM pretraining (train/pretrain.py) ---------------------------------------------
+
+
+@main.command("pretrain")
+@click.option("--corpus", type=click.Path(), default=None,
+              help="Corpus file or folder; default: the bundled sample corpus (and the 'tiny' recipe).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder (runs/NAME).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@recipe_options
+def pretrain_cmd(corpus, out, resume, recipe, overrides):
+    """MLM-pretrain an encoder: corpus -> shards -> training -> OUT/final (save_pretrained + manifest).
+
+    Recipes: mosaic-bert-base (default with --corpus), mosaic-bert-large, bert-base (the HF BERT baseline),
+    mosaic-bert-small, mosaic-bert-mini, tiny (default without --corpus). Multi-GPU: launch with
+    ``torchrun --nproc_per_node N -m mosaic_embed.cli pretrain ...`` (same global batch).
+    """
+    from .config import PretrainConfig, load_config
+    from .train.pretrain import NonFiniteLossError, pretrain
+
+    if recipe is None:
+        recipe = "mosaic-bert-base" if corpus else "tiny"
+    extra = [f"out={out}"] + ([f"data.corpus={corpus}"] if corpus else [])
+    cfg = load_config(PretrainConfig, recipe, [*overrides, *extra], stage="pretrain")
+    try:
+        run_dir = pretrain(cfg, resume=resume)
+    except NonFiniteLossError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    except FileExistsError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"pretrained: {run_dir / 'final'}")
+
+
 if __name__ == "__main__":
     main()

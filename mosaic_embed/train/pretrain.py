@@ -91,6 +91,8 @@ def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedMod
         if not Path(model_cfg.init_from).is_dir():
             raise FileNotFoundError(f"model.init_from: {model_cfg.init_from} is not a folder")
         return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from)
+    if model_cfg.arch == "hf_bert" and model_cfg.preset not in HF_BERT_PRESETS:
+        raise ValueError(f"model.preset: unknown hf_bert preset {model_cfg.preset!r}; choose from {sorted(HF_BERT_PRESETS)}")
     vocab = padded_vocab_size(tokenizer)
     if model_cfg.arch == "mosaic_bert":
         from ..model import MosaicBertForMaskedLM, preset_config
@@ -100,8 +102,6 @@ def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedMod
         return MosaicBertForMaskedLM(config)
     from transformers import BertConfig, BertForMaskedLM
 
-    if model_cfg.preset not in HF_BERT_PRESETS:
-        raise ValueError(f"model.preset: unknown hf_bert preset {model_cfg.preset!r}; choose from {sorted(HF_BERT_PRESETS)}")
     fields = {**HF_BERT_PRESETS[model_cfg.preset], **model_cfg.overrides}
     try:
         config = BertConfig(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, **fields)
@@ -186,7 +186,7 @@ class MLMTrainer(Trainer):
         seg = 0.0 if self._segment_start is None else time.perf_counter() - self._segment_start
         return self._wall_before + seg - self._excluded_s
 
-    def _sync_tokens(self) -> None:
+    def sync_tokens(self) -> None:
         """Add every rank's tokens since the last sync to ``tokens_seen`` (a collective: all ranks call it)."""
         local = torch.tensor([self._local_tokens], dtype=torch.int64, device=self.args.device)
         total = int(self.accelerator.reduce(local, reduction="sum").item()) if self.args.world_size > 1 else int(local.item())
@@ -240,7 +240,7 @@ class MLMTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log (all ranks arrive here together)
             self._raise_if_nonfinite()
-            self._sync_tokens()
+            self.sync_tokens()
             steps = max(self.state.global_step - self._last_logged_step, 1)
             loss_sum = self._loss_sum if self._loss_sum is not None else torch.zeros((), device=self.args.device)
             if self.args.world_size > 1:
@@ -325,7 +325,7 @@ class MLMTrainer(Trainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
-        self._sync_tokens()
+        self.sync_tokens()
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
@@ -415,6 +415,15 @@ def _use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available()
 
 
+def compile_in_place(model: torch.nn.Module, packed: bool) -> None:
+    """``torch.compile`` the model in place (``nn.Module.compile``), so parameter names, ``save_pretrained``
+    and the Trainer's checkpoints are unchanged. Packed batches vary in length: MosaicBERT is compiled with
+    dynamic shapes from the start, and the MLM head's ``nonzero`` (the masked rows) is captured in the graph."""
+    if packed:
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    model.compile(dynamic=True if packed else None)
+
+
 def make_collators(arch: str, tokenizer: Any, mask_prob: float, seed: int):
     """(train collator at ``mask_prob``, validation collator at 15 %) for the model's input layout."""
     train_masker = MLMMasker.from_tokenizer(tokenizer, mask_prob, seed=seed)
@@ -481,6 +490,8 @@ def train_mlm(
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
 
     use_bf16 = _use_bf16(tc.precision)
+    if tc.compile:
+        compile_in_place(model, packed=arch == "mosaic_bert")
     if "tensorboard" in tc.report_to:  # transformers 5 reads the TensorBoard folder from the environment
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     fused = torch.cuda.is_available()
@@ -510,10 +521,10 @@ def train_mlm(
         seed=tc.seed,
         dataloader_num_workers=tc.dataloader_workers,
         dataloader_drop_last=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         report_to=list(tc.report_to) or "none",
         disable_tqdm=True,
-        torch_compile=tc.compile,
         ddp_find_unused_parameters=False,
         fsdp="full_shard auto_wrap" if tc.fsdp else None,
     )
@@ -583,6 +594,7 @@ def pretrain(
     if trainer.args.should_save and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
+    trainer.sync_tokens()  # count the tokens since the last log (a collective: every rank)
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:

@@ -1,0 +1,281 @@
+"""Pretraining throughput: MosaicBERT-Base vs transformers' BertForMaskedLM, full training steps (GPU).
+
+What one step is, for every model: a global batch of 256 sequences (seq <= 128) taken from a real corpus
+(default ``$MOSAIC_DATA/corpus`` or ../shared/data/corpus, tokenized by ``prepare_shards``), masked by our
+MLM collator (30 %), moved host -> device (pinned, non-blocking), forward + backward under bf16 autocast
+(fp32 master weights), gradient clipping, and a fused AdamW step. The batches are identical for every
+model: MosaicBERT takes them packed (``input_ids`` (T,) + ``cu_seqlens``), BERT padded (B, 128).
+
+Reported per model: real tokens/s (padding never counted), peak GPU memory, and
+MFU = 6 x parameters x real tokens/s / F, where F is the bf16 FLOP/s of an 8192^3 matrix product
+measured in the same run (median of CUDA-event-timed repeats). Rows:
+
+- ``mosaic-bert-base`` eager and ``torch.compile``d (Triton varlen ALiBi attention, unpadded, bf16
+  LayerNorm, MLM head only on masked tokens);
+- ``bert-base`` (transformers ``BertForMaskedLM``, SDPA attention) eager and ``torch.compile``d.
+
+Usage: python benchmarks/pretrain_throughput.py [--corpus DIR] [--steps 20] [--warmup 5]
+       [--microbatch 256] [--rows mosaic-compile,mosaic-eager,bert-compile,bert-eager]
+Writes benchmarks/results/pretrain_throughput.json (and ``--out`` if given). ``--smoke`` runs a tiny
+model on CPU in fp32 to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mosaic_embed.artifacts import atomic_write_json  # noqa: E402
+from mosaic_embed.config import DataConfig, PretrainModelConfig  # noqa: E402
+from mosaic_embed.data.mlm import KeyedDataset, MLMMasker, PaddedMLMCollator, UnpaddedMLMCollator  # noqa: E402
+from mosaic_embed.data.shards import load_shards, prepare_shards  # noqa: E402
+from mosaic_embed.data.tokenizer import load_tokenizer  # noqa: E402
+from mosaic_embed.train.pretrain import build_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "pretrain_throughput.json"
+
+
+def default_corpus() -> Path:
+    env = os.environ.get("MOSAIC_DATA")
+    return Path(env) / "corpus" if env else ROOT.parent / "shared" / "data" / "corpus"
+
+
+def matmul_flops(n: int = 8192, reps: int = 30) -> float:
+    """bf16 FLOP/s of an n^3 product: median of CUDA-event-timed repeats on random (never zero) inputs."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times)
+
+
+def make_batches(corpus: Path, n_steps: int, global_batch: int, smoke: bool):
+    """Host batches for ``n_steps`` steps: lists of packed and padded collations of the same sequences."""
+    tok = load_tokenizer()
+    shards = prepare_shards(DataConfig(corpus=corpus, max_seq_len=128, validation_fraction=0.01,
+                                       num_proc=min(8, os.cpu_count() or 1), cache_dir=Path("/tmp/mosaic_bench_cache")))
+    train = load_shards(shards)["train"]
+    need = n_steps * global_batch
+    if len(train) < need:
+        raise SystemExit(f"corpus {corpus} gives {len(train)} sequences; {need} needed")
+    ds = KeyedDataset(train.select(range(need)))
+    masker = MLMMasker.from_tokenizer(tok, 0.30, seed=0)
+    packed_c, padded_c = UnpaddedMLMCollator(masker), PaddedMLMCollator(masker, tok.pad_token_id, pad_to_multiple_of=8)
+    packed, padded = [], []
+    for s in range(n_steps):
+        feats = [ds[i] for i in range(s * global_batch, (s + 1) * global_batch)]
+        packed.append(packed_c(feats))
+        padded.append(padded_c(feats))
+    pin = not smoke
+    for batches in (packed, padded):
+        for b in batches:
+            for k, v in b.items():
+                if torch.is_tensor(v) and pin:
+                    b[k] = v.pin_memory()
+    return tok, packed, padded
+
+
+def split_micro(batch: dict, micro: int, packed: bool) -> list[dict]:
+    """One global batch -> microbatches of ``micro`` sequences (host tensors)."""
+    if packed:
+        cu = batch["cu_seqlens"]
+        b = cu.numel() - 1
+        if micro >= b:
+            return [batch]
+        out = []
+        for i in range(0, b, micro):
+            lo, hi = int(cu[i]), int(cu[min(i + micro, b)])
+            sub_cu = cu[i:min(i + micro, b) + 1] - cu[i]
+            out.append({"input_ids": batch["input_ids"][lo:hi], "labels": batch["labels"][lo:hi],
+                        "cu_seqlens": sub_cu.to(torch.int32), "max_seqlen": int((sub_cu[1:] - sub_cu[:-1]).max()),
+                        "num_tokens": hi - lo})
+        return out
+    b = batch["input_ids"].shape[0]
+    if micro >= b:
+        return [batch]
+    return [{k: (v[i:i + micro] if torch.is_tensor(v) else v) for k, v in batch.items()} for i in range(0, b, micro)]
+
+
+def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, args, device) -> dict:
+    torch.manual_seed(0)
+    preset = ("mosaic-bert-tiny" if arch == "mosaic_bert" else "bert-tiny") if args.smoke else \
+        ("mosaic-bert-base" if arch == "mosaic_bert" else "bert-base")
+    overrides = {"attn_impl": "triton"} if (arch == "mosaic_bert" and not args.smoke) else {}
+    model = build_model(PretrainModelConfig(arch=arch, preset=preset, overrides=overrides), tok).to(device)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-5 / 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+    # in-place compilation (nn.Module.compile) keeps parameter names, as training needs for save_pretrained;
+    # packed batches vary in length, so MosaicBERT is compiled with dynamic shapes from the start
+    dynamic = True if arch == "mosaic_bert" else None
+    if compile_model != "none":
+        # the MLM head selects the masked rows with nonzero(): capture it instead of breaking the graph there
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    if args.nobreak and arch == "mosaic_bert":
+        # EXPERIMENT (labelled in the row): kernels/attention.py's dispatch calls importlib.util.find_spec on
+        # every forward, which torch.compile cannot trace (a graph break inside every layer). Answer it once.
+        from mosaic_embed.kernels import attention as _attn
+
+        _has = _attn._triton_importable()
+        _attn._triton_importable = lambda: _has
+    if compile_model == "model":
+        model.compile(dynamic=dynamic)
+    elif compile_model == "layers":
+        layers = model.bert.encoder.layers if arch == "mosaic_bert" else model.bert.encoder.layer
+        for layer in layers:
+            layer.compile(dynamic=dynamic)
+    fwd = model
+    packed = arch == "mosaic_bert"
+    use_bf16 = device.type == "cuda"
+
+    def step(batch: dict) -> tuple[torch.Tensor, int]:
+        micro = split_micro(batch, args.microbatch, packed)
+        tokens = 0
+        total = torch.zeros((), device=device)
+        for mb in micro:
+            tokens += mb["num_tokens"]
+            inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                      for k, v in mb.items() if k != "num_tokens"}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = fwd(**inputs).loss / len(micro)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=device.type == "cuda")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total, tokens
+
+    t_compile = time.perf_counter()
+    for b in batches[: args.warmup]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warm_s = time.perf_counter() - t_compile
+    timed = batches[args.warmup:]
+    losses, tokens = [], 0
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    for b in timed:
+        loss, n = step(b)
+        losses.append(loss)
+        tokens += n
+    if device.type == "cuda":
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        seconds, peak = time.perf_counter() - t0, float("nan")
+    losses = [float(x) for x in losses]
+    tps = tokens / seconds
+    row = {"model": name, "arch": arch, "compiled": compile_model, "params": params,
+           "dispatch_graph_break_patched": bool(args.nobreak and arch == "mosaic_bert"),
+           "real_tokens_per_s": tps, "mfu": 6 * params * tps / args.flops if args.flops else None,
+           "peak_mem_gib": peak, "step_ms": 1e3 * seconds / len(timed), "timed_steps": len(timed),
+           "real_tokens_per_step": tokens / len(timed), "warmup_s": warm_s, "microbatch": args.microbatch,
+           "loss_first_last": [losses[0], losses[-1]], "finite": all(map(lambda x: x == x and abs(x) < 1e4, losses))}
+    del fwd, model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=None)
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per row")
+    ap.add_argument("--warmup", type=int, default=6, help="untimed steps first (compilation, autotuning)")
+    ap.add_argument("--global-batch", type=int, default=256)
+    ap.add_argument("--microbatch", type=int, default=256)
+    ap.add_argument("--rows", default="mosaic-compile,mosaic-eager,bert-compile,bert-eager")
+    ap.add_argument("--nobreak", action="store_true",
+                    help="experiment: remove the find_spec graph break of the attention dispatch (labelled)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--smoke", action="store_true", help="tiny models on CPU (checks the script, no figures)")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (use --smoke to check the script on CPU)")
+    corpus = args.corpus or default_corpus()
+    args.flops = None if args.smoke else matmul_flops()
+    if args.flops:
+        print(f"matmul 8192^3 bf16: {args.flops / 1e12:.1f} TFLOP/s", flush=True)
+    t = time.perf_counter()
+    tok, packed, padded = make_batches(corpus, args.warmup + args.steps, args.global_batch, args.smoke)
+    print(f"batches ready in {time.perf_counter() - t:.1f}s", flush=True)
+    specs = {
+        "mosaic-eager": ("mosaic-bert-base", "mosaic_bert", "none"),
+        "mosaic-compile": ("mosaic-bert-base", "mosaic_bert", "model"),
+        "mosaic-compile-layers": ("mosaic-bert-base", "mosaic_bert", "layers"),
+        "bert-eager": ("bert-base (HF, SDPA)", "hf_bert", "none"),
+        "bert-compile": ("bert-base (HF, SDPA)", "hf_bert", "model"),
+    }
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+        "commit": commit or os.environ.get("GIT_COMMIT"),
+        "torch": torch.__version__,
+        "triton": getattr(sys.modules.get("triton"), "__version__", None),
+        "transformers": __import__("transformers").__version__,
+        "matmul_tflops": args.flops / 1e12 if args.flops else None,
+        "seq_len": 128,
+        "global_batch": args.global_batch,
+        "corpus": str(corpus),
+        "rows": [],
+    }
+    for key in args.rows.split(","):
+        name, arch, comp = specs[key]
+        label = name + {"none": " eager", "model": " + torch.compile", "layers": " + torch.compile (per layer)"}[comp]
+        t = time.perf_counter()
+        try:
+            row = run_row(label, arch, comp, packed if arch == "mosaic_bert" else padded, tok, args, device)
+        except Exception as err:  # keep the other rows; record why this one failed
+            row = {"model": label, "error": f"{type(err).__name__}: {err}"[:2000]}
+            torch._dynamo.reset()
+        row["row_wall_s"] = time.perf_counter() - t
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        for path in filter(None, [RESULTS if not args.smoke else None, args.out]):
+            atomic_write_json(path, result)
+    print(f"\n{'model':44s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s}")
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['model']:44s} ERROR {r['error'][:120]}")
+            continue
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
+        print(f"{r['model']:44s} {r['params'] / 1e6:7.1f}M {r['real_tokens_per_s']:10.0f} {mfu:>6s} {r['peak_mem_gib']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""MLM pretraining on CPU with tiny models: end to end, exact resume, NaN stop, checkpoints, config errors."""
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
+
+import mosaic_embed  # noqa: F401  (registers the Auto classes)
+from mosaic_embed.config import ConfigError, PretrainConfig, PretrainModelConfig, from_dict, load_config
+from mosaic_embed.train.callbacks import StopAtStepCallback
+from mosaic_embed.train.pretrain import (
+    NonFiniteLossError,
+    WarmupLinearDecay,
+    build_model,
+    list_checkpoints,
+    train_mlm,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A 128-entry WordLevel tokenizer with BERT's special tokens ([PAD]=0 ... [MASK]=4)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(123)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def token_data(n, seed):
+    rng = np.random.default_rng(seed)
+    rows = [[2] + rng.integers(5, 128, rng.integers(4, 30)).tolist() + [3] for _ in range(n)]
+    return datasets.Dataset.from_dict({"input_ids": rows})
+
+
+def make_cfg(out, arch="mosaic_bert", **train):
+    preset = "mosaic-bert-tiny" if arch == "mosaic_bert" else "bert-tiny"
+    overrides = {} if arch == "mosaic_bert" else {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+    base = dict(max_steps=6, global_batch_size=8, microbatch_size=4, lr=1e-3, log_every_steps=1,
+                eval_every_steps=3, eval_samples=16, eval_batch_size=8, save_every_steps=2, keep_last=1,
+                keep_steps=[2], dataloader_workers=0, seed=3)
+    base.update(train)
+    return from_dict(PretrainConfig, {"model": {"arch": arch, "preset": preset, "overrides": overrides},
+                                      "train": base, "out": str(out)})
+
+
+def run(cfg, tok, resume=False, callbacks=()):
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, tok)
+    return train_mlm(model, tok, token_data(64, 0), token_data(16, 1), cfg, resume=resume, callbacks=callbacks)
+
+
+def train_losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def test_training_checkpoints_and_exact_resume(tmp_path, tok):
+    a = run(make_cfg(tmp_path / "a"), tok)
+    losses_a, evals_a = train_losses(tmp_path / "a")
+    assert [s for s, _ in losses_a] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(x) for _, x in losses_a)
+    assert [e["step"] for e in evals_a] == [3, 6] and 0.0 <= evals_a[-1]["eval_accuracy"] <= 1.0
+    # keep_last=1 plus keep_steps=[2]
+    assert [s for s, _ in list_checkpoints(tmp_path / "a")] == [2, 6]
+
+    meta = json.loads((tmp_path / "a/checkpoints/step-000006/checkpoint_meta.json").read_text())
+    assert meta["step"] == 6 and meta["samples_seen"] == 48
+    assert 0 < meta["wall_clock_s"] <= meta["elapsed_s"]
+    first = json.loads((tmp_path / "a/checkpoints/step-000002/checkpoint_meta.json").read_text())
+    assert 0 < first["tokens_seen"] < meta["tokens_seen"]
+    assert meta["tokens_seen"] >= 6 * 8 * 6  # 48 sequences of at least 6 tokens
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "a/checkpoints/step-000006")
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    # the same run, killed after step 3 (its last checkpoint is step 2), then resumed
+    cfg_b = make_cfg(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_b, tok, callbacks=[StopAtStepCallback(3)])
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2]
+    b = run(cfg_b, tok, resume=True)
+    losses_b, evals_b = train_losses(tmp_path / "b")
+    assert losses_b == losses_a  # bitwise: floats compared with ==
+    assert [e["eval_loss"] for e in evals_b] == [e["eval_loss"] for e in evals_a]
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[k], v), k
+    meta_b = json.loads((tmp_path / "b/checkpoints/step-000006/checkpoint_meta.json").read_text())
+    assert meta_b["tokens_seen"] == meta["tokens_seen"]
+
+
+class _PoisonAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tok):
+    cfg = make_cfg(tmp_path / "r", max_steps=8, eval_every_steps=0, keep_steps=[])
+    with pytest.raises(NonFiniteLossError, match="step-000004"):
+        run(cfg, tok, callbacks=[_PoisonAt(5)])
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [4]
+    good = AutoModelForMaskedLM.from_pretrained(tmp_path / "r/checkpoints/step-000004")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert not (tmp_path / "r/final").exists()
+
+
+def test_hf_bert_baseline_trains_on_padded_batches(tmp_path, tok):
+    trainer = run(make_cfg(tmp_path / "h", arch="hf_bert", max_steps=2, eval_every_steps=2, save_every_steps=0,
+                           mask_prob=0.15), tok)
+    assert trainer.model.config.model_type == "bert"
+    losses, evals = train_losses(tmp_path / "h")
+    assert len(losses) == 2 and evals and math.isfinite(evals[-1]["eval_loss"])
+
+
+def test_schedule_warmup_then_decay_to_final_fraction():
+    f = WarmupLinearDecay(warmup=4, total=20, final=0.02)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(19) == pytest.approx(0.02) and f(10) > f(11) > f(19)
+
+
+def test_run_folder_guards(tmp_path, tok):
+    cfg = make_cfg(tmp_path / "g", max_steps=2, eval_every_steps=0)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run(cfg, tok, resume=True)
+    run(cfg, tok)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg, tok)
+    other = make_cfg(tmp_path / "g", max_steps=2, eval_every_steps=0, seed=4)
+    with pytest.raises(ValueError, match="data order"):
+        run(other, tok, resume=True)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="multiple of microbatch_size"):
+        from_dict(PretrainConfig, {"train": {"global_batch_size": 100, "microbatch_size": 64}})
+    with pytest.raises(ConfigError, match="mask_prob"):
+        from_dict(PretrainConfig, {"train": {"mask_prob": 1.5}})
+    with pytest.raises(ConfigError, match="unknown key 'train.learning_rate'"):
+        from_dict(PretrainConfig, {"train": {"learning_rate": 1e-3}})
+    with pytest.raises(ConfigError, match="report_to"):
+        from_dict(PretrainConfig, {"train": {"report_to": ["mlflow"]}})
+    with pytest.raises(ConfigError, match="vocab_size"):
+        from_dict(PretrainConfig, {"model": {"overrides": {"vocab_size": 100}}})
+    with pytest.raises(ValueError, match="unknown hf_bert preset"):
+        build_model(PretrainModelConfig(arch="hf_bert", preset="bert-huge"), None)
+    for name in ("mosaic-bert-base", "mosaic-bert-large", "bert-base", "mosaic-bert-small", "mosaic-bert-mini", "tiny"):
+        cfg = load_config(PretrainConfig, name, stage="pretrain")
+        assert cfg.train.global_batch_size % cfg.train.microbatch_size == 0
+        assert cfg.train.mask_prob == (0.15 if name == "bert-base" else 0.30)
+
+
+def test_cli_pretrain_bundled_corpus_end_to_end(tmp_path):
+    from mosaic_embed.cli import main
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--out", str(out), "--set", "train.max_steps=2", "--set", "train.global_batch_size=4",
+            "--set", "train.microbatch_size=4", "--set", "train.eval_samples=8", "--set", "train.save_every_steps=0",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.num_proc=1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    final = out / "final"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["stage"] == "pretrain" and manifest["step"] == 2 and manifest["tokens_seen"] > 0
+    assert manifest["config"]["model"]["preset"] == "mosaic-bert-tiny"
+    model = AutoModelForMaskedLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert model.config.vocab_size == 30528 and tokenizer.mask_token_id == 103
+    # a second run into the same folder is refused, with a clear message and exit 2
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--resume" in again.output
