@@ -136,11 +136,16 @@ def resolve_attn_impl(
         choice, why = "torch", f"attn_impl='auto' with head dim {head_dim} (the kernel takes {supported})"
     else:
         choice, why = "triton", "attn_impl='auto' on CUDA with fp16/bf16 inputs"
-    key = (impl, choice, why)
-    if key not in _announced:
-        _announced.add(key)
-        logger.warning("MosaicBERT attention runs the %s path (%s)", choice.upper(), why)
+    if (impl, choice, why) not in _announced:
+        _announce(impl, choice, why)
     return choice
+
+
+@torch.compiler.disable
+def _announce(impl: str, choice: str, why: str) -> None:
+    # Outside torch.compile's graph: a logging call inside it would break the graph at every layer.
+    _announced.add((impl, choice, why))
+    logger.warning("MosaicBERT attention runs the %s path (%s)", choice.upper(), why)
 
 
 def padded_alibi_attention(
