@@ -316,7 +316,7 @@ class DataConfig:
     seed: int = 42
     dedup: bool = True
     num_proc: int | None = None
-    batch_size: int = 256  # documents per tokenization batch (bounds the memory of one worker)
+    batch_size: int = 64  # documents per tokenization batch: a worker holds one batch's encodings (~70 B/token)
     out: Path | None = None
     cache_dir: Path = Path("~/.cache/mosaic_embed")
     force: bool = False

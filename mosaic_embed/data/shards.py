@@ -177,7 +177,10 @@ def _tokenize_batch(batch: dict[str, list], tokenizer_json: str, max_seq_len: in
 
     import pyarrow as pa
 
-    encodings = _backend(tokenizer_json).encode_batch(batch["text"], add_special_tokens=False)
+    backend = _backend(tokenizer_json)
+    # encode_batch_fast skips character offsets (unused here): faster, and less memory per document.
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encodings = encode(batch["text"], add_special_tokens=False)
     ids = [enc.ids for enc in encodings]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
