@@ -1,0 +1,152 @@
+"""Embedding pipeline: packed MosaicBERT path == sentence-transformers, streaming to disk, resume, CLI, eval."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from encoder_helpers import TOPICS, tiny_bert, tiny_mosaic, write_beir
+
+import mosaic_embed  # noqa: F401
+from mosaic_embed.cli import main
+from mosaic_embed.encode import FALLBACK, PACKED, Encoder, embed_file, load_embeddings
+from mosaic_embed.train.contrastive import build_encoder, save_encoder
+
+TEXTS = [f"{t} {body} " * (i % 4 + 1) for i, (t, body) in enumerate(list(TOPICS.items()) * 4)] + ["a", "cat dog"]
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoders")
+    out = {}
+    for name, make, pooling in (("mosaic-mean", tiny_mosaic, "mean"), ("mosaic-cls", tiny_mosaic, "cls"),
+                                ("bert", tiny_bert, "mean")):
+        backbone = make(root / f"{name}-backbone")
+        save_encoder(build_encoder(backbone, pooling, True, max_seq_len=48, device="cpu"), root / name)
+        out[name] = root / name
+    return out
+
+
+def _docs(path, n=len(TEXTS)):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"_id": f"doc{i}", "title": "t" if i % 3 == 0 else "", "text": TEXTS[i % len(TEXTS)]}) + "\n")
+            if i % 5 == 0:
+                f.write("\n")  # blank lines are skipped, not records
+    return path
+
+
+@pytest.mark.parametrize("name", ["mosaic-mean", "mosaic-cls"])
+def test_packed_path_matches_sentence_transformers(encoders, name):
+    enc = Encoder.load(encoders[name], device="cpu")
+    assert enc.path_used == PACKED
+    ref = enc.st.encode(TEXTS, batch_size=5)
+    got = enc.encode(TEXTS, batch_size=5)  # length-sorted packed batches, reordered back
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+
+
+def test_token_budget_batches_agree(encoders):
+    enc = Encoder.load(encoders["mosaic-mean"], device="cpu")
+    ids = enc.tokenize(TEXTS)
+    a = enc.embed_tokenized(ids, batch_size=64)
+    b = enc.embed_tokenized(ids, batch_size=64, max_tokens=60)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_other_backbones_fall_back_to_sentence_transformers(encoders):
+    enc = Encoder.load(encoders["bert"], device="cpu")
+    assert enc.path_used == FALLBACK
+    np.testing.assert_allclose(enc.encode(TEXTS[:5]), enc.st.encode(TEXTS[:5]), rtol=1e-5, atol=1e-6)
+
+
+def test_max_seq_len_beyond_training_length(encoders):
+    enc = Encoder.load(encoders["mosaic-mean"], device="cpu", max_seq_len=200)
+    long_text = " ".join(["storm city road"] * 80)
+    assert len(enc.tokenize([long_text])[0]) == 200  # beyond max_position_embeddings=128 of the tiny model
+    assert np.isfinite(enc.encode([long_text])).all()
+
+
+def test_embed_file_writes_rows_in_input_order(encoders, tmp_path):
+    docs = _docs(tmp_path / "docs.jsonl")
+    out = embed_file(encoders["mosaic-mean"], docs, tmp_path / "emb", window=7, batch_size=4, dtype="float32",
+                     show_progress=False)
+    emb, ids = load_embeddings(out)
+    assert ids == [f"doc{i}" for i in range(len(TEXTS))]
+    enc = Encoder.load(encoders["mosaic-mean"], device="cpu")
+    texts = [("t " if i % 3 == 0 else "") + TEXTS[i] for i in range(len(TEXTS))]
+    np.testing.assert_allclose(emb, enc.encode(texts), rtol=1e-4, atol=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "embed" and manifest["outputs"]["shape"] == [len(TEXTS), 32]
+
+
+def test_embed_file_resumes_after_interruption(encoders, tmp_path, monkeypatch):
+    docs = _docs(tmp_path / "docs.jsonl")
+    full = embed_file(encoders["mosaic-mean"], docs, tmp_path / "full", window=5, show_progress=False)
+    ref, _ = load_embeddings(full)
+    calls = {"n": 0}
+    original = Encoder.embed_window
+
+    def dies_on_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "embed_window", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        embed_file(encoders["mosaic-mean"], docs, tmp_path / "part", window=5, show_progress=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        load_embeddings(tmp_path / "part")
+    calls["n"] = -100  # no more interruptions
+    embed_file(encoders["mosaic-mean"], docs, tmp_path / "part", window=5, show_progress=False)
+    assert calls["n"] == -100 + 6 - 2  # 26 docs / 5 = 6 windows; 2 were done before the interruption
+    got, ids = load_embeddings(tmp_path / "part")
+    assert got.dtype == np.float16 and len(ids) == len(TEXTS)
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(ValueError, match="other settings"):
+        embed_file(encoders["mosaic-mean"], docs, tmp_path / "part", window=6, show_progress=False)
+
+
+def test_embed_file_bad_input_names_line(encoders, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' missing"):
+        embed_file(encoders["mosaic-mean"], bad, tmp_path / "emb", show_progress=False)
+
+
+def test_cli_embed_and_eval_retrieval(encoders, tmp_path):
+    runner = CliRunner()
+    docs = _docs(tmp_path / "docs.jsonl", n=9)
+    r = runner.invoke(main, ["embed", "--model", str(encoders["mosaic-cls"]), "--input", str(docs),
+                             "--out", str(tmp_path / "emb"), "--dtype", "float32", "--window", "4"])
+    assert r.exit_code == 0, r.output
+    emb, ids = load_embeddings(tmp_path / "emb")
+    assert emb.shape == (9, 32) and ids[0] == "doc0"
+
+    beir = write_beir(tmp_path / "beir")
+    r = runner.invoke(main, ["eval-retrieval", "--model", str(encoders["mosaic-mean"]), "--beir", str(beir),
+                             "--max-seq-len", "64", "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0.0 <= metrics["ndcg@10"] <= 1.0 and metrics["n_queries"] == 6 and metrics["max_seq_len"] == 64
+    assert metrics["recall@100"] == 1.0  # 12 documents: everything is in the top 100
+
+    r = runner.invoke(main, ["eval-retrieval", "--model", str(encoders["mosaic-mean"]), "--beir", str(tmp_path)])
+    assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_cli_train_encoder_tiny_recipe(encoders, tmp_path):
+    from encoder_helpers import write_pairs_jsonl
+
+    pairs = write_pairs_jsonl(tmp_path / "p.jsonl", n=12, negatives=True)
+    r = CliRunner().invoke(main, ["train-encoder", "--recipe", "tiny", "--model",
+                                  str(encoders["mosaic-mean"].parent / "mosaic-mean-backbone"),
+                                  "--pairs", str(pairs), "--out", str(tmp_path / "enc"), "--loss", "cached_mnrl",
+                                  "--set", "mini_batch_size=2"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "enc" / "manifest.json").read_text())
+    assert manifest["outputs"]["columns"] == ["anchor", "positive", "negative"]
+    assert manifest["config"]["loss"] == "cached_mnrl" and manifest["outputs"]["steps"] == 3
