@@ -280,6 +280,8 @@ def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) ->
 
         scores = np.asarray(docs.with_format("numpy")["score"], dtype=np.float64)
         n_val = validation_count(len(scores), cfg.validation_fraction)
+        if cfg.validation_fraction > 0 and n_val == 0:
+            say("only one document: the validation split is empty")
         order = np.argsort(scores, kind="stable")
         indices = {"validation": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
 
