@@ -378,3 +378,15 @@ def test_hidden_states_and_tuple_output():
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
     as_tuple = model(ids, attention_mask=mask, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
+
+
+def test_packed_encoder_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the whole packed path (pretraining compiles the model)."""
+    model = seeded(MosaicBertModel, tiny())
+    lengths = [5, 9, 3]
+    ids = torch.randint(1, VOCAB, (sum(lengths),))
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    expected = model(ids, cu_seqlens=cu, max_seqlen=9).last_hidden_state  # the path is announced eagerly once
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids, cu_seqlens=cu, max_seqlen=9).last_hidden_state, expected,
+                               atol=1e-5, rtol=1e-5)
