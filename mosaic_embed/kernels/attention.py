@@ -159,7 +159,7 @@ def padded_alibi_attention(
 ) -> torch.Tensor:
     """Torch attention on a padded batch with an additive ALiBi bias and a key-padding mask.
 
-    Used by the torch varlen path and directly by the ``unpad=False`` ablation.
+    The attention of the ``unpad=False`` ablation (announced once, like the varlen paths).
 
     Args:
         q, k, v: (B, H, S, D).
@@ -169,6 +169,13 @@ def padded_alibi_attention(
     Returns:
         (B, H, S, D). Query rows whose every key is padding get the mean of v (finite, to be discarded).
     """
+    if ("padded", "torch", "unpad=False") not in _announced:
+        _announce("padded", "torch", "unpad=False")
+    return _padded_sdpa(q, k, v, key_padding_mask, alibi_slopes, dropout_p, softmax_scale)
+
+
+def _padded_sdpa(q, k, v, key_padding_mask, alibi_slopes, dropout_p, softmax_scale):
+    """See :func:`padded_alibi_attention`; shared with the varlen torch path."""
     batch, n_heads, seqlen, _ = q.shape
     bias = None
     if alibi_slopes is not None:
@@ -194,7 +201,7 @@ def _varlen_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropout_p, soft
 
     key_mask = torch.zeros(batch * max_seqlen, dtype=torch.bool, device=q.device)
     key_mask[indices] = True
-    out = padded_alibi_attention(
+    out = _padded_sdpa(
         to_padded(q), to_padded(k), to_padded(v), key_mask.view(batch, max_seqlen), alibi_slopes,
         dropout_p, softmax_scale,
     )  # (B, H, S, D)
