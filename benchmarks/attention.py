@@ -210,7 +210,7 @@ def build_case(max_len, tokens, seed):
         saved = dict(faa._TUNED)
         try:
             for key, cfg in saved.items():
-                faa._TUNED[key] = dataclasses.replace(cfg, skip_far_above=1 << 30)
+                faa._TUNED[key] = dataclasses.replace(cfg, fwd_skip_above=1 << 30, bwd_skip_above=1 << 30)
             ours_step()
         finally:
             faa._TUNED.clear()

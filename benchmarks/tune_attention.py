@@ -146,7 +146,7 @@ def tune(d, max_len):
     separate, atomic = times["dq"][best["dq"]], times["atomic"][best["atomic"]]
     chosen = _config(d, fwd=best["fwd"], dkdv=best["atomic"] if atomic < separate else best_dkdv, dq=best["dq"],
                      atomic=atomic < separate)
-    noskip = dataclasses.replace(chosen, skip_far_above=1 << 30)
+    noskip = dataclasses.replace(chosen, fwd_skip_above=1 << 30, bwd_skip_above=1 << 30)
     short = {}
     if max_len <= 128:
         for warps in (4, 8):

@@ -130,18 +130,19 @@ def _split_range(lo, hi, seqlen, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["total_tokens"])
 def _max_norm_kernel(Q, K, NORMS, stride_qt, stride_qh, stride_kt, stride_kh, total_tokens, num_heads,
-                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """NORMS[h] = max_t |q[t, h]|, NORMS[H + h] = max_t |k[t, h]| (fp32, NORMS zero-initialised)."""
+                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, WITH_Q: tl.constexpr):
+    """NORMS[H + h] = max_t |k[t, h]| and, WITH_Q, NORMS[h] = max_t |q[t, h]| (fp32, zero-initialised)."""
     h = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_t[:, None] < total_tokens
-    q = tl.load(Q + offs_t[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=ok, other=0.0)
     k = tl.load(K + offs_t[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=ok, other=0.0)
-    q = q.to(tl.float32)
     k = k.to(tl.float32)
-    tl.atomic_max(NORMS + h, tl.sqrt(tl.max(tl.sum(q * q, 1), 0)), sem="relaxed")
     tl.atomic_max(NORMS + num_heads + h, tl.sqrt(tl.max(tl.sum(k * k, 1), 0)), sem="relaxed")
+    if WITH_Q:
+        q = tl.load(Q + offs_t[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=ok, other=0.0)
+        q = q.to(tl.float32)
+        tl.atomic_max(NORMS + h, tl.sqrt(tl.max(tl.sum(q * q, 1), 0)), sem="relaxed")
 
 
 @triton.jit
@@ -483,8 +484,11 @@ class AttentionConfig:
     """Settings of the kernels for one (head_dim, max_seqlen bucket).
 
     ``atomic_dq``: dQ by fp32 atomics in the dK/dV kernel instead of a separate kernel.
-    ``skip_far_above``: skip provably negligible far-away tiles (see ``_window``) when max_seqlen exceeds
-    this; below it the two extra launches (norms) cost more than the few tiles they could skip.
+    ``fwd_skip_above`` / ``bwd_skip_above``: skip provably negligible far-away tiles (see ``_window``) when
+    max_seqlen exceeds this; below it the extra pass over K (its norms) costs more than the tiles it
+    saves. The forward's bound (diagonal score) is looser than the backward's (exact lse), hence the
+    higher threshold (measured: at max length 512 skipping slowed the forward by a third and sped the
+    backward up a little).
     ``short_bwd_max``: when max_seqlen is at most this, the backward is one fused kernel per (sequence, head)
     (``_bwd_short_kernel``, tile = next power of two >= max_seqlen) with ``short_bwd_warps`` warps.
     """
@@ -493,7 +497,8 @@ class AttentionConfig:
     dkdv: KernelConfig
     dq: KernelConfig
     atomic_dq: bool = False
-    skip_far_above: int = 256
+    fwd_skip_above: int = 1024
+    bwd_skip_above: int = 256
     short_bwd_max: int = 128
     short_bwd_warps: int = 8
 
@@ -508,13 +513,15 @@ def _cfg(fwd, dkdv, dq, atomic_dq=False, **kw):
 
 # Hopper (sm_90) table: {(head_dim, bucket upper edge): settings}, (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # for the forward, dK/dV and dQ kernels, chosen by measurement with benchmarks/tune_attention.py on an
-# H100 (bf16, 12 heads, lengths uniform in [L/2, L], ~25k tokens; numbers in benchmarks/NOTES_attention.md).
-# The separate dQ kernel beat fp32 atomics in every bucket (by 2-15 %). A bucket not listed uses the
-# nearest smaller listed bucket of the same head dim.
+# H100 (bf16, 12 heads, lengths uniform in [L/2, L], ~25k tokens; numbers in benchmarks/NOTES_attention.md;
+# buckets 128/512/2048 re-measured with far-tile skipping, 256/1024/8192 from the first sweep).
+# The separate dQ kernel beat fp32 atomics in every bucket (by 2-25 %); the fused short backward
+# (8 warps) beat the tiled one at max length <= 128 for every head dim (by 11-34 %). A bucket not
+# listed uses the nearest smaller listed bucket of the same head dim.
 _TUNED: dict[tuple[int, int], AttentionConfig] = {
     (32, 128): _cfg((128, 32, 4, 3), (16, 128, 4, 4), (64, 32, 4, 3)),
     (32, 256): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4)),
-    (32, 512): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
+    (32, 512): _cfg((64, 64, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3)),
     (32, 1024): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3)),
     (32, 2048): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3)),
     (32, 8192): _cfg((64, 128, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3)),
@@ -522,13 +529,13 @@ _TUNED: dict[tuple[int, int], AttentionConfig] = {
     (64, 256): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
     (64, 512): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
     (64, 1024): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
-    (64, 2048): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3)),
+    (64, 2048): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
     (64, 8192): _cfg((128, 64, 8, 4), (32, 64, 4, 3), (128, 64, 8, 3)),
-    (128, 128): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), short_bwd_max=64),
-    (128, 256): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), short_bwd_max=64),
-    (128, 512): _cfg((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)),
+    (128, 128): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 2)),
+    (128, 256): _cfg((128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
+    (128, 512): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
     (128, 1024): _cfg((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)),
-    (128, 2048): _cfg((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4)),
+    (128, 2048): _cfg((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4)),
     (128, 8192): _cfg((64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)),
 }
 
@@ -556,7 +563,7 @@ def _hopper_default(head_dim: int) -> AttentionConfig:
 # skipping on from 17 tokens so that the tests exercise it.
 _INTERPRETER_CONFIG = AttentionConfig(
     fwd=KernelConfig(16, 16, 1, 1), dkdv=KernelConfig(16, 16, 1, 1), dq=KernelConfig(16, 16, 1, 1),
-    skip_far_above=16, short_bwd_max=32, short_bwd_warps=1,
+    fwd_skip_above=16, bwd_skip_above=16, short_bwd_max=32, short_bwd_warps=1,
 )
 
 
@@ -592,14 +599,14 @@ def _check_last_dim_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def _head_norms(q, k, extra=0):
-    """(2H + extra,) fp32: max_t |q[t, h]| for each head, then max_t |k[t, h]|, then ``extra`` zeros."""
+def _head_norms(q, k, with_q, extra=0):
+    """(2H + extra,) fp32: max_t |q[t, h]| per head (0 unless ``with_q``), max_t |k[t, h]|, ``extra`` zeros."""
     total, heads, head_dim = q.shape
     buf = torch.zeros(2 * heads + extra, device=q.device, dtype=torch.float32)
     block_t = 64
     _max_norm_kernel[(triton.cdiv(total, block_t), heads)](
         q, k, buf, q.stride(0), q.stride(1), k.stride(0), k.stride(1), total, heads,
-        HEAD_DIM=head_dim, BLOCK_T=block_t,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, WITH_Q=with_q,
     )
     return buf
 
@@ -620,8 +627,8 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
         lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse, None
-    skip = max_seqlen > config.skip_far_above
-    norms = _head_norms(q, k) if skip else None
+    skip = max_seqlen > config.fwd_skip_above
+    norms = _head_norms(q, k, with_q=False) if skip else None
     num_blocks = triton.cdiv(max_seqlen, cfg.block_m)
     _fwd_kernel[(num_blocks * heads * batch,)](
         q, k, v, out, lse, cu_seqlens, alibi_slopes, norms if skip else lse,
@@ -638,7 +645,7 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     """Launch the backward kernels. Returns dq, dk, dv (T, H, D) in q's dtype.
 
     dlse: optional (H, T) gradient of the returned log-sum-exp. dq/dk/dv may be given (tests poison them).
-    norms: the forward's head norms, if it returned them (else recomputed when skipping far tiles).
+    norms: the forward's (2H,) head norms, if it returned them (else computed when skipping far tiles).
     """
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
@@ -665,11 +672,11 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
         HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
     )
-    skip = max_seqlen > cfg.skip_far_above
+    skip = max_seqlen > cfg.bwd_skip_above
     slack = delta  # placeholder pointer when not skipping
     if skip:
-        if norms is None:
-            buf = _head_norms(q, k, extra=batch * heads)
+        if norms is None or cfg.atomic_dq:  # the atomic path's bound also needs max |q|
+            buf = _head_norms(q, k, with_q=cfg.atomic_dq, extra=batch * heads)
             norms, slack = buf[: 2 * heads], buf[2 * heads:]
         else:
             slack = torch.zeros(batch * heads, device=q.device, dtype=torch.float32)
