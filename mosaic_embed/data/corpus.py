@@ -296,7 +296,8 @@ def _read_file(path: Path, fmt: str, text_field: str, stats: CorpusStats) -> Ite
                 continue
             yielded += 1
             yield text
-    except (OSError, EOFError, zlib.error) as err:  # permissions, corrupt gzip, I/O errors
+    # permissions, corrupt gzip, I/O errors; a decode error here means the file changed after its check
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
         detail = f"{type(err).__name__}: {err}"
         if yielded:
             detail += f" (after {yielded} documents were read)"
