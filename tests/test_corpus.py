@@ -189,6 +189,7 @@ def test_every_file_skip_reason_is_counted_with_its_file(tmp_path):
         assert str(tmp_path / name) in examples, name
     assert "NUL byte at offset 8" in examples
     assert "invalid UTF-8 at byte 3" in examples
+    assert "top level is a JSON int" in examples
     assert str(good) not in examples
 
 
@@ -240,6 +241,14 @@ def test_every_record_skip_reason_is_counted_with_file_and_line(tmp_path):
     assert any(e.startswith(f"{tmp_path / 'items.json'}:item 1") for e in ex["record:bad-item"])
     assert any(e.startswith(f"{tmp_path / 'malformed.csv'}:3: CSV error") for e in ex["record:bad-line"])
     assert any(e.startswith(f"{tmp_path / 'nulls.parquet'}:row 1") for e in ex["record:missing-field"])
+
+
+def test_json_lines_named_json_get_a_hint(tmp_path):
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    (tmp_path / "ok.txt").write_text("ok", encoding="utf-8")
+    _, stats = read(tmp_path)
+    assert stats.skipped_files == {"invalid-json": 1}
+    assert "name the file .jsonl" in stats.examples["file:invalid-json"][0]
 
 
 def test_examples_are_capped_counts_are_not(tmp_path):

@@ -359,7 +359,8 @@ def _read_json(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str 
         with open(path, encoding="utf-8-sig") as f:
             value = json.load(f)
     except json.JSONDecodeError as err:
-        stats.skip_file("invalid-json", path, f"{err.msg} at line {err.lineno} column {err.colno}")
+        hint = " (one JSON value per line? name the file .jsonl)" if err.msg == "Extra data" else ""
+        stats.skip_file("invalid-json", path, f"{err.msg} at line {err.lineno} column {err.colno}{hint}")
         return
     if isinstance(value, dict):
         if text_field not in value:
