@@ -446,8 +446,8 @@ class GlueConfig:
 
     ``tasks``: GLUE task names or ``["all"]``; empty runs only ``custom_tasks``. ``data_dir``: the original
     GLUE TSV layout (offline); without it GLUE tasks come from the HF hub. ``seeds`` overrides every task's
-    recipe seeds. ``packing``: "auto" = unpadded (packed, ``cu_seqlens``) batches when the model's forward
-    takes them (MosaicBERT), padded otherwise; "off" forces padded batches (A/B throughput).
+    recipe seeds. ``padded_batches``: false = unpadded (packed, ``cu_seqlens``) batches when the model's forward
+    takes them (MosaicBERT), padded otherwise; true forces padded batches (A/B throughput).
     ``max_train_examples`` / ``max_eval_examples`` cut each split (smoke runs; not for reported numbers).
     """
 
@@ -465,7 +465,7 @@ class GlueConfig:
     eval_batch_size: int = 128
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: str = "auto"
-    packing: Literal["auto", "off"] = "auto"
+    padded_batches: bool = False
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     save_models: bool = False

@@ -330,7 +330,7 @@ def finetune_one(
     device = _device(cfg.device)
     torch.manual_seed(seed)  # the new head's init
     model = load_classifier(model_dir, spec.num_labels, backbone_from).to(device)
-    packed = cfg.packing == "auto" and supports_packed(model)
+    packed = not cfg.padded_batches and supports_packed(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train = encoded["train"]
     steps_per_epoch = math.ceil(len(train) / hp.batch_size)
