@@ -302,6 +302,8 @@ def pretrain_cmd(corpus, out, resume, recipe, overrides):
     mosaic-bert-small, mosaic-bert-mini, tiny (default without --corpus). Multi-GPU: launch with
     ``torchrun --nproc_per_node N -m mosaic_embed.cli pretrain ...`` (same global batch).
     """
+    import os
+
     from .config import PretrainConfig, load_config
     from .train.pretrain import NonFiniteLossError, pretrain
 
@@ -317,7 +319,8 @@ def pretrain_cmd(corpus, out, resume, recipe, overrides):
     except FileExistsError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    click.echo(f"pretrained: {run_dir / 'final'}")
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"pretrained: {run_dir / 'final'}")
 
 
 if __name__ == "__main__":

@@ -522,6 +522,7 @@ def train_mlm(
         dataloader_num_workers=tc.dataloader_workers,
         dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # makes torchrun on CPU a gloo DDP run (tests, smoke checks)
         remove_unused_columns=False,
         report_to=list(tc.report_to) or "none",
         disable_tqdm=True,
@@ -575,7 +576,11 @@ def pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
     from transformers import set_seed
 
-    shards = prepare_shards(cfg.data)
+    from accelerate import PartialState
+
+    # under torchrun the main process tokenizes (or finds the cached shards) first; the others then reuse them
+    with PartialState().main_process_first():
+        shards = prepare_shards(cfg.data)
     dsd = load_shards(shards)
     for split in ("train", "validation"):
         if split not in dsd:
