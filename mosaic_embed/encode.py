@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,21 +173,65 @@ class Encoder:
             i = j
         return out.cpu().numpy()  # one device->host copy per window: keeps the GPU queue full
 
-    def encode(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
-        """(N,) strings -> (N, D) float32 embeddings, input order."""
+    def encode(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False,
+               window: int = 16384) -> np.ndarray:
+        """(N,) strings -> (N, D) float32 embeddings, input order (tokenizing ahead, see ``iter_embed``)."""
         if not len(texts):
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self.path_used == FALLBACK:
-            emb = self.st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                 show_progress_bar=show_progress)
-            return np.asarray(emb, dtype=np.float32)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts), desc="embed", disable=not show_progress)
+        windows = ((i, texts[i : i + window]) for i in range(0, len(texts), window))
         try:
-            return self.embed_tokenized(self.tokenize(texts), batch_size=batch_size, progress=bar)
+            parts = [emb for _, emb, _ in self.iter_embed(windows, batch_size, progress=bar)]
         finally:
             bar.close()
+        return np.concatenate(parts, axis=0)
+
+    def iter_embed(self, windows: Iterable[tuple[Any, Sequence[str]]], batch_size: int = 128,
+                   progress: Any = None) -> Iterator[tuple[Any, np.ndarray, int]]:
+        """Embed ``(key, texts)`` windows in order, yielding ``(key, (n, D) float32, real tokens)``.
+
+        A background thread reads and tokenizes window k+1 while the device embeds window k: the host
+        work (JSON parsing, WordPiece) hides behind the forward passes instead of adding to them.
+        """
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for key, texts in windows:
+                    ids = self.tokenize(texts) if self.path_used == PACKED else None
+                    if not put((key, texts, ids)):
+                        return
+                put(None)
+            except BaseException as err:  # re-raised in the consumer, message intact
+                put(err)
+
+        thread = threading.Thread(target=produce, daemon=True, name="encoder-tokenizer")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                key, texts, ids = item
+                emb = self.embed_window(texts, ids, batch_size, progress=progress)
+                yield key, emb, (sum(len(x) for x in ids) if ids is not None else 0)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
     def embed_window(self, texts: Sequence[str], token_ids: list[list[int]] | None, batch_size: int,
                      progress: Any = None) -> np.ndarray:
@@ -366,49 +410,19 @@ def embed_file(
     if done and rank == 0:
         logger.warning("embed: resuming, %d of %d windows already written", len(done), n_windows)
 
-    # Producer thread: read + tokenize window w+1 while the device embeds window w.
-    q: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for w, row0, texts in _windows(input_path, window, mine, text_field, title_field):
-                ids = encoder.tokenize(texts) if encoder.path_used == PACKED else None
-                while not stop.is_set():
-                    try:
-                        q.put((w, row0, texts, ids), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(None)
-        except BaseException as err:  # surfaces in the consumer, with its message
-            q.put(err)
-
     rows_mine = sum(min(window, n - w * window) for w in mine)
     bar = tqdm(total=rows_mine, desc=f"embed[{rank}]", disable=not show_progress or rank != 0, unit="doc")
-    thread = threading.Thread(target=produce, daemon=True, name="embed-tokenizer")
-    thread.start()
+    windows = (((w, row0), texts) for w, row0, texts in _windows(input_path, window, mine, text_field, title_field))
     real_tokens = 0
     try:
-        while True:
-            item = q.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            w, row0, texts, ids = item
-            vectors = encoder.embed_window(texts, ids, batch_size, progress=bar)
-            emb[row0 : row0 + len(texts)] = vectors.astype(dtype, copy=False)
+        for (w, row0), vectors, tokens in encoder.iter_embed(windows, batch_size, progress=bar):
+            emb[row0 : row0 + len(vectors)] = vectors.astype(dtype, copy=False)
             emb.flush()  # rows on disk before the progress file says so
-            real_tokens += sum(len(x) for x in ids) if ids is not None else 0
+            real_tokens += tokens
             my_done.append(w)
             atomic_write_json(my_progress, {"done": sorted(my_done)})
     finally:
-        stop.set()
         bar.close()
-        thread.join(timeout=5)
     del emb
     _barrier(world)
     if rank == 0:
@@ -421,7 +435,7 @@ def embed_file(
             out, "embed", config=None,
             inputs={"input": str(input_path), "model": str(model)},
             outputs={"embeddings": EMBEDDINGS, "ids": IDS, "shape": [n, encoder.dim], "dtype": dtype},
-            timings={"total_s": time.perf_counter() - t_start},
+            timings={"total_s": time.perf_counter() - t_start, "real_tokens_rank0": real_tokens},
             settings=settings, path=encoder.path_used, world_size=world,
         )
     return out

@@ -99,7 +99,6 @@ def test_mnrl_and_cached_match_naive_gradients(encoder_dir, with_negatives):
 def _gather_worker(rank: int, world: int, folder: str, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    import mosaic_embed  # noqa: F401
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

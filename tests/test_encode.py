@@ -29,7 +29,10 @@ def encoders(tmp_path_factory):
     return out
 
 
-def _docs(path, n=len(TEXTS)):
+N_TEXTS = len(TEXTS)
+
+
+def _docs(path, n=N_TEXTS):
     with open(path, "w") as f:
         for i in range(n):
             f.write(json.dumps({"_id": f"doc{i}", "title": "t" if i % 3 == 0 else "", "text": TEXTS[i % len(TEXTS)]}) + "\n")
