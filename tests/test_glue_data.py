@@ -194,3 +194,32 @@ def test_real_shared_tasks_in_sst2_layout(name, n_train, n_dev):
     data = load_custom_task(SHARED_TASKS / name, num_labels=2)
     assert len(data.train) == n_train and len(data.evals["dev"]) == n_dev
     assert set(data.train.labels) == {0, 1}
+
+
+def test_hf_loader_maps_columns_without_network(monkeypatch):
+    """nyu-mll/glue's column names and split names map onto ours (load_dataset stubbed: no network)."""
+    import datasets
+
+    from mosaic_embed.data.glue import load_task_from_hf
+
+    calls = []
+
+    def fake_load_dataset(name, config):
+        calls.append((name, config))
+        part = {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0], "idx": [0, 1]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(part)
+                                     for s in ("train", "validation_matched", "validation_mismatched")})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_task_from_hf(GLUE_TASKS["mnli"])
+    assert calls == [("nyu-mll/glue", "mnli")]
+    assert data.train.text_a == ["p1", "p2"] and data.train.text_b == ["h1", "h2"] and data.train.labels == [2, 0]
+    assert set(data.evals) == {"dev_matched", "dev_mismatched"}
+
+    def bad_labels(name, config):
+        part = {"sentence": ["s"], "label": [3], "idx": [0]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(part) for s in ("train", "validation")})
+
+    monkeypatch.setattr(datasets, "load_dataset", bad_labels)
+    with pytest.raises(GlueDataError, match=r"nyu-mll/glue/sst2/train row 0: label 3"):
+        load_task_from_hf(GLUE_TASKS["sst2"])
