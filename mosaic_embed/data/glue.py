@@ -301,9 +301,16 @@ def load_task_from_hf(spec: TaskSpec, dataset: str = "nyu-mll/glue") -> TaskData
     """Load a task from the HF hub (``nyu-mll/glue``); needs the network or a warm HF cache."""
     if spec.hf_config is None:
         raise ValueError(f"task {spec.name} has no HF dataset config")
-    import datasets
-
-    ds = datasets.load_dataset(dataset, spec.hf_config)
+    hint = "pass --data-dir with the GLUE TSVs (original layout) to run offline"
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"HF datasets is not installed: cannot load {dataset}/{spec.hf_config}; {hint}") from None
+    try:
+        ds = datasets.load_dataset(dataset, spec.hf_config)
+    except (OSError, ConnectionError, ValueError) as err:  # offline, no cache, hub errors
+        raise ValueError(f"cannot load {dataset}/{spec.hf_config} from the HF hub ({type(err).__name__}: "
+                         f"{err}); {hint}") from err
     splits: dict[str, Examples] = {}
     for ours, theirs in spec.hf_splits.items():
         if theirs not in ds:
