@@ -235,8 +235,9 @@ class Encoder:
 
     def embed_window(self, texts: Sequence[str], token_ids: list[list[int]] | None, batch_size: int,
                      progress: Any = None) -> np.ndarray:
-        if self.path_used == FALLBACK:
-            emb = self.encode(texts, batch_size=batch_size)
+        if self.path_used == FALLBACK:  # ST sorts by length and pads per batch itself
+            emb = np.asarray(self.st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                            show_progress_bar=False), dtype=np.float32)
             if progress is not None:
                 progress.update(len(texts))
             return emb
