@@ -79,7 +79,8 @@ def plot_pareto(results_paths: Sequence[str | Path], out: str | Path, title: str
     panels.sort(key=lambda k: (k != AVERAGE,))  # the average first, tasks in run order
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    # at least 7 inches wide so that the title fits above a single panel
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(7.0, 4.2 * ncols), 3.3 * nrows + 0.4), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         for label, series in runs:
             pts = series.get(panel)
@@ -94,7 +95,7 @@ def plot_pareto(results_paths: Sequence[str | Path], out: str | Path, title: str
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize="small")
-    fig.suptitle(title or "GLUE dev score vs pretraining time (error bars: std over seeds)")
+    fig.suptitle(title or "GLUE dev score vs pretraining time (error bars: std over seeds)", fontsize="medium")
     fig.tight_layout()
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".png", ".svg") else out
