@@ -11,14 +11,19 @@ autograd and ``torch.compile`` all run the same kernels) -> public function
 :func:`flash_attn_varlen_alibi`.
 
 Algorithm (FlashAttention-2, Dao 2023, arXiv 2307.08691):
-- forward: one program per (query block, head, sequence); it streams the sequence's key/value blocks
+- forward: one program per (query tile, head, sequence); it streams the sequence's key/value tiles
   with an online softmax in fp32 (exp2 domain: ``log2(e)`` is folded into the scale and the slope)
   and saves the row log-sum-exp ``lse`` (natural log, fp32, ``(H, T)``) for the backward;
-- backward: a preprocess kernel computes ``delta = rowsum(dO * O)`` (``(H, T)`` fp32); one kernel
-  per key block recomputes ``P = exp(S - lse)`` and accumulates ``dK, dV`` over the sequence's query
-  blocks; ``dQ`` comes either from a separate kernel per query block (deterministic) or from fp32
-  atomics in the key-block kernel; which is faster was measured per head dim / length bucket
-  (see ``_TUNED`` and benchmarks/NOTES_attention.md).
+- backward: a preprocess kernel computes ``delta = rowsum(dO * O)`` (``(H, T)`` fp32); a kernel per
+  query tile recomputes ``P = exp(S - lse)`` and accumulates ``dQ``; a kernel per key tile accumulates
+  ``dK, dV`` over the sequence's query tiles. (fp32-atomic dQ inside the key-tile kernel is an option;
+  it measured slower in every bucket.) Sequences of at most 128 tokens take a fused backward: one
+  program per (sequence, head) computes dQ, dK, dV from a single tile, reading every input once;
+- ALiBi-specific: tiles so far from the diagonal that their softmax weight is provably below 2^-32 of
+  the row maximum (Cauchy-Schwarz bound, see ``_window``) are skipped; on steep-slope heads of long
+  sequences that is most of the matrix.
+Tile shapes, warps and stages come from a table measured on an H100 (``_TUNED``; numbers in
+benchmarks/NOTES_attention.md).
 """
 
 from __future__ import annotations
@@ -78,10 +83,9 @@ def attention_reference(q, k, v, cu_seqlens, alibi_slopes, softmax_scale=None, u
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-# Far-block skipping (see _window): a key is skipped only when its softmax weight is provably below
-# 2^-_SKIP_LOG2 of the row's largest weight, so the dropped mass of a whole row is < L * 2^-32 of its
-# denominator: under fp32 rounding of the sums at any length this kernel takes.
-_SKIP_LOG2 = 32.0
+# Far-tile skipping (see _window): a key is skipped only when its softmax weight is provably below
+# 2^-32 of the row's largest weight (the literal 32.0 in the kernels), so the dropped mass of a whole row
+# is < L * 2^-32 of its denominator: about fp32 rounding of the sums at the lengths this kernel takes.
 
 
 @triton.jit
@@ -780,6 +784,7 @@ class _FlashAttnVarlenAlibi(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens, alibi_slopes, norms = ctx.saved_tensors
         if dout is None:
