@@ -131,6 +131,8 @@ def main() -> None:
                 "packed_train_tokens_per_s": a["train"]["tokens_per_s"],
                 "padded_train_tokens_per_s": b["train"]["tokens_per_s"],
                 "train_speedup": a["train"]["tokens_per_s"] / b["train"]["tokens_per_s"],
+                "train_speedup_steady": (a["train"]["steady"]["tokens_per_s"] / b["train"]["steady"]["tokens_per_s"])
+                if a["train"]["steady"] and b["train"]["steady"] else None,
                 "packed_eval_tokens_per_s": a["eval"]["dev"]["tokens_per_s"],
                 "padded_eval_tokens_per_s": b["eval"]["dev"]["tokens_per_s"],
                 "eval_speedup": a["eval"]["dev"]["tokens_per_s"] / b["eval"]["dev"]["tokens_per_s"],

@@ -148,6 +148,8 @@ def test_custom_task_learns_and_checkpoint_sweep(tmp_path):
     for p in pts:
         acc = p["tasks"]["polarity"]["summary"]["dev/accuracy"]["mean"]
         assert acc >= 0.9, acc  # the words separate the classes: a working loop learns them
+        train = p["tasks"]["polarity"]["seeds"][0]["train"]
+        assert train["steady"]["tokens_per_s"] > 0 and train["steady"]["after_steps"] == 10  # 30 steps > 10
         assert "glue_average" not in p
 
 
