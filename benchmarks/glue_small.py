@@ -12,6 +12,7 @@ padded batches (``padded_batches: true``) in the same process: the packed/padded
 
 Usage (GPU host): python benchmarks/glue_small.py --model runs/small/final [--seeds 19,8364,717]
     [--tasks sst2_like,sms_spam] [--set hparams.custom.lr=5e-5 ...] [--max-train N]
+    [--baseline-model runs/bert-small/final]   (a second model, e.g. transformers BERT, same recipe)
 Writes benchmarks/results/glue_small.json (``--results`` to write elsewhere, e.g. a CPU smoke run).
 """
 
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--max-train", type=int, default=None, help="cut each train split (smoke runs only)")
     ap.add_argument("--max-eval", type=int, default=None, help="cut each dev split (smoke runs only)")
     ap.add_argument("--compare-padded", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--baseline-model", default=None,
+                    help="a second model folder (e.g. a transformers BERT run) finetuned the same way, side by side")
     ap.add_argument("--out", default=None, help="run folder for the GLUE runner (default runs/glue_small)")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
@@ -105,6 +108,20 @@ def main() -> None:
                                 out=str(out / "padded"), tasks=[], custom_tasks=custom, seeds=seeds[:1],
                                 max_train_examples=args.max_train, max_eval_examples=args.max_eval)
         padded_res = run_glue(pcfg)["points"][0]
+
+    baseline = None
+    if args.baseline_model:
+        bcfg = load_glue_config(args.recipe, args.overrides, model=args.baseline_model, out=str(out / "baseline"),
+                                tasks=[], custom_tasks=custom, seeds=seeds, max_train_examples=args.max_train,
+                                max_eval_examples=args.max_eval)
+        bres = run_glue(bcfg)["points"][0]
+        bpre = pretraining_meta(args.baseline_model)
+        baseline = {
+            "model": str(args.baseline_model),
+            "model_type": json.loads((Path(args.baseline_model) / "config.json").read_text()).get("model_type"),
+            "pretraining": {**bpre, "minutes": None if bpre["wall_clock_s"] is None else bpre["wall_clock_s"] / 60},
+            "tasks": summarize(bres),
+        }
 
     pre = pretraining_meta(args.model)
     result = {
@@ -140,6 +157,8 @@ def main() -> None:
                 "packed_dev_accuracy_same_seed": 100 * a["metrics"]["dev"]["accuracy"],
             }
         result["packed_vs_padded"] = cmp
+    if baseline is not None:
+        result["baseline"] = baseline
     atomic_write_json(args.results, result)
 
     pm = result["pretraining"]["minutes"]
@@ -152,6 +171,15 @@ def main() -> None:
         print(f"{n:<12} {t['dev_accuracy_mean']:>13.2f} ± {t['dev_accuracy_std']:<6.2f} {len(t['seeds']):>6} "
               f"{th['train_examples_per_s']:>11.1f} {th['train_tokens_per_s']:>12.0f} "
               f"{th['eval_examples_per_s']:>10.1f} {th['batches']:>8}")
+    if baseline is not None:
+        bm = baseline["pretraining"]["minutes"]
+        print(f"baseline {baseline['model']} ({baseline['model_type']}), pretraining "
+              f"{'unknown' if bm is None else f'{bm:.1f} min'}")
+        for n, t in baseline["tasks"].items():
+            th = t["throughput"]
+            print(f"{n:<12} {t['dev_accuracy_mean']:>13.2f} ± {t['dev_accuracy_std']:<6.2f} {len(t['seeds']):>6} "
+                  f"{th['train_examples_per_s']:>11.1f} {th['train_tokens_per_s']:>12.0f} "
+                  f"{th['eval_examples_per_s']:>10.1f} {th['batches']:>8}")
     for n, c in result.get("packed_vs_padded", {}).items():
         print(f"{n}: packed/padded train tokens/s x{c['train_speedup']:.2f}, eval x{c['eval_speedup']:.2f}")
     print(f"wrote {args.results}")
