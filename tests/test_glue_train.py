@@ -274,3 +274,13 @@ def test_mosaicbert_finetunes_packed_with_staging(tiny_mosaic, tmp_path):
     key = "bert.encoder.layers.0.attention.Wqkv.weight"
     assert not torch.equal(staged[key], pre[key])  # MNLI finetuning moved it
     assert staged["classifier.weight"].shape == (1, 32)
+
+
+def test_non_finite_loss_names_the_step(tiny_model, tmp_path):
+    """A diverging run stops with an error naming task, seed and step (losses are read back in batches)."""
+    from mosaic_embed.train.glue import run_glue
+
+    cfg = _cfg(tiny_model, tmp_path / "o", tasks=["sst2"], seeds=[1])
+    cfg.hparams.sst2.lr = 1.0e30  # Adam's first step then moves every weight by ~1e30: inf/nan logits
+    with pytest.raises(FloatingPointError, match=r"sst2 seed 1: loss is nan at step \d+ of \d+"):
+        run_glue(cfg)

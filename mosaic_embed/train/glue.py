@@ -21,6 +21,7 @@ average), ``results.md`` (the table), ``config.yaml`` and ``manifest.json``; all
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import inspect
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_KIND = "mosaic_embed.glue_results"
 WARMUP_STEPS = 10  # steps left out of the "steady" training throughput
+READBACK_STEPS = 25  # losses are copied to the host (and checked for NaN/inf) this often
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +347,23 @@ def finetune_one(
     gen = torch.Generator().manual_seed(seed)
     labels_t = torch.as_tensor(train.labels)
     model.train()
-    step, tokens, seen, losses = 0, 0, 0, []
+    step, tokens, seen = 0, 0, 0
+    # Losses stay on the device until read back every READBACK_STEPS steps (or at a log line): reading a
+    # loss synchronises the GPU, and one read per step would stall the host from queueing the next batch.
+    pending: list[torch.Tensor] = []
+    recent: collections.deque[float] = collections.deque(maxlen=max(50, cfg.log_every))
+
+    def read_back() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).float().cpu().tolist()
+        first = step - len(values) + 1
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{spec.name} seed {seed}: loss is {v} at step {first + i} of {total}")
+        recent.extend(values)
+
     # Throughput is also measured after the first WARMUP_STEPS steps: kernel compilation/autotuning and
     # allocator growth happen there, and short finetuning runs would otherwise under-report the steady rate.
     warm_at: tuple[float, int, int] | None = None
@@ -354,12 +372,10 @@ def finetune_one(
     while step < total:
         for idx in _batches(len(train), hp.batch_size, gen):
             batch = collate(train, idx, packed, pad_id, device)
-            y = labels_t[idx].to(device)
+            y = labels_t[idx].to(device, non_blocking=True)
             with _autocast(device, cfg.precision):
                 logits = _logits(model, batch)
             loss = _loss(logits, y, spec.is_regression)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{spec.name} seed {seed}: loss is {loss.item()} at step {step}")
             loss.backward()
             opt.step()
             sched.step()
@@ -367,14 +383,20 @@ def finetune_one(
             step += 1
             seen += len(idx)
             tokens += sum(len(train.input_ids[j]) for j in idx)
-            losses.append(loss.item())  # .item() syncs: the step's time is real, not just queued
+            pending.append(loss.detach())
             if step == WARMUP_STEPS:
+                _sync(device)
                 warm_at = (time.perf_counter(), seen, tokens)
-            if cfg.log_every and step % cfg.log_every == 0:
+            logging_now = bool(cfg.log_every) and step % cfg.log_every == 0
+            if logging_now or step % READBACK_STEPS == 0 or step >= total:
+                read_back()
+            if logging_now:
+                window = list(recent)[-cfg.log_every:]
                 log.info("%s seed %d: step %d/%d loss %.4f lr %.2e", spec.name, seed, step, total,
-                         float(np.mean(losses[-cfg.log_every:])), sched.get_last_lr()[0])
+                         float(np.mean(window)), sched.get_last_lr()[0])
             if step >= total:
                 break
+    read_back()
     _sync(device)
     t_end = time.perf_counter()
     train_s = max(t_end - t0, 1e-9)
@@ -388,7 +410,7 @@ def finetune_one(
         "init": "mnli" if backbone_from is not None else "pretrained",
         "batches": "packed" if packed else "padded",
         "steps": total,
-        "final_loss": float(np.mean(losses[-max(1, min(50, len(losses))):])),
+        "final_loss": float(np.mean(list(recent)[-50:])),
         "train": {"examples": seen, "tokens": tokens, "seconds": train_s,
                   "examples_per_s": seen / train_s, "tokens_per_s": tokens / train_s, "steady": steady},
         "eval": {},
