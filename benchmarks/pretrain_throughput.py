@@ -132,9 +132,6 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
     # in-place compilation (nn.Module.compile) keeps parameter names, as training needs for save_pretrained;
     # packed batches vary in length, so MosaicBERT is compiled with dynamic shapes from the start
     dynamic = True if arch == "mosaic_bert" else None
-    if compile_model != "none":
-        # the MLM head selects the masked rows with nonzero(): capture it instead of breaking the graph there
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
     if args.nobreak and arch == "mosaic_bert":
         # EXPERIMENT (labelled in the row): kernels/attention.py's dispatch calls importlib.util.find_spec on
         # every forward, which torch.compile cannot trace (a graph break inside every layer). Answer it once.
@@ -193,6 +190,15 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         seconds, peak = time.perf_counter() - t0, float("nan")
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for b in timed[:3]:
+                step(b)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        print(f"profile of 3 steps, {name}:\n{table}", flush=True)
     losses = [float(x) for x in losses]
     tps = tokens / seconds
     row = {"model": name, "arch": arch, "compiled": compile_model, "params": params,
@@ -218,6 +224,7 @@ def main() -> None:
     ap.add_argument("--rows", default="mosaic-compile,mosaic-eager,bert-compile,bert-eager")
     ap.add_argument("--nobreak", action="store_true",
                     help="experiment: remove the find_spec graph break of the attention dispatch (labelled)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps per row")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny models on CPU (checks the script, no figures)")
     args = ap.parse_args()
@@ -238,8 +245,9 @@ def main() -> None:
         "bert-eager": ("bert-base (HF, SDPA)", "hf_bert", "none"),
         "bert-compile": ("bert-base (HF, SDPA)", "hf_bert", "model"),
     }
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:  # the device host gets the tree without .git: pass GIT_COMMIT there
+        proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = proc.stdout.strip() if proc.returncode == 0 else None
     except OSError:
         commit = None
     result = {

@@ -418,9 +418,8 @@ def _use_bf16(precision: str) -> bool:
 def compile_in_place(model: torch.nn.Module, packed: bool) -> None:
     """``torch.compile`` the model in place (``nn.Module.compile``), so parameter names, ``save_pretrained``
     and the Trainer's checkpoints are unchanged. Packed batches vary in length: MosaicBERT is compiled with
-    dynamic shapes from the start, and the MLM head's ``nonzero`` (the masked rows) is captured in the graph."""
-    if packed:
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    dynamic shapes from the start. (The MLM head's ``nonzero`` over the masked rows stays a graph break:
+    capturing it makes the head's ``rows.numel()`` test a data-dependent guard that compilation rejects.)"""
     model.compile(dynamic=True if packed else None)
 
 
