@@ -439,6 +439,10 @@ def embed_file(
             timings={"total_s": time.perf_counter() - t_start, "real_tokens_rank0": real_tokens},
             settings=settings, path=encoder.path_used, world_size=world,
         )
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return out
 
 

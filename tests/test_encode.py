@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -153,3 +154,23 @@ def test_cli_train_encoder_tiny_recipe(encoders, tmp_path):
     manifest = json.loads((tmp_path / "enc" / "manifest.json").read_text())
     assert manifest["outputs"]["columns"] == ["anchor", "positive", "negative"]
     assert manifest["config"]["loss"] == "cached_mnrl" and manifest["outputs"]["steps"] == 3
+
+
+def test_embed_under_torchrun_two_ranks_merge_into_one_file(encoders, tmp_path):
+    """Two gloo ranks on CPU: windows alternate between ranks, rows land in one memmap in input order."""
+    import subprocess
+    import sys
+
+    docs = _docs(tmp_path / "docs.jsonl")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mosaic_embed.cli", "embed", "--model", str(encoders["mosaic-mean"]), "--input", str(docs),
+           "--out", str(tmp_path / "emb"), "--window", "4", "--dtype", "float32", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    emb, ids = load_embeddings(tmp_path / "emb")
+    assert ids == [f"doc{i}" for i in range(N_TEXTS)]
+    assert sorted(p.name for p in (tmp_path / "emb" / "progress").iterdir()) == ["rank-0.json", "rank-1.json"]
+    enc = Encoder.load(encoders["mosaic-mean"], device="cpu")
+    texts = [("t " if i % 3 == 0 else "") + TEXTS[i] for i in range(N_TEXTS)]
+    np.testing.assert_allclose(emb, enc.encode(texts), rtol=1e-4, atol=1e-5)

@@ -50,7 +50,8 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
     if not (backbone / "config.json").is_file():
         raise FileNotFoundError(f"{backbone}: no config.json (expected a saved model folder such as runs/NAME/final)")
     transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
-    dim = transformer.get_embedding_dimension()
+    get_dim = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    dim = get_dim()
     modules = [transformer, models.Pooling(dim, pooling_mode=pooling)]
     if normalize:
         modules.append(models.Normalize())
@@ -270,7 +271,10 @@ def _ir_evaluator_from_beir(folder: str, split: str):
 def train_encoder(cfg: ContrastiveConfig) -> Path:
     """Train and save the encoder; returns ``cfg.out``. Writes ``manifest.json`` with the final metrics."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
+    try:
+        from sentence_transformers.base.sampler import BatchSamplers
+    except ImportError:  # older ST layouts
+        from sentence_transformers.training_args import BatchSamplers
 
     from ..data.pairs import load_pairs
 
