@@ -30,4 +30,21 @@ def run_demo(out: str | Path = "runs/demo", log: Callable[[str], None] = print) 
     results["shards"] = prepare_shards(data_cfg, log=log)
     log(format_shards_summary(read_manifest(results["shards"], expect_stage="data")))
 
+    # 2. pretrain: a tiny MosaicBERT (recipes/pretrain/tiny.yaml) on those shards, fp32 on CPU, ~1 minute.
+    from .config import PretrainConfig, load_config
+    from .train.pretrain import latest_checkpoint, pretrain
+
+    log("== pretrain: MLM on the shards -> a backbone in pretrain/final")
+    pre_dir = out / "pretrain"
+    pre_cfg = load_config(PretrainConfig, "tiny", [f"out={pre_dir}", f"data.out={out / 'shards'}"], stage="pretrain")
+    if (pre_dir / "final" / "manifest.json").is_file():
+        log(f"reusing {pre_dir / 'final'} (delete it to pretrain again)")
+    else:  # a demo interrupted mid-way continues from its last checkpoint
+        pretrain(pre_cfg, resume=latest_checkpoint(pre_dir) is not None)
+    final = read_manifest(pre_dir / "final", expect_stage="pretrain")
+    log(f"pretrained {final['outputs']['parameters']:,} parameters on {final['tokens_seen']:,} tokens in "
+        f"{final['timings']['wall_clock_s']:.0f} s; validation MLM loss {final['final_eval']['eval_loss']:.3f}, "
+        f"accuracy {final['final_eval']['eval_accuracy']:.3f}")
+    results["pretrain"] = pre_dir / "final"
+
     return results
