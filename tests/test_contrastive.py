@@ -254,9 +254,20 @@ BLOCKED_LOAD = textwrap.dedent(
     from sentence_transformers import SentenceTransformer
     model = SentenceTransformer(sys.argv[1], trust_remote_code=True, device="cpu")
     assert "mosaic_embed" not in sys.modules
-    emb = model.encode(sys.argv[2:])
+    emb = model.encode(sys.argv[3:])
     np.save(sys.argv[1] + "/../remote.npy", emb)
     print(type(model[0].auto_model).__module__)
+    # A second folder in the same process: its copy of the Triton kernel module registers its custom ops
+    # under its own namespace instead of colliding with the first copy's.
+    other = SentenceTransformer(sys.argv[2], trust_remote_code=True, device="cpu")
+    import importlib, torch
+    namespaces = set()
+    for m in (model, other):
+        pkg = type(m[0].auto_model).__module__.rsplit(".", 1)[0]
+        flash = importlib.import_module(pkg + ".kernels_flash_attn_alibi")
+        namespaces.add(flash._REMOTE_OP_NAMESPACE)
+        assert callable(getattr(torch.ops, flash._REMOTE_OP_NAMESPACE).flash_attn_varlen_alibi_fwd)
+    assert len(namespaces) == 2, namespaces
     """
 )
 
@@ -267,7 +278,11 @@ def test_loads_with_remote_code_where_mosaic_embed_is_absent(encoder_dir, tmp_pa
     texts = ["the storm hit the city", "a cat"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_LOAD, str(encoder_dir / "encoder"), *texts],
+    import shutil
+
+    shutil.copytree(encoder_dir / "encoder", tmp_path / "second-encoder")
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_LOAD, str(encoder_dir / "encoder"),
+                           str(tmp_path / "second-encoder"), *texts],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model_modeling" in proc.stdout and "mosaic_embed" not in proc.stdout

@@ -153,6 +153,34 @@ def _rewrite_module(module: str) -> tuple[str, set[str]]:
     return "".join(lines), needs
 
 
+def _private_op_namespace(source: str) -> str:
+    """Give each copied module its own ``torch.library`` namespace for the custom ops it registers.
+
+    ``torch.library.custom_op("mosaic_embed::name")`` may be registered once per process; two encoder
+    folders loaded with remote code (each a separate ``transformers_modules`` package), or one beside an
+    installed mosaic_embed, would register it twice and fail. The copy derives its namespace from its
+    own ``__name__`` (unique per loaded folder; a folder's module is imported once).
+    """
+    ns_literal, ns_attr = f'"{PACKAGE}::', f"torch.ops.{PACKAGE}."
+    if ns_literal not in source and ns_attr not in source:
+        return source
+    source = source.replace(ns_literal, 'f"{_REMOTE_OP_NAMESPACE}::').replace(
+        ns_attr, "getattr(torch.ops, _REMOTE_OP_NAMESPACE).")
+    tree = ast.parse(source)
+    after = 0  # insert after 'from __future__' (must stay first) or the module docstring
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            after = node.end_lineno
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and after == 0:
+            after = node.end_lineno
+        else:
+            break
+    lines = source.splitlines(keepends=True)
+    define = ("import hashlib as _hashlib\n"
+              f"_REMOTE_OP_NAMESPACE = \"{PACKAGE}_\" + _hashlib.sha1(__name__.encode()).hexdigest()[:12]\n")
+    return "".join(lines[:after] + [define] + lines[after:])
+
+
 def export_remote_code(model_dir: str | Path, auto_classes: dict[str, type] | None = None) -> dict[str, str]:
     """Copy the modeling code of the model saved in ``model_dir`` next to its config.json and set ``auto_map``.
 
@@ -184,6 +212,7 @@ def export_remote_code(model_dir: str | Path, auto_classes: dict[str, type] | No
         done[module], needs = _rewrite_module(module)
         todo.extend(needs - set(done))
     for module, source in done.items():
+        source = _private_op_namespace(source)
         header = f"# Copied from {module} ({PACKAGE}) by export_remote_code; package imports made flat.\n"
         (model_dir / f"{_flat_name(module)}.py").write_text(header + source, encoding="utf-8")
     # transformers copies only the files reachable through 'from .name import' lines (a bare
