@@ -97,7 +97,7 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if not k.startswith("loss_")}, indent=2))
-    print("loss 1 vs", args.gpus, ":", [f"{a:.4f}/{b:.4f}" for a, b in zip(one["loss"], many["loss"])])
+    print("loss 1 vs", args.gpus, ":", [f"{a:.4f}/{b:.4f}" for a, b in zip(one["loss"], many["loss"], strict=False)])
 
 
 if __name__ == "__main__":

@@ -207,10 +207,6 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
            "peak_mem_gib": peak, "step_ms": 1e3 * seconds / len(timed), "timed_steps": len(timed),
            "real_tokens_per_step": tokens / len(timed), "warmup_s": warm_s, "microbatch": args.microbatch,
            "loss_first_last": [losses[0], losses[-1]], "finite": all(map(lambda x: x == x and abs(x) < 1e4, losses))}
-    del fwd, model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()
     return row
 
 
@@ -271,6 +267,9 @@ def main() -> None:
         except Exception as err:  # keep the other rows; record why this one failed
             row = {"model": label, "error": f"{type(err).__name__}: {err}"[:2000]}
             torch._dynamo.reset()
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the row's model and optimizer are gone with run_row's frame
         row["row_wall_s"] = time.perf_counter() - t
         result["rows"].append(row)
         print(json.dumps(row), flush=True)

@@ -180,3 +180,11 @@ def test_cli_pretrain_bundled_corpus_end_to_end(tmp_path):
     # a second run into the same folder is refused, with a clear message and exit 2
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_time_based_checkpoints(tmp_path, tok):
+    # an interval far below one step's time asks for a checkpoint after every step
+    cfg = make_cfg(tmp_path / "t", max_steps=3, eval_every_steps=0, save_every_steps=0, save_every_minutes=1e-6,
+                   keep_last=2, keep_steps=[])
+    run(cfg, tok)
+    assert [s for s, _ in list_checkpoints(tmp_path / "t")] == [2, 3]

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgressCallback
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..artifacts import atomic_write_json, read_manifest, write_manifest
@@ -573,9 +574,8 @@ def pretrain(
     t_start = time.perf_counter()
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-    from transformers import set_seed
-
     from accelerate import PartialState
+    from transformers import set_seed
 
     # under torchrun the main process tokenizes (or finds the cached shards) first; the others then reuse them
     with PartialState().main_process_first():
