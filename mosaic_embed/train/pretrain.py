@@ -336,6 +336,8 @@ class MLMTrainer(Trainer):
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+            with contextlib.suppress(OSError):  # leave no empty staging folder behind
+                staging.parent.rmdir()
             rotate_checkpoints(self.ckpt_root, self.train_cfg.keep_last, self.train_cfg.keep_steps)
         self.accelerator.wait_for_everyone()
         dt = time.perf_counter() - t0
