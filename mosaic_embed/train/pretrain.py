@@ -163,7 +163,6 @@ class MLMTrainer(Trainer):
         self._local_tokens = 0  # this rank's real tokens since the last sync
         self._window_tokens = 0  # global tokens since the last training log
         self._loss_sum: torch.Tensor | None = None  # sum of per-step losses since the last training log
-        self._loss_steps = 0
         self._bad_loss: torch.Tensor | None = None
         self._segment_start: float | None = None
         self._excluded_s = 0.0  # validation + checkpoint writing time of this segment
