@@ -130,25 +130,35 @@ class Encoder:
 
     # -- the packed forward -----------------------------------------------------------------------------------
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device without a stream sync: a pageable copy would block until the GPU is idle."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     @torch.inference_mode()
     def _forward_packed(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One packed batch: B token lists -> (B, D) pooled (and normalised) embeddings on the device."""
-        lens = torch.tensor([len(x) for x in batch], dtype=torch.int32)
-        flat = torch.from_numpy(np.fromiter((t for x in batch for t in x), dtype=np.int64, count=int(lens.sum())))
-        cu = torch.zeros(len(batch) + 1, dtype=torch.int32)
-        torch.cumsum(lens, 0, out=cu[1:])
-        if self.device.type == "cuda":
-            flat, cu = flat.pin_memory(), cu.pin_memory()
-        flat = flat.to(self.device, non_blocking=True)
-        cu = cu.to(self.device, non_blocking=True)
-        hidden = self.backbone(input_ids=flat, cu_seqlens=cu, max_seqlen=int(lens.max())).last_hidden_state  # (T, H)
+        """One packed batch: B token lists -> (B, D) pooled (and normalised) embeddings on the device.
+
+        Everything the device needs is built on the host first and copied asynchronously, so the host
+        can prepare the next batch while this one runs.
+        """
+        n = len(batch)
+        lens = torch.tensor([len(x) for x in batch], dtype=torch.int32)  # (B,)
+        total = int(lens.sum())
+        flat = torch.from_numpy(np.fromiter((t for x in batch for t in x), dtype=np.int64, count=total))  # (T,)
+        cu = torch.zeros(n + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=cu[1:])  # (B+1,)
+        max_seqlen = int(lens.max())
+        flat, cu_dev = self._to_device(flat), self._to_device(cu)
+        hidden = self.backbone(input_ids=flat, cu_seqlens=cu_dev, max_seqlen=max_seqlen).last_hidden_state  # (T, H)
         if self.pooling == "cls":
-            pooled = hidden[cu[:-1].long()].float()  # (B, H): first token of each sequence
+            pooled = hidden[self._to_device(cu[:-1].long())].float()  # (B, H): first token of each sequence
         else:
-            seg = torch.repeat_interleave(torch.arange(len(batch), device=self.device), lens.to(self.device).long())
-            sums = torch.zeros(len(batch), hidden.shape[-1], device=self.device, dtype=torch.float32)
-            sums.index_add_(0, seg, hidden.float())  # (B, H) sums over each sequence's T_b tokens
-            pooled = sums / lens.to(self.device, torch.float32).unsqueeze(1)
+            seg = self._to_device(torch.repeat_interleave(torch.arange(n), lens.long()))  # (T,) sequence of each row
+            sums = torch.zeros(n, hidden.shape[-1], device=self.device, dtype=torch.float32)
+            sums.index_add_(0, seg, hidden.float())  # (B, H) sums over each sequence's tokens
+            pooled = sums / self._to_device(lens.float().unsqueeze(1))
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def embed_tokenized(self, token_ids: Sequence[Sequence[int]], batch_size: int = 128,
@@ -167,7 +177,7 @@ class Encoder:
                 tokens += len(token_ids[order[j]])
                 j += 1
             idx = order[i:j]
-            out[torch.tensor(idx, device=self.device)] = self._forward_packed([token_ids[k] for k in idx])
+            out[self._to_device(torch.tensor(idx))] = self._forward_packed([token_ids[k] for k in idx])
             if progress is not None:
                 progress.update(j - i)
             i = j
