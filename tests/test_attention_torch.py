@@ -98,6 +98,14 @@ def test_alibi_bias_by_hand():
     assert alibi_bias(torch.tensor([1.0]), 2, 4).shape == (1, 2, 4)
 
 
+@pytest.fixture(autouse=True)
+def fresh_resolution():
+    """resolve_attn_impl caches its answer per process; each test here asks afresh."""
+    attn._resolved.clear()
+    yield
+    attn._resolved.clear()
+
+
 def test_auto_resolves_to_torch_on_cpu_and_says_so_once(caplog):
     attn._announced.clear()
     with caplog.at_level(logging.WARNING, logger="mosaic_embed.kernels.attention"):

@@ -81,8 +81,12 @@ def alibi_bias(
     return (-slopes.float()[:, None, None] * distance).to(dtype)  # (H, q_len, k_len)
 
 
+# Looked up once: find_spec cannot be traced by torch.compile, and the answer never changes in a process.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def _kernel_head_dims() -> tuple[int, ...] | None:
@@ -103,9 +107,25 @@ def resolve_attn_impl(
     Raises:
         ValueError / RuntimeError when "triton" is asked for where it cannot run (no silent fallback).
     """
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    key = (impl, device.type, dtype, dropout_p, head_dim, interpret)
+    choice = _resolved.get(key)
+    if choice is None:  # every layer of every step asks the same question: answer it once per process
+        choice = _resolve_attn_impl(impl, device, dtype, dropout_p, head_dim, interpret)
+        _resolved[key] = choice
+    return choice
+
+
+_resolved: dict[tuple, str] = {}
+
+
+@torch.compiler.disable
+def _resolve_attn_impl(
+    impl: str, device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int | None, interpret: bool
+) -> str:
+    # Outside torch.compile's graph (imports, logging); resolve_attn_impl caches the answer.
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if impl == "torch":
         choice, why = "torch", "attn_impl='torch'"
     elif impl == "triton":
