@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -333,7 +334,7 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
         logger.warning("precision bf16 without CUDA: training in bf16 autocast on CPU")
     out = Path(cfg.out)
     work = out.parent / f".{out.name}.trainer"
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work),
         per_device_train_batch_size=cfg.batch_size,
@@ -349,6 +350,7 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
         # gathered negatives need equal batch sizes on every rank
         dataloader_drop_last=world > 1,
         dataloader_num_workers=cfg.dataloader_workers,
+        use_cpu=not cuda,  # torchrun on CPU then runs a gloo DDP job (tests, smoke checks)
         logging_steps=cfg.logging_steps,
         save_strategy="no",
         eval_strategy="no",
@@ -361,10 +363,11 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
     train_out = trainer.train()
     t_train = time.perf_counter() - t1
     metrics: dict[str, float] = {}
-    if evaluator is not None and trainer.is_world_process_zero():
+    main_process = trainer.is_world_process_zero() and int(os.environ.get("RANK", "0")) == 0
+    if evaluator is not None and main_process:
         metrics = {k: float(v) for k, v in evaluator(model).items()}
         logger.warning("train-encoder: %s", {k: round(v, 4) for k, v in metrics.items() if "ndcg" in k})
-    if trainer.is_world_process_zero():
+    if main_process:
         with atomic_directory(out) as tmp:
             save_encoder(model, tmp)
             write_manifest(
@@ -373,7 +376,9 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
                 outputs={"n_pairs": len(dataset), "columns": dataset.column_names,
                          "train_loss": float(train_out.training_loss), "steps": int(train_out.global_step)},
                 timings={"data_s": t_data, "train_s": t_train, "total_s": time.perf_counter() - t0},
-                metrics=metrics, world_size=world, gpu_minutes=(t_train / 60 * world) if cuda else 0.0,
+                metrics=metrics, world_size=trainer.args.world_size,
+                gathered_negatives=bool(cfg.gather_across_devices and trainer.args.world_size > 1),
+                gpu_minutes=(t_train / 60 * trainer.args.world_size) if cuda else 0.0,
             )
         shutil.rmtree(work, ignore_errors=True)
     return out
