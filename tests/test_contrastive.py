@@ -289,3 +289,17 @@ def test_loads_with_remote_code_where_mosaic_embed_is_absent(encoder_dir, tmp_pa
     remote = np.load(encoder_dir / "remote.npy")
     local = SentenceTransformer(str(encoder_dir / "encoder"), device="cpu").encode(texts)
     np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)
+
+
+def test_train_encoder_under_torchrun_gathers_negatives(encoder_dir, tmp_path):
+    """Two gloo ranks on CPU: a real DDP run, gathered negatives on, only rank 0 writes the folder."""
+    pairs = write_pairs_jsonl(tmp_path / "p.jsonl", n=24)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mosaic_embed.cli", "train-encoder", "--recipe", "tiny", "--model", str(encoder_dir / "backbone"),
+           "--pairs", str(pairs), "--out", str(tmp_path / "enc"), "--max-steps", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "enc" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["gathered_negatives"] is True
+    assert manifest["outputs"]["steps"] == 2
