@@ -27,6 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 from ..kernels.attention import alibi_slopes, padded_alibi_attention, varlen_alibi_attention
+from ..kernels.geglu import geglu
 from .configuration import MosaicBertConfig
 from .padding import cu_seqlens_to_indices, pad_input, unpad_input
 
@@ -135,13 +136,16 @@ class MosaicBertMLP(nn.Module):
     """Feed-forward block with residual and post-LN.
 
     ``mlp="geglu"``: ``(GELU(x W1) * (x V)) W2``; W1 and V are fused in one bias-free Linear ``wi``
-    (H -> 2I, first half W1, second half V), as in the original MosaicBERT checkpoints.
+    (H -> 2I, first half W1, second half V), as in the original MosaicBERT checkpoints. With exact GELU
+    (``hidden_act="gelu"``) the gating goes through ``kernels/geglu.py`` (a fused Triton kernel on CUDA
+    that reads each byte once in both directions; the torch expression elsewhere).
     ``mlp="gelu"``: BERT's ``GELU(x W1 + b1) W2 + b2`` with ``wi`` H -> I.
     """
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
         self.gated = config.mlp == "geglu"
+        self.fused_geglu = self.gated and config.hidden_act == "gelu"
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
         self.wi = nn.Linear(config.hidden_size, width, bias=not self.gated)
         self.act = ACT2FN[config.hidden_act]
@@ -152,7 +156,9 @@ class MosaicBertMLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> (..., H)."""
         inner = self.wi(hidden)  # (..., 2I) or (..., I)
-        if self.gated:
+        if self.fused_geglu:
+            inner = geglu(inner)  # (..., I)
+        elif self.gated:
             gate, value = inner.chunk(2, dim=-1)  # each (..., I)
             inner = self.act(gate) * value
         else:
@@ -393,10 +399,16 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         loss = None
         if labels is not None:
             targets = enc.gather(labels)  # (N,)
-            rows = torch.nonzero(targets != -100, as_tuple=False).flatten()  # (n,)
+            labelled = targets != -100  # (N,)
+            rows = torch.nonzero(labelled, as_tuple=False).flatten()  # (n,)
             logits = self.mlm_head(enc.hidden.index_select(0, rows))  # (n, V)
             targets = targets.index_select(0, rows)
-            loss = F.cross_entropy(logits, targets) if rows.numel() else logits.sum() * 0.0
+            # The mean over labelled rows written as sum / max(n, 1) with n a tensor: no Python branch on
+            # the data-dependent n, so torch.compile (capture_dynamic_output_shape_ops, see
+            # train/pretrain.py:compile_in_place) traces the row selection and the loss into the graph.
+            # n = 0 gives 0 (a sum over no rows), with a zero gradient, as before.
+            n = labelled.sum().clamp(min=1)
+            loss = F.cross_entropy(logits, targets, reduction="sum") / n
         else:
             logits = enc.to_caller(self.mlm_head(enc.hidden))  # (B, S, V) | (T, V)
         hidden_states = tuple(enc.to_caller(s) for s in enc.all_hidden) if enc.all_hidden is not None else None

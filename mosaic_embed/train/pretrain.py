@@ -417,11 +417,39 @@ def _use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available()
 
 
-def compile_in_place(model: torch.nn.Module, packed: bool) -> None:
+def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Resolve MosaicBERT's attention and GeGLU dispatch (cached per process) before torch.compile traces.
+
+    The resolvers run outside the graph (``torch.compiler.disable``: imports, a one-time log line), so a
+    cache miss during tracing is a graph break, and the filled cache then fails a guard: one wasted
+    compilation of the whole model. Answering the questions first gives one graph on the first trace.
+    ``dtype`` is the activation dtype the layers see (the autocast dtype under mixed precision).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", "") != "mosaic_bert":
+        return
+    from ..kernels.attention import resolve_attn_impl
+    from ..kernels.geglu import resolve_geglu_impl
+
+    device = torch.device(device_type)
+    head_dim = config.hidden_size // config.num_attention_heads
+    for dropout_p in {0.0, float(config.attention_probs_dropout_prob)}:  # eval, train
+        resolve_attn_impl(config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
+    if config.mlp == "geglu" and config.hidden_act == "gelu":
+        resolve_geglu_impl("auto", device)
+
+
+def compile_in_place(model: torch.nn.Module, packed: bool, device_type: str | None = None,
+                     dtype: torch.dtype | None = None) -> None:
     """``torch.compile`` the model in place (``nn.Module.compile``), so parameter names, ``save_pretrained``
     and the Trainer's checkpoints are unchanged. Packed batches vary in length: MosaicBERT is compiled with
-    dynamic shapes from the start. (The MLM head's ``nonzero`` over the masked rows stays a graph break:
-    capturing it makes the head's ``rows.numel()`` test a data-dependent guard that compilation rejects.)"""
+    dynamic shapes from the start. ``capture_dynamic_output_shape_ops`` lets the graph hold the MLM head's
+    ``nonzero`` over the masked rows (a data-dependent row count; the head's loss has no Python branch on
+    it), so forward, head and loss compile as one graph with no break."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    warm_dispatch(model, device_type, dtype or torch.float32)
     model.compile(dynamic=True if packed else None)
 
 
@@ -492,7 +520,7 @@ def train_mlm(
 
     use_bf16 = _use_bf16(tc.precision)
     if tc.compile:
-        compile_in_place(model, packed=arch == "mosaic_bert")
+        compile_in_place(model, packed=arch == "mosaic_bert", dtype=torch.bfloat16 if use_bf16 else torch.float32)
     if "tensorboard" in tc.report_to:  # transformers 5 reads the TensorBoard folder from the environment
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     fused = torch.cuda.is_available()
