@@ -256,13 +256,17 @@ def train_encoder_cmd(model, pairs, corpus, out, pooling, loss, batch_size, max_
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--max-seq-len", type=int, default=None, help="Truncation length (may exceed the training length: ALiBi).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available).")
-def embed_cmd(model, input_path, out, text_field, title_field, id_field, batch_size, window, dtype, max_seq_len, device):
+@click.option("--max-tokens", type=int, default=None,
+              help="Real tokens per packed batch (default: 32768 on GPU; --batch-size texts on CPU).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the MosaicBERT layers (slower start).")
+def embed_cmd(model, input_path, out, text_field, title_field, id_field, batch_size, window, dtype, max_seq_len, device,
+              max_tokens, compile_):
     """Embed a JSON-lines file into memory-mapped .npy + ids; resumable; multi-GPU under torchrun."""
     from .encode import embed_file
 
     path = embed_file(model, input_path, out, text_field=text_field, title_field=title_field or None,
                       id_field=id_field, batch_size=batch_size, window=window, dtype=dtype,
-                      max_seq_len=max_seq_len, device=device)
+                      max_seq_len=max_seq_len, device=device, max_tokens=max_tokens or "auto", compile=compile_)
     click.echo(f"wrote {path}")
 
 
@@ -284,6 +288,61 @@ def eval_retrieval_cmd(model, beir_dir, split, max_seq_len, batch_size, out_json
     click.echo(f"({result['n_queries']} queries, {result['n_docs']} documents, max_seq_len {result['max_seq_len']})")
     if out_json:
         atomic_write_json(out_json, result)
+
+
+# ---- index: embeddings -> FAISS vector store -> search (index/store.py) -----------------------------------
+
+
+@main.group()
+def index() -> None:
+    """Build and query a FAISS vector store over embedded documents."""
+
+
+@index.command("build")
+@click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Output folder of `embed`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to write.")
+@click.option("--no-texts", is_flag=True, help="Store ids only, not the documents' texts.")
+@recipe_options
+def index_build_cmd(embeddings, out, no_texts, recipe, overrides):
+    """Index embeddings (recipes/index: exact, hnsw, ivfpq; any FAISS factory via --set factory=...)."""
+    from .config import IndexConfig, load_config
+    from .index.store import VectorStore, build_store_from_embeddings
+
+    cfg = load_config(IndexConfig, recipe, overrides, stage="index")
+    path = build_store_from_embeddings(embeddings, out, cfg, with_texts=not no_texts)
+    store = VectorStore(path)
+    t = store.manifest["timings"]
+    click.echo(f"{path}: {len(store)} vectors of dim {store.dim}, index {cfg.factory} "
+               f"(train {t['train_s']:.1f} s, add {t['add_s']:.1f} s)")
+
+
+@index.command("search")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder.")
+@click.option("--query", "queries", required=True, multiple=True, help="Query text (repeatable).")
+@click.option("-k", "--top-k", "k", type=int, default=5, show_default=True)
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="Query encoder (default: the one the store's embeddings were made with).")
+@click.option("--json", "as_json", is_flag=True, help="Print hits as JSON lines.")
+def index_search_cmd(store_dir, queries, k, model, as_json):
+    """Embed queries with the store's encoder and print the top-k documents."""
+    import json
+
+    from .index.store import VectorStore
+
+    store = VectorStore(store_dir)
+    encoder = None
+    if model is not None:
+        from sentence_transformers import SentenceTransformer
+
+        encoder = SentenceTransformer(model)
+    for query, hits in zip(queries, store.search_texts(list(queries), k=k, encoder=encoder), strict=True):
+        if as_json:
+            click.echo(json.dumps({"query": query, "hits": [h.__dict__ for h in hits]}, ensure_ascii=False))
+            continue
+        click.echo(f"query: {query}")
+        for rank, h in enumerate(hits, 1):
+            snippet = (h.text or "").replace("\n", " ")[:100]
+            click.echo(f"  {rank}. {h.score:.3f}  {h.id}  {snippet}")
 
 
 # ---- pretrain: shards -> MLM pretraining (train/pretrain.py) ---------------------------------------------

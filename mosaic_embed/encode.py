@@ -6,9 +6,12 @@ batch at a time), so the GPU idles. Here, for a MosaicBERT backbone:
 
 1. a background thread tokenizes the next window of texts (the Rust tokenizer releases the GIL and
    runs its own thread pool) while the GPU embeds the current one;
-2. inside a window (thousands of texts) texts are sorted by length and cut into batches, and each
-   batch is fed *packed*: all its tokens concatenated (T,) with ``cu_seqlens`` (B+1,), so no padding
-   token is ever computed (MosaicBERT's unpadded path, the same one used in pretraining);
+2. inside a window (thousands of texts) texts are sorted by length and cut into batches by a token
+   budget (32k real tokens on GPU: thousands of short texts or ~128 long ones per forward, so every
+   forward is large), and each batch is fed *packed*: all its tokens concatenated (T,) with
+   ``cu_seqlens`` (B+1,), so no padding token is ever computed (MosaicBERT's unpadded path, the same one
+   used in pretraining). The window is laid out in numpy by the tokenizer thread and goes to the device
+   in a few copies; the batch loop then only launches device work (no per-batch copy or readback);
 3. pooling (mean / CLS) and normalisation run on the packed (T, H) output with segment sums, matching
    sentence-transformers' ``Pooling`` + ``Normalize`` exactly;
 4. the model runs in bf16 on GPU, and the results of a whole window come back to the host at once.
@@ -24,6 +27,7 @@ embeds), writes ``embeddings.npy`` through ``np.lib.format.open_memmap`` (rows i
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +66,89 @@ def _pooling_mode(module: Any) -> str | None:
     return mode
 
 
+DEFAULT_MAX_TOKENS = 32768  # real tokens per packed batch on GPU (see Encoder)
+
+
+@dataclass
+class PackedWindow:
+    """One window of tokenized texts laid out for the device: length-sorted and cut into packed batches.
+
+    Built on the host (numpy only, so a background thread can build it while the device runs the previous
+    window). S sorted sequences, T tokens, nb batches.
+
+    tokens: (T,) int64 token ids of the sequences in sorted order, back to back.
+    lens: (S,) int64 sorted sequence lengths (longest first).
+    order: (S,) int64 the input row of each sorted sequence.
+    bounds: (nb+1,) int64 batch b is sorted sequences ``bounds[b]:bounds[b+1]``.
+    cu: (S+nb,) int32 every batch's own ``cu_seqlens`` (b+1 entries each, 0 first), back to back: batch b's
+        are ``cu[bounds[b]+b : bounds[b+1]+b+1]``.
+    seg: (T,) int64 each token's sequence index inside its batch (mean pooling's segment ids).
+    """
+
+    tokens: np.ndarray
+    lens: np.ndarray
+    order: np.ndarray
+    bounds: np.ndarray
+    cu: np.ndarray
+    seg: np.ndarray
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def plan_window(flat: np.ndarray, lens: np.ndarray, batch_size: int, max_tokens: int | None) -> PackedWindow:
+    """Sort a window's sequences by length and cut packed batches (all vectorised numpy).
+
+    ``flat`` (T,) token ids of N sequences back to back in input order, ``lens`` (N,) their lengths.
+    With ``max_tokens`` a batch takes sorted sequences while their real tokens fit the budget (a single
+    longer sequence forms a batch alone): the batch size then adapts to length, thousands of short texts
+    or ~128 of 256 tokens, so every forward is large enough to keep the GPU busy. Without it, batches
+    hold ``batch_size`` sequences.
+    """
+    lens = np.asarray(lens, dtype=np.int64)
+    n = int(lens.shape[0])
+    order = np.argsort(-lens, kind="stable")  # longest first: batches of similar lengths
+    slens = lens[order]
+    scum = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(slens, out=scum[1:])
+    if max_tokens is None:
+        bounds = np.unique(np.append(np.arange(0, n, batch_size, dtype=np.int64), n))
+    else:
+        cuts, i = [0], 0
+        while i < n:  # one searchsorted per batch: the largest j with scum[j] - scum[i] <= max_tokens
+            j = int(np.searchsorted(scum, scum[i] + max_tokens, side="right")) - 1
+            i = min(max(j, i + 1), n)
+            cuts.append(i)
+        bounds = np.asarray(cuts, dtype=np.int64)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])  # input-order offsets into flat
+    total = int(scum[-1])
+    gather = np.repeat(starts[order] - scum[:-1], slens) + np.arange(total, dtype=np.int64)  # (T,)
+    first = np.repeat(bounds[:-1], np.diff(bounds))  # (S,) first sorted sequence of each one's batch
+    local = np.arange(n, dtype=np.int64) - first  # (S,) index inside its batch
+    # per-batch cu_seqlens: the window's cumulative lengths rebased at each batch's first token
+    cu = np.concatenate([scum[a : b + 1] - scum[a] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]) if n else np.zeros(0)
+    return PackedWindow(
+        tokens=np.asarray(flat, dtype=np.int64)[gather], lens=slens, order=order.astype(np.int64), bounds=bounds,
+        cu=cu.astype(np.int32), seg=np.repeat(local, slens),
+    )
+
+
 class Encoder:
     """A loaded sentence-transformers model plus the fast packed path when its backbone is MosaicBERT.
 
     ``encode(texts) -> (N, D) float32`` in input order. ``max_seq_len`` may exceed the length the model
     was trained at: MosaicBERT has no position table (ALiBi), so longer inputs simply extrapolate.
+
+    ``max_tokens``: the real-token budget of one packed batch ("auto": 32768 on GPU, where large forwards
+    are what keeps it busy, and ``batch_size`` sequences per batch on CPU). ``compile=True`` compiles
+    each MosaicBERT layer with ``torch.compile`` (dynamic shapes: one graph serves every batch size),
+    fusing the residual adds into the LayerNorms; the first call then takes tens of seconds longer.
     """
 
     def __init__(self, st_model: Any, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
-                 path: str | None = None):
+                 path: str | None = None, max_tokens: int | str | None = "auto", compile: bool = False):
         from sentence_transformers import models
 
         self.st = st_model
@@ -83,6 +162,12 @@ class Encoder:
         get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if max_tokens == "auto":
+            max_tokens = DEFAULT_MAX_TOKENS if self.device.type == "cuda" else None
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int, None or 'auto', got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self._backend = self._truncating_backend()
 
         # The packed path mirrors exactly [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?].
         modules = list(st_model)
@@ -101,15 +186,20 @@ class Encoder:
             self.normalize = len(modules) == 3
             self.backbone = backbone.to(self.dtype).eval()
             self.path_used = PACKED
+            if compile:
+                for layer in self.backbone.encoder.layers:
+                    layer.compile(dynamic=True)  # in place: the module tree (and ST's view of it) is unchanged
         else:
             self.backbone = None
             self.path_used = FALLBACK
-        logger.warning("Encoder(%s): %s path, %s, max_seq_len %d, pooling %s", path, self.path_used,
-                       str(self.dtype).replace("torch.", ""), self.max_seq_len, self.pooling or "ST modules")
+        self.compiled = bool(compile and self.backbone is not None)
+        logger.warning("Encoder(%s): %s path, %s, max_seq_len %d, pooling %s, max_tokens %s%s", path,
+                       self.path_used, str(self.dtype).replace("torch.", ""), self.max_seq_len,
+                       self.pooling or "ST modules", self.max_tokens, ", compiled layers" if self.compiled else "")
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, max_seq_len: int | None = None,
-             dtype: torch.dtype | None = None) -> Encoder:
+             dtype: torch.dtype | None = None, max_tokens: int | str | None = "auto", compile: bool = False) -> Encoder:
         from sentence_transformers import SentenceTransformer
 
         path = Path(path)
@@ -117,9 +207,27 @@ class Encoder:
             raise FileNotFoundError(f"encoder folder not found: {path}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         st = SentenceTransformer(str(path), device=device)
-        return cls(st, max_seq_len=max_seq_len, dtype=dtype, path=str(path))
+        return cls(st, max_seq_len=max_seq_len, dtype=dtype, path=str(path), max_tokens=max_tokens, compile=compile)
 
     # -- tokenization ---------------------------------------------------------------------------------------
+
+    def _truncating_backend(self) -> Any:
+        """A private copy of the fast tokenizer's Rust backend, truncating at ``max_seq_len``, or None.
+
+        Calling the backend directly skips the Python half of ``tokenizer(texts)`` (a BatchEncoding of
+        Python lists built per text, about a third of the tokenizer's time, all of it holding the GIL
+        that the thread launching GPU work needs). A copy, because the HF wrapper re-sets the backend's
+        truncation on every call and this one is used from the tokenizer thread.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_padding()
+        copy.enable_truncation(self.max_seq_len, direction=getattr(self.tokenizer, "truncation_side", "right"))
+        return copy
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, ``[CLS] ... [SEP]``, truncated to ``max_seq_len``, no padding."""
@@ -128,70 +236,92 @@ class Encoder:
             padding=False, return_attention_mask=False, return_token_type_ids=False,
         )["input_ids"]
 
+    def tokenize_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of :meth:`tokenize` as numpy: (T,) int32 all texts back to back and (N,) int64 lengths.
+
+        The Rust tokenizer encodes the batch on all cores with the GIL released; only the per-text
+        ``ids`` lists and two ``np.fromiter`` passes run in Python.
+        """
+        if self._backend is not None:
+            ids = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
+        else:
+            ids = self.tokenize(texts)
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lens.sum()))
+        return flat, lens
+
     # -- the packed forward -----------------------------------------------------------------------------------
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host -> device without a stream sync: a pageable copy would block until the GPU is idle."""
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """Host -> device without a stream sync (a pageable copy would block until the GPU is idle)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
     @torch.inference_mode()
-    def _forward_packed(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One packed batch: B token lists -> (B, D) pooled (and normalised) embeddings on the device.
+    def _embed_packed(self, win: PackedWindow, progress: Any = None) -> torch.Tensor:
+        """Every batch of a window -> (S, D) float32 embeddings on the device, in the window's input order.
 
-        Everything the device needs is built on the host first and copied asynchronously, so the host
-        can prepare the next batch while this one runs.
+        The window goes to the device in four copies (tokens, cu_seqlens, segment ids, order); each batch
+        is then a slice of them, so the loop issues only device work: no per-batch host->device copy and
+        no readback until the whole window is done.
         """
-        n = len(batch)
-        lens = torch.tensor([len(x) for x in batch], dtype=torch.int32)  # (B,)
-        total = int(lens.sum())
-        flat = torch.from_numpy(np.fromiter((t for x in batch for t in x), dtype=np.int64, count=total))  # (T,)
-        cu = torch.zeros(n + 1, dtype=torch.int32)
-        torch.cumsum(lens, 0, out=cu[1:])  # (B+1,)
-        max_seqlen = int(lens.max())
-        flat, cu_dev = self._to_device(flat), self._to_device(cu)
-        hidden = self.backbone(input_ids=flat, cu_seqlens=cu_dev, max_seqlen=max_seqlen).last_hidden_state  # (T, H)
-        if self.pooling == "cls":
-            pooled = hidden[self._to_device(cu[:-1].long())].float()  # (B, H): first token of each sequence
-        else:
-            seg = self._to_device(torch.repeat_interleave(torch.arange(n), lens.long()))  # (T,) sequence of each row
-            sums = torch.zeros(n, hidden.shape[-1], device=self.device, dtype=torch.float32)
-            sums.index_add_(0, seg, hidden.float())  # (B, H) sums over each sequence's tokens
-            pooled = sums / self._to_device(lens.float().unsqueeze(1))
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        n = int(win.lens.shape[0])
+        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+        if n == 0:
+            return out
+        tokens, cu, order = self._to_device(win.tokens), self._to_device(win.cu), self._to_device(win.order)
+        seg = self._to_device(win.seg) if self.pooling == "mean" else None
+        counts = self._to_device(win.lens.astype(np.float32)) if self.pooling == "mean" else None
+        scum = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(win.lens, out=scum[1:])
+        bounds = win.bounds.tolist()
+        for b, (a, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            t0, t1 = int(scum[a]), int(scum[e])
+            cu_b = cu[a + b : e + b + 1]  # (B+1,) this batch's cu_seqlens
+            hidden = self.backbone(input_ids=tokens[t0:t1], cu_seqlens=cu_b,
+                                   max_seqlen=int(win.lens[a])).last_hidden_state  # (T_b, H)
+            if self.pooling == "cls":
+                pooled = hidden.index_select(0, cu_b[:-1].long()).float()  # (B, H): first token of each
+            else:
+                sums = torch.zeros(e - a, hidden.shape[-1], device=self.device, dtype=torch.float32)
+                sums.index_add_(0, seg[t0:t1], hidden.float())  # (B, H) per-sequence sums
+                pooled = sums / counts[a:e, None]
+            if self.normalize:
+                pooled = F.normalize(pooled, dim=-1)
+            out.index_copy_(0, order[a:e], pooled)
+            if progress is not None:
+                progress.update(e - a)
+        return out
 
     def embed_tokenized(self, token_ids: Sequence[Sequence[int]], batch_size: int = 128,
                         max_tokens: int | None = None, progress: Any = None) -> np.ndarray:
         """(N,) token lists -> (N, D) float32 in the given order; batches are length-sorted internally.
 
-        ``max_tokens`` caps the real tokens of one packed batch (memory bound for long inputs).
+        ``max_tokens`` cuts batches by real tokens instead of ``batch_size`` sequences.
         """
-        n = len(token_ids)
-        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
-        order = sorted(range(n), key=lambda i: len(token_ids[i]), reverse=True)
-        i = 0
-        while i < n:
-            j, tokens = i, 0
-            while j < n and j - i < batch_size and (max_tokens is None or j == i or tokens + len(token_ids[order[j]]) <= max_tokens):
-                tokens += len(token_ids[order[j]])
-                j += 1
-            idx = order[i:j]
-            out[self._to_device(torch.tensor(idx))] = self._forward_packed([token_ids[k] for k in idx])
-            if progress is not None:
-                progress.update(j - i)
-            i = j
-        return out.cpu().numpy()  # one device->host copy per window: keeps the GPU queue full
+        lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32, count=int(lens.sum()))
+        win = plan_window(flat, lens, batch_size, max_tokens)
+        return self._embed_packed(win, progress).cpu().numpy()
 
     def encode(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False,
                window: int = 16384) -> np.ndarray:
-        """(N,) strings -> (N, D) float32 embeddings, input order (tokenizing ahead, see ``iter_embed``)."""
+        """(N,) strings -> (N, D) float32 embeddings, input order (tokenizing ahead, see ``iter_embed``).
+
+        The first window is an eighth of ``window``: the device starts after tokenizing that much instead
+        of a whole window, and the next (full) window is tokenized while it runs.
+        """
         if not len(texts):
             return np.zeros((0, self.dim), dtype=np.float32)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts), desc="embed", disable=not show_progress)
-        windows = ((i, texts[i : i + window]) for i in range(0, len(texts), window))
+        cuts = [0, min(len(texts), max(1, window // 8))]
+        while cuts[-1] < len(texts):
+            cuts.append(min(len(texts), cuts[-1] + window))
+        windows = ((a, texts[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
         try:
             parts = [emb for _, emb, _ in self.iter_embed(windows, batch_size, progress=bar)]
         finally:
@@ -202,8 +332,10 @@ class Encoder:
                    progress: Any = None) -> Iterator[tuple[Any, np.ndarray, int]]:
         """Embed ``(key, texts)`` windows in order, yielding ``(key, (n, D) float32, real tokens)``.
 
-        A background thread reads and tokenizes window k+1 while the device embeds window k: the host
-        work (JSON parsing, WordPiece) hides behind the forward passes instead of adding to them.
+        A background thread reads, tokenizes and lays out (:func:`plan_window`) window k+1 while the device
+        embeds window k: the host work (JSON parsing, WordPiece, sorting) hides behind the forward passes
+        instead of adding to them. The thread does almost nothing under the GIL (the Rust tokenizer and
+        large numpy operations release it), so it does not slow the thread that launches the GPU work.
         """
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -220,8 +352,11 @@ class Encoder:
         def produce() -> None:
             try:
                 for key, texts in windows:
-                    ids = self.tokenize(texts) if self.path_used == PACKED else None
-                    if not put((key, texts, ids)):
+                    win = None
+                    if self.path_used == PACKED:
+                        flat, lens = self.tokenize_flat(texts)
+                        win = plan_window(flat, lens, batch_size, self.max_tokens)
+                    if not put((key, texts, win)):
                         return
                 put(None)
             except BaseException as err:  # re-raised in the consumer, message intact
@@ -236,22 +371,23 @@ class Encoder:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                key, texts, ids = item
-                emb = self.embed_window(texts, ids, batch_size, progress=progress)
-                yield key, emb, (sum(len(x) for x in ids) if ids is not None else 0)
+                key, texts, win = item
+                emb = self.embed_window(texts, win, batch_size, progress=progress)
+                yield key, emb, (win.n_tokens if win is not None else 0)
         finally:
             stop.set()
             thread.join(timeout=5)
 
-    def embed_window(self, texts: Sequence[str], token_ids: list[list[int]] | None, batch_size: int,
+    def embed_window(self, texts: Sequence[str], win: PackedWindow | None, batch_size: int,
                      progress: Any = None) -> np.ndarray:
+        """One window -> (n, D) float32 in input order (one device->host copy for the whole window)."""
         if self.path_used == FALLBACK:  # ST sorts by length and pads per batch itself
             emb = np.asarray(self.st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                                             show_progress_bar=False), dtype=np.float32)
             if progress is not None:
                 progress.update(len(texts))
             return emb
-        return self.embed_tokenized(token_ids, batch_size=batch_size, progress=progress)
+        return self._embed_packed(win, progress).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,12 +500,15 @@ def embed_file(
     max_seq_len: int | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    max_tokens: int | str | None = "auto",
+    compile: bool = False,
 ) -> Path:
     """Embed every record of a JSON-lines file (``.gz`` allowed) into ``out/embeddings.npy`` + ``out/ids.jsonl``.
 
     Rows of ``embeddings.npy`` (N, D) follow input order. Re-running with the same arguments after an
     interruption skips the windows already written; different arguments on an existing ``out`` are an error.
     Under ``torchrun`` window w goes to rank ``w % world_size``; all ranks write the same memmap.
+    ``max_tokens`` / ``compile``: packed-batch token budget and layer compilation (see :class:`Encoder`).
     """
     from tqdm.auto import tqdm
 
@@ -384,7 +523,7 @@ def embed_file(
     if device is None and torch.cuda.is_available():
         device = f"cuda:{local}"
     t_start = time.perf_counter()
-    encoder = Encoder.load(model, device=device, max_seq_len=max_seq_len)
+    encoder = Encoder.load(model, device=device, max_seq_len=max_seq_len, max_tokens=max_tokens, compile=compile)
 
     stat = input_path.stat()
     settings = {
@@ -465,3 +604,10 @@ def load_embeddings(out: str | Path) -> tuple[np.ndarray, list[str]]:
     with open(out / IDS, encoding="utf-8") as f:
         ids = [json.loads(line) for line in f]
     return np.load(out / EMBEDDINGS, mmap_mode="r"), ids
+
+
+def iter_texts(input_path: str | Path, text_field: str = "text", title_field: str | None = "title") -> Iterator[str]:
+    """The texts ``embed_file`` embedded, streamed in input order (row r of ``embeddings.npy`` is text r)."""
+    path = Path(input_path)
+    for lineno, line in _iter_records(path):
+        yield _record_text(_parse(line, path, lineno), path, lineno, text_field, title_field)

@@ -12,7 +12,7 @@ from encoder_helpers import TOPICS, tiny_bert, tiny_mosaic, write_beir
 
 import mosaic_embed  # noqa: F401
 from mosaic_embed.cli import main
-from mosaic_embed.encode import FALLBACK, PACKED, Encoder, embed_file, load_embeddings
+from mosaic_embed.encode import FALLBACK, PACKED, Encoder, embed_file, load_embeddings, plan_window
 from mosaic_embed.train.contrastive import build_encoder, save_encoder
 
 TEXTS = [f"{t} {body} " * (i % 4 + 1) for i, (t, body) in enumerate(list(TOPICS.items()) * 4)] + ["a", "cat dog"]
@@ -58,6 +58,60 @@ def test_token_budget_batches_agree(encoders):
     a = enc.embed_tokenized(ids, batch_size=64)
     b = enc.embed_tokenized(ids, batch_size=64, max_tokens=60)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tokenize_flat_matches_the_tokenizer_call(encoders):
+    enc = Encoder.load(encoders["mosaic-mean"], device="cpu", max_seq_len=20)
+    texts = TEXTS + [" ".join(["storm city road"] * 30), "Café  NAÏVE?!"]
+    ids = enc.tokenize(texts)
+    flat, lens = enc.tokenize_flat(texts)
+    assert lens.tolist() == [len(x) for x in ids] and max(lens) == 20  # truncated like the HF call
+    assert flat.tolist() == [t for x in ids for t in x]
+
+
+def test_plan_window_cuts_by_token_budget():
+    rng = np.random.default_rng(0)
+    lens = rng.integers(1, 40, size=200)
+    flat = rng.integers(0, 1000, size=int(lens.sum())).astype(np.int32)
+    win = plan_window(flat, lens, batch_size=8, max_tokens=100)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    assert sorted(win.order.tolist()) == list(range(200)) and np.all(np.diff(win.lens) <= 0)
+    assert win.tokens.tolist() == [t for i in win.order for t in flat[starts[i]:starts[i] + lens[i]]]
+    pos = 0
+    for b, (a, e) in enumerate(zip(win.bounds[:-1], win.bounds[1:], strict=True)):
+        cu = win.cu[a + b:e + b + 1]
+        assert cu[0] == 0 and np.array_equal(np.diff(cu), win.lens[a:e])
+        assert cu[-1] <= 100 or e - a == 1  # within budget (batch size not capped by batch_size)
+        if e < len(lens):
+            assert cu[-1] + win.lens[e] > 100  # greedy: the next sequence would not have fit
+        assert win.seg[pos:pos + cu[-1]].tolist() == np.repeat(np.arange(e - a), win.lens[a:e]).tolist()
+        pos += cu[-1]
+    by_count = plan_window(flat, lens, batch_size=8, max_tokens=None)
+    assert np.array_equal(by_count.bounds, np.append(np.arange(0, 200, 8), 200))
+
+
+def test_token_budget_encoder_matches_sentence_batches(encoders):
+    texts = TEXTS * 3
+    a = Encoder.load(encoders["mosaic-mean"], device="cpu").encode(texts, batch_size=4, window=16)
+    b = Encoder.load(encoders["mosaic-mean"], device="cpu", max_tokens=64).encode(texts, window=16)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_packed_path_matches_sentence_transformers_on_gpu(encoders, tmp_path, compile):
+    backbone = tiny_mosaic(tmp_path / "b")  # its config pins attn_impl torch: the GPU default is auto
+    cfg = json.loads((backbone / "config.json").read_text())
+    cfg["attn_impl"] = "auto"
+    (backbone / "config.json").write_text(json.dumps(cfg))
+    save_encoder(build_encoder(backbone, "mean", True, max_seq_len=48, device="cpu"), tmp_path / "enc")
+    enc = Encoder.load(tmp_path / "enc", device="cuda", max_tokens=256, compile=compile)
+    texts = TEXTS * 8
+    got = enc.encode(texts, window=64)
+    ref = enc.st.encode(texts, batch_size=16)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999, cos.min()
+    assert enc.compiled == compile
 
 
 def test_other_backbones_fall_back_to_sentence_transformers(encoders):
