@@ -17,7 +17,7 @@ measured peak, the peak being the FLOP/s of a bf16 8192^3 matmul timed in the sa
 Writes ``benchmarks/results/encode_throughput.json`` with ``{"speedup": ours / baseline sentences/s, ...}``.
 
     python benchmarks/encode_throughput.py                        # GPU, full size
-    python benchmarks/encode_throughput.py --check 2048 --variants none,65536,compile   # + correctness, sweep
+    python benchmarks/encode_throughput.py --check 2048 --variants eager,none,65536   # + correctness, sweep
     python benchmarks/encode_throughput.py --tiny --n 64          # CPU smoke run (tests use this)
 """
 
@@ -201,10 +201,11 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-size", type=int, default=8192, help="matmul size for the measured peak")
     p.add_argument("--warmup", type=int, default=2048)
     p.add_argument("--max-tokens", default="auto", help="ours: real tokens per packed batch ('auto': 32768 on GPU)")
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile the MosaicBERT layers")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="ours: torch.compile the MosaicBERT layers ('auto': on GPU, the Encoder default)")
     p.add_argument("--check", type=int, default=0, help="ours: cosine vs SentenceTransformer.encode on N texts")
     p.add_argument("--variants", default="",
-                   help="extra ours-only runs after the main result is written, e.g. '16384,65536,compile'")
+                   help="extra ours-only runs after the main result is written, e.g. 'eager,none,eager:65536'")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "encode_throughput.json")
     args = p.parse_args(argv)
 
@@ -219,8 +220,9 @@ def main(argv=None) -> dict:
         warmup = min(args.warmup, len(texts))
         max_tokens = args.max_tokens if args.max_tokens in ("auto", "none") else int(args.max_tokens)
         max_tokens = None if max_tokens == "none" else max_tokens
+        compile_ = {"auto": "auto", "on": True, "off": False}[args.compile]
         ours = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, max_tokens,
-                        args.compile, args.check)
+                        compile_, args.check)
         base = run_baseline(base_dir, texts, args.batch_size, args.max_seq_len, device, warmup)
         peak_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         peak = matmul_peak(device, peak_dtype, args.peak_size)
@@ -229,10 +231,12 @@ def main(argv=None) -> dict:
         result = _write(args, ours, base, texts, peak, peak_dtype, device)
         variants = []
         for v in filter(None, args.variants.split(",")):
-            budget = v.split(":")[-1] if v != "compile" else "auto"
+            # "16384" / "none" (batch_size texts per batch) / "eager" / "eager:16384" / "compile" / "compile:16384"
+            mode, _, budget = v.rpartition(":") if ":" in v else ((v, "", "auto") if v in ("eager", "compile")
+                                                                   else ("", "", v))
             budget = None if budget == "none" else budget if budget == "auto" else int(budget)
             run = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, budget,
-                           v.startswith("compile"), min(args.check, 512))
+                           {"eager": False, "compile": True}.get(mode, "auto"), min(args.check, 512))
             run["variant"] = v
             _rates(run, len(texts), peak)
             run["speedup"] = run["sentences_per_s"] / base["sentences_per_s"]

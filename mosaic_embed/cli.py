@@ -258,7 +258,8 @@ def train_encoder_cmd(model, pairs, corpus, out, pooling, loss, batch_size, max_
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available).")
 @click.option("--max-tokens", type=int, default=None,
               help="Real tokens per packed batch (default: 32768 on GPU; --batch-size texts on CPU).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the MosaicBERT layers (slower start).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the MosaicBERT layers (default: on GPU; a few seconds at start).")
 def embed_cmd(model, input_path, out, text_field, title_field, id_field, batch_size, window, dtype, max_seq_len, device,
               max_tokens, compile_):
     """Embed a JSON-lines file into memory-mapped .npy + ids; resumable; multi-GPU under torchrun."""
@@ -266,7 +267,8 @@ def embed_cmd(model, input_path, out, text_field, title_field, id_field, batch_s
 
     path = embed_file(model, input_path, out, text_field=text_field, title_field=title_field or None,
                       id_field=id_field, batch_size=batch_size, window=window, dtype=dtype,
-                      max_seq_len=max_seq_len, device=device, max_tokens=max_tokens or "auto", compile=compile_)
+                      max_seq_len=max_seq_len, device=device, max_tokens=max_tokens or "auto",
+                      compile="auto" if compile_ is None else compile_)
     click.echo(f"wrote {path}")
 
 

@@ -142,13 +142,15 @@ class Encoder:
     was trained at: MosaicBERT has no position table (ALiBi), so longer inputs simply extrapolate.
 
     ``max_tokens``: the real-token budget of one packed batch ("auto": 32768 on GPU, where large forwards
-    are what keeps it busy, and ``batch_size`` sequences per batch on CPU). ``compile=True`` compiles
-    each MosaicBERT layer with ``torch.compile`` (dynamic shapes: one graph serves every batch size),
-    fusing the residual adds into the LayerNorms; the first call then takes tens of seconds longer.
+    are what keeps it busy, and ``batch_size`` sequences per batch on CPU). ``compile`` ("auto": on GPU)
+    compiles each MosaicBERT layer with ``torch.compile`` (dynamic shapes: one graph serves every batch
+    size; the 12 layers share it), fusing the residual adds into the LayerNorms: measured on an H100,
+    7 % less device time for a few seconds of compilation on the first call. Should compilation fail,
+    the first forward says so in a warning and the layers run eagerly.
     """
 
     def __init__(self, st_model: Any, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
-                 path: str | None = None, max_tokens: int | str | None = "auto", compile: bool = False):
+                 path: str | None = None, max_tokens: int | str | None = "auto", compile: bool | str = "auto"):
         from sentence_transformers import models
 
         self.st = st_model
@@ -167,6 +169,8 @@ class Encoder:
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive int, None or 'auto', got {max_tokens!r}")
         self.max_tokens = max_tokens
+        if compile == "auto":
+            compile = self.device.type == "cuda"
         self._backend = self._truncating_backend()
 
         # The packed path mirrors exactly [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?].
@@ -193,13 +197,15 @@ class Encoder:
             self.backbone = None
             self.path_used = FALLBACK
         self.compiled = bool(compile and self.backbone is not None)
+        self._first_forward = True
         logger.warning("Encoder(%s): %s path, %s, max_seq_len %d, pooling %s, max_tokens %s%s", path,
                        self.path_used, str(self.dtype).replace("torch.", ""), self.max_seq_len,
                        self.pooling or "ST modules", self.max_tokens, ", compiled layers" if self.compiled else "")
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, max_seq_len: int | None = None,
-             dtype: torch.dtype | None = None, max_tokens: int | str | None = "auto", compile: bool = False) -> Encoder:
+             dtype: torch.dtype | None = None, max_tokens: int | str | None = "auto",
+             compile: bool | str = "auto") -> Encoder:
         from sentence_transformers import SentenceTransformer
 
         path = Path(path)
@@ -280,8 +286,8 @@ class Encoder:
         for b, (a, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             t0, t1 = int(scum[a]), int(scum[e])
             cu_b = cu[a + b : e + b + 1]  # (B+1,) this batch's cu_seqlens
-            hidden = self.backbone(input_ids=tokens[t0:t1], cu_seqlens=cu_b,
-                                   max_seqlen=int(win.lens[a])).last_hidden_state  # (T_b, H)
+            hidden = self._backbone_forward(input_ids=tokens[t0:t1], cu_seqlens=cu_b,
+                                            max_seqlen=int(win.lens[a])).last_hidden_state  # (T_b, H)
             if self.pooling == "cls":
                 pooled = hidden.index_select(0, cu_b[:-1].long()).float()  # (B, H): first token of each
             else:
@@ -294,6 +300,21 @@ class Encoder:
             if progress is not None:
                 progress.update(e - a)
         return out
+
+    def _backbone_forward(self, **inputs: Any) -> Any:
+        """The backbone on one packed batch; on the first call, a failing compilation falls back to eager."""
+        if not self._first_forward or not self.compiled:
+            return self.backbone(**inputs)
+        self._first_forward = False
+        try:
+            return self.backbone(**inputs)
+        except Exception as err:  # inductor/dynamo errors surface at the first call, with many types
+            logger.warning("Encoder: torch.compile of the layers failed (%s: %s); running them eagerly",
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            for layer in self.backbone.encoder.layers:
+                layer._compiled_call_impl = None  # undoes nn.Module.compile
+            self.compiled = False
+            return self.backbone(**inputs)
 
     def embed_tokenized(self, token_ids: Sequence[Sequence[int]], batch_size: int = 128,
                         max_tokens: int | None = None, progress: Any = None) -> np.ndarray:
@@ -501,7 +522,7 @@ def embed_file(
     device: str | None = None,
     show_progress: bool = True,
     max_tokens: int | str | None = "auto",
-    compile: bool = False,
+    compile: bool | str = "auto",
 ) -> Path:
     """Embed every record of a JSON-lines file (``.gz`` allowed) into ``out/embeddings.npy`` + ``out/ids.jsonl``.
 

@@ -97,6 +97,20 @@ def test_token_budget_encoder_matches_sentence_batches(encoders):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_failed_compilation_falls_back_to_eager(encoders):
+    enc = Encoder.load(encoders["mosaic-mean"], device="cpu", compile=True)
+    assert enc.compiled
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated inductor failure")
+
+    for layer in enc.backbone.encoder.layers:
+        layer._compiled_call_impl = broken  # what nn.Module.compile installs, failing at its first call
+    got = enc.encode(TEXTS[:6])
+    assert not enc.compiled
+    np.testing.assert_allclose(got, enc.st.encode(TEXTS[:6]), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True])
 def test_packed_path_matches_sentence_transformers_on_gpu(encoders, tmp_path, compile):
