@@ -10,12 +10,13 @@ Reported per model: real tokens/s (padding never counted), peak GPU memory, and
 MFU = 6 x parameters x real tokens/s / F, where F is the bf16 FLOP/s of an 8192^3 matrix product
 measured in the same run (median of CUDA-event-timed repeats). Rows:
 
-- ``mosaic-bert-base`` eager and ``torch.compile``d (Triton varlen ALiBi attention, unpadded, bf16
-  LayerNorm, MLM head only on masked tokens);
+- ``mosaic-bert-base`` eager and ``torch.compile``d through ``train/pretrain.py:compile_in_place`` as
+  training does (Triton varlen ALiBi attention, fused Triton GeGLU, unpadded, bf16 LayerNorm, MLM head
+  only on masked tokens; compiled as one graph);
 - ``bert-base`` (transformers ``BertForMaskedLM``, SDPA attention) eager and ``torch.compile``d.
 
 Usage: python benchmarks/pretrain_throughput.py [--corpus DIR] [--steps 20] [--warmup 5]
-       [--microbatch 256] [--rows mosaic-compile,mosaic-eager,bert-compile,bert-eager]
+       [--microbatch 256] [--rows mosaic-compile,mosaic-eager,bert-compile,bert-eager] [--geglu]
 Writes benchmarks/results/pretrain_throughput.json (and ``--out`` if given). ``--smoke`` runs a tiny
 model on CPU in fp32 to check the script itself.
 """

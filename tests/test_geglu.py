@@ -5,6 +5,8 @@ GPU (``-m gpu``) at MosaicBERT-Base sizes in bf16, where the kernel's error must
 factor of plain torch's bf16 error, and under torch.compile with dynamic shapes (the custom op path).
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ def _rel(a, b):
 
 
 def _check(shape, dtype, device, tol_factor=None, abs_tol=None):
-    gen = torch.Generator(device="cpu").manual_seed(hash((shape, str(dtype))) % 2**31)
+    gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(repr((shape, dtype)).encode()))
     inner32 = (torch.randn(shape, generator=gen) * 2).to(device)
     dout32 = torch.randn((*shape[:-1], shape[-1] // 2), generator=gen).to(device)
     ref_in = inner32.double().requires_grad_()
@@ -39,9 +41,9 @@ def _check(shape, dtype, device, tol_factor=None, abs_tol=None):
         assert err_b <= tol_factor * _rel(t_in.grad, ref_in.grad) + 1e-6, (err_b, _rel(t_in.grad, ref_in.grad))
 
 
-@pytest.mark.parametrize("shape", [(5, 16), (3, 4, 2 * 1030), (1, 2)])
+@pytest.mark.parametrize("shape", [(5, 16), (3, 4, 2 * 1030), (9, 2)])
 def test_geglu_fp32_matches_reference(shape):
-    # 1030 > BLOCK (1024): a partial last column tile; (1, 2): I = 1
+    # 1030 > BLOCK (1024): a partial last column tile; (9, 2): I = 1
     _check(shape, torch.float32, "cpu", abs_tol=1e-5)
 
 
