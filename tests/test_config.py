@@ -314,12 +314,3 @@ def test_cli_tokenizer_train(small_corpus, tmp_path):
                                        "--tokenizer", str(out), "--out", str(tmp_path / "s"), "--num-proc", "1"])
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / "s")["tokenizer_info"]["special_token_ids"]["cls"] == 2
-
-
-def test_demo_prepares_the_bundled_corpus(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    manifest = read_manifest(tmp_path / "demo" / "shards", expect_stage="data")
-    assert manifest["corpus_summary"]["documents"] == 140
-    assert manifest["outputs"]["train"]["documents"] + manifest["outputs"]["validation"]["documents"] == 140
-    assert "140 documents" in result.output

@@ -95,3 +95,66 @@ def test_index_config_errors_name_the_key():
         load_config(IndexConfig, overrides=["nprobe=3"])
     with pytest.raises(ConfigError, match="'metric'"):
         load_config(IndexConfig, overrides=["metric=cosine"])
+
+
+# ---- from `mosaic-embed embed` output, through the CLI ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """A tiny MosaicBERT encoder, a BEIR-style corpus and its `embed` output."""
+    from encoder_helpers import tiny_mosaic, write_beir
+
+    from mosaic_embed.encode import embed_file
+    from mosaic_embed.train.contrastive import build_encoder, save_encoder
+
+    root = tmp_path_factory.mktemp("embedded")
+    encoder = root / "encoder"
+    save_encoder(build_encoder(tiny_mosaic(root / "backbone"), "mean", True, max_seq_len=48, device="cpu"), encoder)
+    beir = write_beir(root / "beir")
+    emb = embed_file(encoder, beir / "corpus.jsonl", root / "emb", dtype="float32", show_progress=False)
+    return {"encoder": encoder, "corpus": beir / "corpus.jsonl", "emb": emb}
+
+
+def test_store_from_embed_output_returns_the_embedded_texts(embedded, tmp_path):
+    from mosaic_embed.encode import iter_texts, load_embeddings
+    from mosaic_embed.index.store import build_store_from_embeddings
+
+    vectors, ids = load_embeddings(embedded["emb"])
+    store = VectorStore(build_store_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig()))
+    texts = list(iter_texts(embedded["corpus"]))
+    assert len(store) == len(ids) == len(texts)
+    for row in (0, 5, len(ids) - 1):
+        (hit,) = store.search(np.asarray(vectors[row]), k=1)[0]
+        assert (hit.row, hit.id, hit.text) == (row, ids[row], texts[row])  # title + text, as embedded
+    assert store.manifest["inputs"]["encoder"] == str(embedded["encoder"])
+    # Text queries go through the encoder the store names: a document's own text finds that document first.
+    (top,) = store.search_texts([texts[3]], k=1)[0]
+    assert top.row == 3
+
+
+def test_cli_index_build_and_search(embedded, tmp_path):
+    from click.testing import CliRunner
+
+    from mosaic_embed.cli import main
+
+    runner = CliRunner()
+    store = tmp_path / "store"
+    result = runner.invoke(main, ["index", "build", "--embeddings", str(embedded["emb"]), "--out", str(store),
+                                  "--recipe", "hnsw"])
+    assert result.exit_code == 0, result.output
+    assert "12 vectors" in result.output and "HNSW32,Flat" in result.output
+    result = runner.invoke(main, ["index", "search", "--store", str(store), "--query", "storm news",
+                                  "--query", "market", "-k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    # result.output interleaves stderr (the attention path announcement); stdout holds the JSON lines.
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [x["query"] for x in lines] == ["storm news", "market"]
+    assert all(len(x["hits"]) == 2 and x["hits"][0]["text"] for x in lines)
+    # Bad input: an unknown recipe key and a folder that is no embed output, each named, nothing written.
+    result = runner.invoke(main, ["index", "build", "--embeddings", str(embedded["emb"]), "--out",
+                                  str(tmp_path / "x"), "--set", "nlist=4"])
+    assert result.exit_code == 2 and "unknown key 'nlist'" in result.output
+    result = runner.invoke(main, ["index", "build", "--embeddings", str(tmp_path), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "manifest.json" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

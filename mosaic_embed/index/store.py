@@ -119,6 +119,37 @@ def build_store(
     return Path(out_dir)
 
 
+def build_store_from_embeddings(
+    embeddings_dir: str | Path, out_dir: str | Path, cfg: IndexConfig, with_texts: bool = True
+) -> Path:
+    """Index the output of ``mosaic-embed embed`` (its manifest names the encoder and the input file).
+
+    With ``with_texts`` the documents' texts are re-read from the embedded input, in row order, and stored
+    beside the index, so a search returns what a RAG prompt needs without another lookup.
+    """
+    from ..encode import iter_texts, load_embeddings
+
+    embeddings_dir = Path(embeddings_dir)
+    manifest = read_manifest(embeddings_dir, expect_stage="embed")
+    vectors, ids = load_embeddings(embeddings_dir)
+    settings = manifest.get("settings", {})
+    texts = None
+    if with_texts:
+        source = Path(manifest["inputs"]["input"])
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"{embeddings_dir}: the embedded input {source} is gone; build with --no-texts or restore it"
+            )
+        texts = iter_texts(source, settings.get("text_field", "text"), settings.get("title_field", "title"))
+    source_info = {
+        "embeddings": str(embeddings_dir),
+        "encoder": manifest["inputs"].get("model"),
+        "input": manifest["inputs"].get("input"),
+        "max_seq_len": settings.get("max_seq_len"),
+    }
+    return build_store(vectors, [str(i) for i in ids], out_dir, cfg, texts=texts, source=source_info)
+
+
 def _write_docs(folder: Path, ids: Sequence[str], texts: Iterable[str]) -> int:
     offsets = []
     with open(folder / "docs.jsonl", "wb") as f:
