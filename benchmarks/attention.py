@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mosaic_embed.artifacts import atomic_write_text
+from mosaic_embed.artifacts import atomic_write_text, git_commit
 from mosaic_embed.kernels import flash_attn_alibi as faa
 
 HEADS, HEAD_DIM = 12, 64
@@ -221,15 +219,6 @@ def build_case(max_len, tokens, seed):
     sum_sq = sum(n * n for n in lens)
     return lens, steps, check, sum_sq
 
-
-def git_commit():
-    if os.environ.get("MOSAIC_COMMIT"):
-        return os.environ["MOSAIC_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None):

@@ -27,14 +27,11 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def corpus_dir() -> Path:
@@ -258,10 +255,8 @@ def _write(args, ours: dict, base: dict, texts: list[str], peak: float, peak_dty
     """Assemble, save and print the main result (ours with the chosen settings vs the baseline)."""
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    from mosaic_embed.artifacts import git_commit
+
     try:
         import triton
 
@@ -282,7 +277,7 @@ def _write(args, ours: dict, base: dict, texts: list[str], peak: float, peak_dty
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "triton": triton_version,
-        "git_commit": commit,
+        "git_commit": git_commit(),
         "timed_region": "encode(texts) of all texts, tokenization included, after a warm-up on the first "
                         f"{min(args.warmup, len(texts))} texts; token counts outside it",
     }

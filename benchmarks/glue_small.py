@@ -22,17 +22,14 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from mosaic_embed.artifacts import atomic_write_json, environment  # noqa: E402
+from mosaic_embed.artifacts import atomic_write_json, environment, git_commit  # noqa: E402
 from mosaic_embed.train.glue import load_glue_config, pretraining_meta, run_glue  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "glue_small.json"
@@ -41,14 +38,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "glue_small.json"
 def default_tasks_dir() -> Path:
     env = os.environ.get("MOSAIC_DATA")
     return Path(env) / "tasks" if env else ROOT.parent / "shared" / "data" / "tasks"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def summarize(point: dict) -> dict:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from mosaic_embed.artifacts import atomic_write_json  # noqa: E402
+from mosaic_embed.artifacts import atomic_write_json, git_commit  # noqa: E402
 from mosaic_embed.config import DataConfig, PretrainModelConfig  # noqa: E402
 from mosaic_embed.data.mlm import KeyedDataset, MLMMasker, PaddedMLMCollator, UnpaddedMLMCollator  # noqa: E402
 from mosaic_embed.data.shards import load_shards, prepare_shards  # noqa: E402
@@ -277,14 +275,9 @@ def main() -> None:
         "bert-eager": ("bert-base (HF, SDPA)", "hf_bert", "none"),
         "bert-compile": ("bert-base (HF, SDPA)", "hf_bert", "model"),
     }
-    try:  # the device host gets the tree without .git: pass GIT_COMMIT there
-        proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        commit = proc.stdout.strip() if proc.returncode == 0 else None
-    except OSError:
-        commit = None
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-        "commit": commit or os.environ.get("GIT_COMMIT"),
+        "commit": git_commit(),
         "torch": torch.__version__,
         "triton": getattr(sys.modules.get("triton"), "__version__", None),
         "transformers": __import__("transformers").__version__,

@@ -32,13 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SYSTEMS = ("mosaic+pairs", "minilm", "bm25", "mosaic+auto")
 EXTRAPOLATION_LENGTHS = (128, 256, 512)
@@ -48,14 +45,6 @@ def default_data_root() -> Path:
     if os.environ.get("MOSAIC_DATA"):
         return Path(os.environ["MOSAIC_DATA"])
     return ROOT.parent / "shared" / "data"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_name() -> str:
@@ -170,7 +159,7 @@ def main(argv=None) -> None:
     import torch
 
     import mosaic_embed  # noqa: F401  (registers MosaicBERT)
-    from mosaic_embed.artifacts import environment
+    from mosaic_embed.artifacts import environment, git_commit
 
     for system in systems:
         t0 = time.perf_counter()

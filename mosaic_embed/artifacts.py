@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,6 +105,20 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def git_commit() -> str:
+    """The source commit behind this run: ``$MOSAIC_COMMIT`` if set (a copy of the tree without .git, e.g.
+    on a GPU host), else ``git rev-parse HEAD`` of the checkout this package is imported from, else "unknown".
+    """
+    if os.environ.get("MOSAIC_COMMIT"):
+        return os.environ["MOSAIC_COMMIT"]
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
 def package_version() -> str:
     from . import __version__
 
@@ -114,6 +129,7 @@ def environment() -> dict[str, Any]:
     """What produced an artifact: versions that change numerics or formats."""
     env: dict[str, Any] = {
         "mosaic_embed": package_version(),
+        "commit": git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
