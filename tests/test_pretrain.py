@@ -182,6 +182,25 @@ def test_cli_pretrain_bundled_corpus_end_to_end(tmp_path):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+def test_cli_bad_input_leaves_no_run_folder(tmp_path):
+    """A bad corpus, or a --resume/--out mistake, fails before the run folder is made or its config touched."""
+    from mosaic_embed.cli import main
+
+    out = tmp_path / "run"
+    base = ["pretrain", "--out", str(out), "--set", "train.max_steps=1", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+    r = CliRunner().invoke(main, [*base, "--corpus", str(tmp_path / "missing.txt")])
+    assert r.exit_code == 2 and "corpus not found" in r.output and "missing.txt" in r.output, r.output
+    assert not out.exists()
+    r = CliRunner().invoke(main, [*base, "--resume"])
+    assert r.exit_code == 2 and "no complete checkpoint" in r.output, r.output
+    assert not out.exists() and not (tmp_path / "c").exists()  # refused before tokenizing anything
+    (out / "final").mkdir(parents=True)
+    (out / "config.yaml").write_text("the earlier run's config\n")
+    r = CliRunner().invoke(main, base)
+    assert r.exit_code == 2 and "--resume" in r.output, r.output
+    assert (out / "config.yaml").read_text() == "the earlier run's config\n"
+
+
 def test_time_based_checkpoints(tmp_path, tok):
     # an interval far below one step's time asks for a checkpoint after every step
     cfg = make_cfg(tmp_path / "t", max_steps=3, eval_every_steps=0, save_every_steps=0, save_every_minutes=1e-6,

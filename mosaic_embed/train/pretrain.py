@@ -387,6 +387,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def _guard_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); a fresh run into a used folder, or a resume
+    with nothing to resume, is an error raised before anything is written."""
+    if resume:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        return latest
+    if list_checkpoints(run_dir) or (run_dir / "final").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
+    return None
+
+
 def rotate_checkpoints(ckpt_root: Path, keep_last: int, keep_steps: Sequence[int] = ()) -> None:
     """Delete complete checkpoints except the newest ``keep_last`` and those whose step is in ``keep_steps``."""
     ckpts = list_checkpoints(ckpt_root)
@@ -501,11 +514,8 @@ def train_mlm(
     data_order = {"seed": tc.seed, "global_batch_size": tc.global_batch_size, "train_examples": n_train,
                   "mask_prob": tc.mask_prob}
 
-    resume_from, resume_meta = None, None
-    if resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    resume_from, resume_meta = _guard_run_dir(run_dir, resume), None
+    if resume_from is not None:
         resume_meta = json.loads((resume_from / CHECKPOINT_META).read_text(encoding="utf-8"))
         saved = resume_meta.get("data_order", {})
         diff = {k: (saved.get(k), v) for k, v in data_order.items() if saved.get(k) != v}
@@ -515,8 +525,6 @@ def train_mlm(
                 + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
                 + "; resuming would not continue the same run"
             )
-    elif list_checkpoints(run_dir) or (run_dir / "final").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
 
     use_bf16 = _use_bf16(tc.precision)
     if tc.compile:
@@ -601,8 +609,7 @@ def pretrain(
 
     run_dir = Path(cfg.out)
     t_start = time.perf_counter()
-    if _is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    _guard_run_dir(run_dir, resume)  # before tokenizing: a wrong --out/--resume fails at once
     from accelerate import PartialState
     from transformers import set_seed
 
@@ -617,6 +624,9 @@ def pretrain(
     set_seed(cfg.train.seed)  # model initialisation is part of the seeded run
     model = build_model(cfg.model, tokenizer)
     if _is_main() and not resume:
+        # the run folder appears only once its inputs are known good: a bad corpus, tokenizer or model setting
+        # leaves nothing behind (a resumed run's folder exists already; train_mlm checks its checkpoints)
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     t_setup = time.perf_counter() - t_start
 
