@@ -284,3 +284,26 @@ def test_non_finite_loss_names_the_step(tiny_model, tmp_path):
     cfg.hparams.sst2.lr = 1.0e30  # Adam's first step then moves every weight by ~1e30: inf/nan logits
     with pytest.raises(FloatingPointError, match=r"sst2 seed 1: loss is nan at step \d+ of \d+"):
         run_glue(cfg)
+
+
+def test_cli_wrong_model_folder_is_a_clear_error_before_any_output(tmp_path):
+    """A missing folder, a non-model folder (shards, a GLUE output) or a model without tokenizer files: exit 2,
+    one line naming the folder, and no --out folder (no hub-lookup traceback, no stray config.yaml)."""
+    from click.testing import CliRunner
+
+    from mosaic_embed.cli import main
+
+    shards = tmp_path / "shards"
+    (shards / "train").mkdir(parents=True)
+    (shards / "manifest.json").write_text("{}")
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text('{"model_type": "bert"}')
+    out = tmp_path / "out"
+    for model, why in [(tmp_path / "missing", "model folder not found"), (shards, "not a model folder (no config.json)"),
+                       (no_tok, "no tokenizer files")]:
+        r = CliRunner().invoke(main, ["glue", "--model", str(model), "--tasks", "rte", "--data-dir", str(FIXTURES),
+                                      "--recipe", "tiny", "--out", str(out)])
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"error: {model}: {why}"), r.output
+        assert not out.exists()

@@ -555,6 +555,21 @@ def find_checkpoints(pattern: str) -> list[Path]:
     return sorted(models, key=key)
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    """``model_dir`` if it looks like a checkpoint to finetune (``config.json`` and tokenizer files), else a
+    FileNotFoundError naming it: raised before any output exists, instead of a hub-lookup traceback or a
+    tokenizer error that does not say which folder was wrong."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model folder not found")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json); give a save_pretrained "
+                                "folder such as runs/NAME/final or runs/NAME/checkpoints/step-N")
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer files (tokenizer.json, vocab.txt) beside the model")
+    return model_dir
+
+
 def run_glue(cfg: GlueConfig) -> dict[str, Any]:
     """Finetune and evaluate ``cfg.model`` (or every checkpoint in ``cfg.checkpoints``) on the configured tasks.
 
@@ -564,6 +579,7 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
     """
     out = Path(cfg.out)
     models = find_checkpoints(cfg.checkpoints) if cfg.checkpoints else [Path(cfg.model)]
+    models = [check_model_dir(m) for m in models]
     tasks = load_tasks(cfg)  # load (and validate) every file before the first finetuning step
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
