@@ -147,3 +147,15 @@ def test_convert_writes_a_loadable_folder_and_cli(tmp_path):
                                     "--config", "mosaic-bert-tiny", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "unexpected keys [weight]" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_other_architecture_error_names_the_checkpoint(tmp_path):
+    """An HF BertModel's safetensors (another architecture) fails with the file's path in the one error line."""
+    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, intermediate_size=INTER))
+    ckpt = tmp_path / "model.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in bert.state_dict().items()}, str(ckpt))
+    r = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--config", "mosaic-bert-tiny",
+                                  "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.startswith(f"error: {ckpt}: not a MosaicBERT checkpoint"), r.output
+    assert not (tmp_path / "out").exists()

@@ -200,7 +200,12 @@ def convert_checkpoint(
 
     start = time.perf_counter()
     cfg = resolve_config(config)
-    model = convert_state_dict(load_original_checkpoint(checkpoint, trust_pickle), cfg)
+    try:
+        model = convert_state_dict(load_original_checkpoint(checkpoint, trust_pickle), cfg)
+    except ValueError as err:
+        if str(checkpoint) in str(err):
+            raise
+        raise ValueError(f"{checkpoint}: {err}") from None  # name the file: key/shape errors do not
     if out_dir is not None:
         with atomic_directory(out_dir) as tmp:
             model.save_pretrained(tmp)
