@@ -159,3 +159,21 @@ def test_cli_other_architecture_error_names_the_checkpoint(tmp_path):
                                   "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and r.output.startswith(f"error: {ckpt}: not a MosaicBERT checkpoint"), r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_config_path_is_read_itself_or_rejected(tmp_path):
+    """--config as a path: that config.json (or a folder's), never silently a default config."""
+    from mosaic_embed.model.convert import resolve_config
+
+    tiny().save_pretrained(tmp_path / "m")
+    assert resolve_config(tmp_path / "m").num_hidden_layers == LAYERS
+    assert resolve_config(tmp_path / "m" / "config.json").num_hidden_layers == LAYERS
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"blob.bin: not a JSON config file"):
+        resolve_config(tmp_path / "blob.bin")
+    with pytest.raises(FileNotFoundError, match=r"empty/config.json: config file not found"):
+        (tmp_path / "empty").mkdir()
+        resolve_config(tmp_path / "empty")
+    BertConfig(hidden_size=H, num_attention_heads=4).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="model_type 'bert' is not 'mosaic_bert'"):
+        resolve_config(tmp_path / "bert")

@@ -178,8 +178,22 @@ def resolve_config(config: str | Path | MosaicBertConfig) -> MosaicBertConfig:
     if str(config) in PRESETS:
         return preset_config(str(config))
     path = Path(config)
-    if path.exists():
-        return MosaicBertConfig.from_pretrained(str(path.parent if path.is_file() else path))
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+    if path.is_file():
+        import json
+
+        try:  # read this very file (a folder's config.json only when a folder is given), never a default config
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON config file ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a JSON config file (expected an object)")
+        if data.get("model_type", MosaicBertConfig.model_type) != MosaicBertConfig.model_type:
+            raise ValueError(f"{path}: model_type {data['model_type']!r} is not {MosaicBertConfig.model_type!r}")
+        return MosaicBertConfig.from_dict(data)
     raise ValueError(f"config {config!r}: not a preset ({', '.join(sorted(PRESETS))}) and not a config path")
 
 
