@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -421,9 +422,14 @@ EMBEDDINGS, IDS, STATE, PROGRESS_DIR = "embeddings.npy", "ids.jsonl", "embed_sta
 def _iter_records(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, raw line) of every non-blank line: record k is the k-th of these."""
     with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    yield lineno, line
+        except UnicodeDecodeError as err:  # a binary or non-UTF-8 file (decoded in blocks: no line number)
+            bad = err.object[err.start:err.start + 1].hex()
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{bad}: {err.reason}); give a UTF-8 JSON-lines "
+                             "file") from None
 
 
 def _record_text(obj: Any, path: Path, lineno: int, text_field: str, title_field: str | None) -> str:
@@ -448,19 +454,24 @@ def _count_and_write_ids(path: Path, out: Path, text_field: str, title_field: st
     """Pass 1: validate every record, write ``ids.jsonl`` in input order, return the record count."""
     n = 0
     tmp = out / f".{IDS}.tmp"
-    with open(tmp, "w", encoding="utf-8") as ids:
-        for lineno, line in _iter_records(path):
-            obj = _parse(line, path, lineno)
-            _record_text(obj, path, lineno, text_field, title_field)
-            if id_field is not None:
-                if id_field not in obj:
-                    raise ValueError(f"{path}:{lineno}: missing id field '{id_field}'")
-                rid = obj[id_field]
-            else:
-                rid = obj.get("_id", obj.get("id", n))
-            ids.write(json.dumps(str(rid)) + "\n")
-            n += 1
-    os.replace(tmp, out / IDS)
+    try:
+        with open(tmp, "w", encoding="utf-8") as ids:
+            for lineno, line in _iter_records(path):
+                obj = _parse(line, path, lineno)
+                _record_text(obj, path, lineno, text_field, title_field)
+                if id_field is not None:
+                    if id_field not in obj:
+                        raise ValueError(f"{path}:{lineno}: missing id field '{id_field}'")
+                    rid = obj[id_field]
+                else:
+                    rid = obj.get("_id", obj.get("id", n))
+                ids.write(json.dumps(str(rid)) + "\n")
+                n += 1
+        if n == 0:
+            raise ValueError(f"{path}: no records (the file is empty or blank)")
+        os.replace(tmp, out / IDS)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n
 
 
@@ -555,6 +566,7 @@ def embed_file(
     }
     key = sha256_json(settings)
     if rank == 0:
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         state_path = out / STATE
         state = json.loads(state_path.read_text()) if state_path.is_file() else None
@@ -563,7 +575,12 @@ def embed_file(
                 f"{out} holds embeddings made with other settings ({state_path}); use a new --out or delete it"
             )
         if state is None or not (out / EMBEDDINGS).is_file() or not (out / IDS).is_file():
-            n = _count_and_write_ids(input_path, out, text_field, title_field, id_field)
+            try:
+                n = _count_and_write_ids(input_path, out, text_field, title_field, id_field)
+            except BaseException:
+                if created:  # a bad input file leaves no output folder behind
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
             np.lib.format.open_memmap(out / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, encoder.dim)).flush()
             (out / PROGRESS_DIR).mkdir(exist_ok=True)
             for stale in (out / PROGRESS_DIR).glob("rank-*.json"):

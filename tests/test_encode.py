@@ -187,6 +187,23 @@ def test_embed_file_bad_input_names_line(encoders, tmp_path):
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' missing"):
         embed_file(encoders["mosaic-mean"], bad, tmp_path / "emb", show_progress=False)
+    assert not (tmp_path / "emb").exists()  # a bad input file leaves no output folder
+
+
+def test_cli_embed_empty_binary_and_non_utf8_inputs(encoders, tmp_path):
+    """Exit 2, one error line naming the file, and no output folder (an empty file is not 0 embeddings)."""
+    cases = {"empty.jsonl": (b"", "no records"), "blank.jsonl": (b"\n  \n", "no records"),
+             "binary.jsonl": (bytes(range(128, 256)) * 4, ": not UTF-8 text (byte 0x80"),
+             "latin1.jsonl": (json.dumps({"text": "ok"}).encode() + b"\n" + '{"text": "café"}'.encode("latin-1"),
+                              ": not UTF-8 text (byte 0xe9")}
+    for name, (data, why) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        out = tmp_path / f"out-{name}"
+        r = CliRunner().invoke(main, ["embed", "--model", str(encoders["mosaic-mean"]), "--input",
+                                      str(tmp_path / name), "--out", str(out), "--device", "cpu"])
+        last = r.output.strip().splitlines()[-1]  # after the weight-loading progress bar
+        assert r.exit_code == 2 and last.startswith(f"error: {tmp_path / name}") and why in last, r.output
+        assert not out.exists(), name
 
 
 def test_cli_embed_and_eval_retrieval(encoders, tmp_path):
