@@ -92,7 +92,7 @@ DEMO_QUERIES = ["the white whale", "Queequeg and his harpoon"]
 def write_passages(corpus: Path, out: Path, words: int = 100) -> Path:
     """Cut a corpus into passages of about ``words`` words (paragraphs kept whole), as JSON lines.
 
-    Passages repeated verbatim (the sample has chapters that also appear inside longer documents) are kept
+    Passages repeated verbatim (a corpus can hold a text twice, e.g. an excerpt inside a collection) are kept
     once, so a search does not return the same text twice.
     """
     import json

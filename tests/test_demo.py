@@ -14,8 +14,8 @@ def test_demo_runs_every_stage_and_reuses_its_pretraining(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     shards = read_manifest(out / "shards", expect_stage="data")
-    assert shards["corpus_summary"]["documents"] == 140
-    assert shards["outputs"]["train"]["documents"] + shards["outputs"]["validation"]["documents"] == 140
+    assert shards["corpus_summary"]["documents"] == 139
+    assert shards["outputs"]["train"]["documents"] + shards["outputs"]["validation"]["documents"] == 139
     pretrain = read_manifest(out / "pretrain" / "final", expect_stage="pretrain")
     assert pretrain["final_eval"]["eval_loss"] < 10.0  # fell from ln(30528) ~ 10.3
     passages = [json.loads(line) for line in (out / "passages.jsonl").read_text().splitlines()]

@@ -74,7 +74,7 @@ _PARQUET_BATCH = 1024  # rows per record batch: bounds memory on files with long
 
 
 def bundled_corpus_path() -> Path:
-    """The public-domain sample corpus shipped in ``mosaic_embed/resources/corpus`` (Moby-Dick, 140 chapters)."""
+    """The public-domain sample corpus shipped in ``mosaic_embed/resources/corpus`` (Moby-Dick, 139 chapters)."""
     return Path(__file__).resolve().parent.parent / "resources" / "corpus"
 
 
