@@ -85,6 +85,11 @@ def test_store_rejects_foreign_folders_and_wrong_query_dims(tmp_path):
     path = build_store(clustered(40, 8), [str(i) for i in range(40)], tmp_path / "s", IndexConfig())
     with pytest.raises(ValueError, match="dimension 9"):
         VectorStore(path).search(np.zeros((1, 9), np.float32))
+    for k in (0, -1):  # FAISS itself only asserts
+        with pytest.raises(ValueError, match=r"k \(--top-k\) must be a positive integer"):
+            VectorStore(path).search(np.zeros((1, 8), np.float32), k=k)
+        with pytest.raises(ValueError, match="--top-k"):
+            VectorStore(path).search_texts(["storm"], k=k)  # before any encoder is loaded
     (path / "index.faiss").unlink()
     with pytest.raises(FileNotFoundError, match="index.faiss"):
         VectorStore(path)

@@ -162,6 +162,12 @@ def _write_docs(folder: Path, ids: Sequence[str], texts: Iterable[str]) -> int:
     return len(offsets)
 
 
+def _check_k(k: int) -> None:
+    # FAISS asserts k > 0 (a bare AssertionError); say which option is wrong instead
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (--top-k) must be a positive integer, got {k!r}")
+
+
 class VectorStore:
     """A store loaded from disk; ``search`` takes query vectors, ``search_texts`` takes strings."""
 
@@ -200,6 +206,7 @@ class VectorStore:
 
     def search(self, queries: np.ndarray, k: int = 10, with_text: bool = True) -> list[list[Hit]]:
         """Top-``k`` hits for each query vector; ``queries`` (Q, D) or (D,)."""
+        _check_k(k)
         queries = np.atleast_2d(queries)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} does not match the store's {self.dim}")
@@ -215,6 +222,7 @@ class VectorStore:
 
     def search_texts(self, queries: Sequence[str], k: int = 10, encoder=None) -> list[list[Hit]]:
         """Embed ``queries`` with ``encoder`` (default: the encoder recorded in the manifest) and search."""
+        _check_k(k)  # before loading the encoder
         if encoder is None:
             encoder = self._load_encoder()
         vectors = encoder.encode(list(queries), convert_to_numpy=True, normalize_embeddings=self.config.normalize)
