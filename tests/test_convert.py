@@ -177,3 +177,19 @@ def test_config_path_is_read_itself_or_rejected(tmp_path):
     BertConfig(hidden_size=H, num_attention_heads=4).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="model_type 'bert' is not 'mosaic_bert'"):
         resolve_config(tmp_path / "bert")
+
+
+def test_empty_and_garbage_checkpoint_files_are_named_errors(tmp_path):
+    """Not answered with a traceback, nor with advice to --trust-pickle a file that is no checkpoint."""
+    garbage = bytes(range(1, 256)) * 8
+    for name, data, why in [("empty.pt", b"", "empty file"), ("junk.bin", garbage, "not a PyTorch checkpoint"),
+                            ("junk.safetensors", garbage, "not a readable safetensors file"),
+                            ("empty.safetensors", b"", "not a readable safetensors file")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=why) as err:
+            load_original_checkpoint(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value) and "trust" not in str(err.value)
+    r = CliRunner().invoke(main, ["convert", "--checkpoint", str(tmp_path / "junk.safetensors"),
+                                  "--config", "mosaic-bert-tiny", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.startswith(f"error: {tmp_path / 'junk.safetensors'}: "), r.output
+    assert not (tmp_path / "out").exists()

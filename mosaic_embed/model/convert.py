@@ -76,10 +76,15 @@ def load_original_checkpoint(path: str | Path, trust_pickle: bool = False) -> di
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        obj = load_file(str(path))
+        try:
+            obj = load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     elif path.suffix in (".pt", ".bin", ".pth", ".ckpt"):
+        _check_torch_save_format(path)  # garbage must not be answered with "pass --trust-pickle"
         try:
             obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
         except Exception as err:  # torch raises UnpicklingError (and others) for non-tensor pickles
@@ -92,6 +97,19 @@ def load_original_checkpoint(path: str | Path, trust_pickle: bool = False) -> di
     else:
         raise ValueError(f"{path}: unknown checkpoint suffix {path.suffix!r} (.safetensors, .pt, .bin, .pth, .ckpt)")
     return _unwrap(obj, path)
+
+
+def _check_torch_save_format(path: Path) -> None:
+    """``torch.save`` writes a zip archive (or, in the legacy format, a pickle starting with the PROTO
+    opcode 0x80); anything else (an empty, truncated-to-nothing or unrelated file) is not a checkpoint."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if not head:
+        raise ValueError(f"{path}: empty file, not a checkpoint")
+    if head != b"\x80" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
 
 
 def _unwrap(obj, path) -> dict[str, torch.Tensor]:
