@@ -27,6 +27,7 @@ embeds), writes ``embeddings.npy`` through ``np.lib.format.open_memmap`` (rows i
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import logging
@@ -35,6 +36,7 @@ import queue
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,6 +432,8 @@ def _iter_records(path: Path) -> Iterator[tuple[int, str]]:
             bad = err.object[err.start:err.start + 1].hex()
             raise ValueError(f"{path}: not UTF-8 text (byte 0x{bad}: {err.reason}); give a UTF-8 JSON-lines "
                              "file") from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a .gz that is corrupt or cut short
+            raise ValueError(f"{path}: not a readable gzip file ({err})") from None
 
 
 def _record_text(obj: Any, path: Path, lineno: int, text_field: str, title_field: str | None) -> str:

@@ -195,7 +195,8 @@ def test_cli_embed_empty_binary_and_non_utf8_inputs(encoders, tmp_path):
     cases = {"empty.jsonl": (b"", "no records"), "blank.jsonl": (b"\n  \n", "no records"),
              "binary.jsonl": (bytes(range(128, 256)) * 4, ": not UTF-8 text (byte 0x80"),
              "latin1.jsonl": (json.dumps({"text": "ok"}).encode() + b"\n" + '{"text": "café"}'.encode("latin-1"),
-                              ": not UTF-8 text (byte 0xe9")}
+                              ": not UTF-8 text (byte 0xe9"),
+             "corrupt.jsonl.gz": (bytes(range(128, 256)), ": not a readable gzip file")}
     for name, (data, why) in cases.items():
         (tmp_path / name).write_bytes(data)
         out = tmp_path / f"out-{name}"
