@@ -214,6 +214,10 @@ class Encoder:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"encoder folder not found: {path}")
+        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            # else transformers says "Unrecognized model ... should have a `model_type` key", about a missing file
+            raise FileNotFoundError(f"{path}: not an encoder folder (no modules.json or config.json); give a "
+                                    "train-encoder output or a saved model folder")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         st = SentenceTransformer(str(path), device=device)
         return cls(st, max_seq_len=max_seq_len, dtype=dtype, path=str(path), max_tokens=max_tokens, compile=compile)

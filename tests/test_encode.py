@@ -190,6 +190,17 @@ def test_embed_file_bad_input_names_line(encoders, tmp_path):
     assert not (tmp_path / "emb").exists()  # a bad input file leaves no output folder
 
 
+def test_cli_embed_model_folder_that_is_no_encoder(tmp_path):
+    """A shards / GLUE-output / empty folder as --model: exit 2 naming it, before any output exists."""
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "ok"}) + "\n")
+    r = CliRunner().invoke(main, ["embed", "--model", str(tmp_path / "shards"), "--input", str(tmp_path / "in.jsonl"),
+                                  "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'shards'}: not an encoder folder")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_embed_empty_binary_and_non_utf8_inputs(encoders, tmp_path):
     """Exit 2, one error line naming the file, and no output folder (an empty file is not 0 embeddings)."""
     cases = {"empty.jsonl": (b"", "no records"), "blank.jsonl": (b"\n  \n", "no records"),
