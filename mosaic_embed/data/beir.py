@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -97,28 +97,35 @@ def load_queries(path: str | Path) -> dict[str, str]:
     return queries
 
 
-def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """``qrels/<split>.tsv`` -> ``{query_id: {doc_id: score}}``. The header line is optional."""
+def iter_tsv(path: str | Path, is_header: Callable[[list[str]], bool]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, tab-separated fields) of every non-blank line; a first line ``is_header`` accepts is skipped."""
     path = Path(path)
-    qrels: dict[str, dict[str, int]] = {}
     with open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\n\r")
             if not line.strip():
                 continue
             parts = line.split("\t")
-            if lineno == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
+            if lineno == 1 and is_header([p.strip().lower() for p in parts]):
                 continue
-            if len(parts) != 3:
-                raise ValueError(
-                    f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(parts)}"
-                )
-            qid, did, score = (p.strip() for p in parts)
-            try:
-                value = int(float(score))
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: score {score!r} is not a number") from None
-            qrels.setdefault(qid, {})[did] = value
+            yield lineno, parts
+
+
+def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """``qrels/<split>.tsv`` -> ``{query_id: {doc_id: score}}``. The header line is optional."""
+    path = Path(path)
+    qrels: dict[str, dict[str, int]] = {}
+    for lineno, parts in iter_tsv(path, lambda head: head[0] in ("query-id", "query_id", "qid")):
+        if len(parts) != 3:
+            raise ValueError(
+                f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(parts)}"
+            )
+        qid, did, score = (p.strip() for p in parts)
+        try:
+            value = int(float(score))
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: score {score!r} is not a number") from None
+        qrels.setdefault(qid, {})[did] = value
     return qrels
 
 

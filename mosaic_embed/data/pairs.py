@@ -23,7 +23,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .beir import doc_text, iter_jsonl, load_corpus, load_qrels, load_queries, open_text, qrels_splits
+from .beir import (
+    doc_text,
+    iter_jsonl,
+    iter_tsv,
+    load_corpus,
+    load_qrels,
+    load_queries,
+    qrels_splits,
+)
 
 
 @dataclass(frozen=True)
@@ -58,22 +66,15 @@ def iter_jsonl_pairs(path: str | Path) -> Iterator[Pair]:
 
 def iter_tsv_pairs(path: str | Path) -> Iterator[Pair]:
     path = Path(path)
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if lineno == 1 and [p.strip().lower() for p in parts[:2]] == ["query", "positive"]:
-                continue
-            if len(parts) not in (2, 3):
-                raise ValueError(
-                    f"{path}:{lineno}: expected 2 or 3 tab-separated columns (query, positive[, negative]), "
-                    f"got {len(parts)}"
-                )
-            if any(not p.strip() for p in parts):
-                raise ValueError(f"{path}:{lineno}: empty column")
-            yield Pair(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+    for lineno, parts in iter_tsv(path, lambda head: head[:2] == ["query", "positive"]):
+        if len(parts) not in (2, 3):
+            raise ValueError(
+                f"{path}:{lineno}: expected 2 or 3 tab-separated columns (query, positive[, negative]), "
+                f"got {len(parts)}"
+            )
+        if any(not p.strip() for p in parts):
+            raise ValueError(f"{path}:{lineno}: empty column")
+        yield Pair(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
 
 def iter_beir_pairs(folder: str | Path, split: str = "train") -> Iterator[Pair]:
