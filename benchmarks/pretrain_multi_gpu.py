@@ -7,7 +7,7 @@ tokens/s ratio is the scaling. Tokens/s is the mean of the per-step figures the 
 ``--skip`` warm-up steps. Writes benchmarks/results/pretrain_multi_gpu.json:
 ``{"device", "speedup", "tokens_per_s": {"1": .., "N": ..}, "loss_1gpu": [...], "loss_2gpu": [...]}``.
 
-Usage (a host with 2 GPUs): python benchmarks/pretrain_multi_gpu.py [--gpus 2] [--steps 50]
+Usage (a host with 2 GPUs): python benchmarks/pretrain_multi_gpu.py [--gpus 2] [--steps 50] [--noise-seed 1]
 ``--smoke``: a tiny model on CPU, 2 gloo processes (checks the launch, sharding and loss agreement).
 """
 
@@ -30,7 +30,7 @@ def default_corpus() -> Path:
     return Path(env) / "corpus" if env else ROOT.parent / "shared" / "data" / "corpus"
 
 
-def launch(nproc: int, run_dir: Path, args) -> dict:
+def launch(nproc: int, run_dir: Path, args, seed: int | None = None) -> dict:
     """One pretraining run on ``nproc`` processes; returns its per-step losses and tokens/s."""
     if args.smoke:
         recipe = "tiny"
@@ -39,6 +39,7 @@ def launch(nproc: int, run_dir: Path, args) -> dict:
         recipe = "mosaic-bert-base"
         sets = [f"train.global_batch_size={args.global_batch}", f"train.microbatch_size={args.microbatch}",
                 f"train.compile={str(args.compile).lower()}", "train.dataloader_workers=4"]
+    sets += [f"train.seed={seed}"] if seed is not None else []
     sets += [f"train.max_steps={args.steps}", "train.log_every_steps=1", "train.eval_every_steps=0",
              "train.eval_samples=64", "train.save_every_steps=0", f"data.cache_dir={args.cache}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=512)
     ap.add_argument("--microbatch", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--noise-seed", type=int, default=None,
+                    help="also train 1 GPU from this other seed: the seed-to-seed loss spread that 'within noise' means")
     ap.add_argument("--corpus", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mosaic_multi_gpu"))
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here instead of benchmarks/results")
@@ -79,6 +82,11 @@ def main() -> None:
         run_dir = args.work / f"run-{n}"
         shutil.rmtree(run_dir, ignore_errors=True)
         results[n] = launch(n, run_dir, args)
+    noise = None
+    if args.noise_seed is not None:
+        run_dir = args.work / f"run-1-seed{args.noise_seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        noise = launch(1, run_dir, args, seed=args.noise_seed)
     import torch
 
     one, many = results[1], results[args.gpus]
@@ -92,7 +100,16 @@ def main() -> None:
         "loss_1gpu": one["loss"],
         f"loss_{args.gpus}gpu": many["loss"],
         "max_abs_loss_diff": max(abs(a - b) for a, b in zip(one["loss"], many["loss"], strict=True)),
+        "compile": bool(args.compile),
     }
+    if noise is not None:
+        # the same 1-GPU run from another seed (init, data order, masks, dropout): the spread two equally
+        # valid runs show; the 1-vs-N difference should be no larger
+        out[f"loss_1gpu_seed{args.noise_seed}"] = noise["loss"]
+        out["max_abs_loss_diff_other_seed"] = max(abs(a - b) for a, b in zip(one["loss"], noise["loss"], strict=True))
+        out["mean_abs_loss_diff"] = statistics.mean(abs(a - b) for a, b in zip(one["loss"], many["loss"], strict=True))
+        out["mean_abs_loss_diff_other_seed"] = statistics.mean(
+            abs(a - b) for a, b in zip(one["loss"], noise["loss"], strict=True))
     path = args.out or (RESULTS if not args.smoke else args.work / "pretrain_multi_gpu.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
