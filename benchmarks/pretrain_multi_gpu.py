@@ -39,7 +39,7 @@ def default_corpus() -> Path:
     return Path(env) / "corpus" if env else ROOT.parent / "shared" / "data" / "corpus"
 
 
-def launch(nproc: int, name: str, args, *, steps: int, log_every: int, compile: bool = False,
+def launch(nproc: int, name: str, args, *, steps: int, log_every: int, mode: str = "eager",
            seed: int | None = None) -> dict:
     """One pretraining run on ``nproc`` processes; returns its logged losses and aggregate tokens/s."""
     run_dir = args.work / name
@@ -51,7 +51,9 @@ def launch(nproc: int, name: str, args, *, steps: int, log_every: int, compile: 
         recipe = "mosaic-bert-base"
         sets = [f"train.global_batch_size={args.global_batch}", f"train.microbatch_size={args.microbatch}",
                 "train.dataloader_workers=4"]
-    sets += [f"train.compile={str(compile).lower()}"]
+    sets += [f"train.compile={str(mode != 'eager').lower()}"]
+    if mode != "eager":
+        sets += [f"train.compile_split_at_ddp_buckets={str(mode == 'compiled-split').lower()}"]
     sets += [f"train.seed={seed}"] if seed is not None else []
     sets += [f"train.max_steps={steps}", f"train.log_every_steps={log_every}", "train.eval_every_steps=0",
              "train.eval_samples=64", "train.save_every_steps=0", f"data.cache_dir={args.cache}"]
@@ -82,8 +84,11 @@ def main() -> None:
     ap.add_argument("--throughput-steps", type=int, default=110)
     ap.add_argument("--log-every", type=int, default=10, help="logging interval of the throughput runs")
     ap.add_argument("--skip", type=int, default=10, help="first steps left out of tokens/s (warm-up, compile)")
-    ap.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["compiled", "eager"],
-                    help="throughput runs: the first one gives the headline speedup")
+    ap.add_argument("--modes", nargs="+", choices=["eager", "compiled", "compiled-split"],
+                    default=None,
+                    help="throughput runs (compiled: one graph, all-reduce after the backward; compiled-split: "
+                         "the graph split at DDP buckets); the first one gives the headline speedup "
+                         "(default: compiled compiled-split eager; eager with --smoke)")
     ap.add_argument("--global-batch", type=int, default=512)
     ap.add_argument("--microbatch", type=int, default=256)
     ap.add_argument("--noise-seed", type=int, default=None,
@@ -97,7 +102,7 @@ def main() -> None:
     args.cache = args.work / "cache"
     if args.smoke:
         args.steps, args.throughput_steps, args.log_every, args.skip = min(args.steps, 6), 6, 2, 2
-        args.modes = ["eager"]
+    args.modes = args.modes or (["eager"] if args.smoke else ["compiled", "compiled-split", "eager"])
     n = args.gpus
     import torch
 
@@ -134,9 +139,14 @@ def main() -> None:
             abs(a - b) for a, b in zip(one["loss"], noise["loss"], strict=True))
         save()
     out["throughput"] = {}
+    one_gpu = {}  # the graph split only matters under DDP: one 1-GPU compiled run serves both compiled modes
     for mode in args.modes:
-        runs = {k: launch(k, f"tput-{mode}-{k}", args, steps=args.throughput_steps, log_every=args.log_every,
-                          compile=mode == "compiled") for k in (1, n)}
+        base = "eager" if mode == "eager" else "compiled"
+        if base not in one_gpu:
+            one_gpu[base] = launch(1, f"tput-{base}-1", args, steps=args.throughput_steps, log_every=args.log_every,
+                                   mode=mode)
+        runs = {1: one_gpu[base], n: launch(n, f"tput-{mode}-{n}", args, steps=args.throughput_steps,
+                                            log_every=args.log_every, mode=mode)}
         out["throughput"][mode] = {
             "speedup": runs[n]["tokens_per_s"] / runs[1]["tokens_per_s"],
             "tokens_per_s": {str(k): r["tokens_per_s"] for k, r in runs.items()},
@@ -145,7 +155,7 @@ def main() -> None:
         if mode == args.modes[0]:
             out["speedup"] = out["throughput"][mode]["speedup"]
             out["tokens_per_s"] = out["throughput"][mode]["tokens_per_s"]
-            out["compile"] = mode == "compiled"
+            out["mode"] = mode
         save()
     print(json.dumps({k: v for k, v in out.items() if not k.startswith("loss_")}, indent=2))
     print(f"loss 1 vs {n}:", [f"{a:.4f}/{b:.4f}" for a, b in zip(one["loss"], many["loss"], strict=False)])

@@ -541,6 +541,9 @@ class PretrainTrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
+    # Under DDP, split the compiled graph at gradient-bucket boundaries (torch._dynamo's optimize_ddp) so each
+    # bucket's all-reduce overlaps the rest of the backward. Off: one whole graph, the all-reduce after it.
+    compile_split_at_ddp_buckets: bool = True
     seed: int = 17  # model init, dropout, data order and masking
     log_every_steps: int = 10
     eval_every_steps: int = 2000  # 0: validate only at the end

@@ -547,6 +547,7 @@ def train_mlm(
 
     use_bf16 = _use_bf16(tc.precision)
     if tc.compile:
+        torch._dynamo.config.optimize_ddp = tc.compile_split_at_ddp_buckets
         compile_in_place(model, packed=arch == "mosaic_bert", dtype=torch.bfloat16 if use_bf16 else torch.float32)
     if "tensorboard" in tc.report_to:  # transformers 5 reads the TensorBoard folder from the environment
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
@@ -583,8 +584,6 @@ def train_mlm(
         report_to=list(tc.report_to) or "none",
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
-        # the models' buffers are constants (position ids): no broadcast collective before every forward
-        ddp_broadcast_buffers=False,
         fsdp="full_shard auto_wrap" if tc.fsdp else None,
     )
     cbs: list[TrainerCallback] = [
