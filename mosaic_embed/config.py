@@ -542,8 +542,11 @@ class PretrainTrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     # Under DDP, split the compiled graph at gradient-bucket boundaries (torch._dynamo's optimize_ddp) so each
-    # bucket's all-reduce overlaps the rest of the backward. Off: one whole graph, the all-reduce after it.
-    compile_split_at_ddp_buckets: bool = True
+    # bucket's all-reduce overlaps the rest of the backward. Off (default): one whole graph, the all-reduce after
+    # it. Measured on 2 H200s, MosaicBERT-Base, 256 sequences per GPU: whole graph 1.86x the 1-GPU tokens/s,
+    # split 1.75x (the ~22 pieces lose more to lost fusion than the overlap wins back;
+    # benchmarks/results/pretrain_multi_gpu.json).
+    compile_split_at_ddp_buckets: bool = False
     seed: int = 17  # model init, dropout, data order and masking
     log_every_steps: int = 10
     eval_every_steps: int = 2000  # 0: validate only at the end
