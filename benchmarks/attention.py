@@ -209,10 +209,12 @@ def build_case(max_len, tokens, seed):
         try:
             for key, cfg in saved.items():
                 faa._TUNED[key] = dataclasses.replace(cfg, fwd_skip_above=1 << 30, bwd_skip_above=1 << 30)
+            faa.reset_config_cache()
             ours_step()
         finally:
             faa._TUNED.clear()
             faa._TUNED.update(saved)
+            faa.reset_config_cache()
 
     steps = {"ours": ours_step, "sdpa_bias": sdpa_bias, "flex": flex_step, "sdpa_nobias": sdpa_nobias,
              "ours_fwd": ours_fwd, "ours_noskip": ours_noskip}

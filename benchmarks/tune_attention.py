@@ -46,6 +46,7 @@ def install_table(table: dict) -> None:
             dq=faa.KernelConfig(*entry["dq"]), atomic_dq=bool(entry["atomic_dq"]),
             short_bwd_max=entry["short_bwd_max"], short_bwd_warps=entry["short_bwd_warps"],
         )
+    faa.reset_config_cache()
 
 
 def _config(d, fwd=None, dkdv=None, dq=None, atomic=False):

@@ -14,10 +14,10 @@ Algorithm (FlashAttention-2, Dao 2023, arXiv 2307.08691):
 - forward: one program per (query tile, head, sequence); it streams the sequence's key/value tiles
   with an online softmax in fp32 (exp2 domain: ``log2(e)`` is folded into the scale and the slope)
   and saves the row log-sum-exp ``lse`` (natural log, fp32, ``(H, T)``) for the backward;
-- backward: a preprocess kernel computes ``delta = rowsum(dO * O)`` (``(H, T)`` fp32); a kernel per
-  query tile recomputes ``P = exp(S - lse)`` and accumulates ``dQ``; a kernel per key tile accumulates
-  ``dK, dV`` over the sequence's query tiles. (fp32-atomic dQ inside the key-tile kernel is an option;
-  it measured slower in every bucket.) Sequences of at most 128 tokens take a fused backward: one
+- backward: a kernel per query tile computes its rows' ``delta = rowsum(dO * O)`` (``(H, T)`` fp32),
+  recomputes ``P = exp(S - lse)`` and accumulates ``dQ``; then a kernel per key tile accumulates
+  ``dK, dV`` over the sequence's query tiles. (fp32-atomic dQ inside the key-tile kernel is an option,
+  with a separate delta pass first; it measured slower in every bucket.) Sequences of at most 128 tokens take a fused backward: one
   program per (sequence, head) computes dQ, dK, dV from a single tile, reading every input once;
 - ALiBi-specific: tiles so far from the diagonal that their softmax weight is provably below 2^-32 of
   the row maximum (Cauchy-Schwarz bound, see ``_window``) are skipped; on steep-slope heads of long
@@ -29,6 +29,7 @@ benchmarks/NOTES_attention.md).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -275,14 +276,17 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
 
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SLOPES, NORMS, SLACK,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dqt, stride_dqh, total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr):
+def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ, CU, SLOPES, NORMS, SLACK,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                   stride_dot, stride_doh, stride_dqt, stride_dqh, total_tokens, num_heads, num_blocks, qk_scale,
+                   sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SKIP: tl.constexpr, HAS_DLSE: tl.constexpr):
     """One query tile of one (sequence, head): dQ = scale * dS K over the sequence's key tiles.
 
-    With SKIP it also records, per (sequence, head), max_i (|q_i| Kmax c - lse2_i) in SLACK (zero-initialised,
-    so clamped at 0) for the dK/dV kernel's window.
+    It first computes its rows' ``delta = rowsum(dO * O)`` (minus dlse) and stores it in DELTA for the
+    dK/dV kernel that runs next (no separate preprocess launch). With SKIP it also records, per (sequence,
+    head), max_i (|q_i| Kmax c - lse2_i) in SLACK (zero-initialised, so clamped at 0) for the dK/dV kernel's
+    window.
     """
     start_m, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_M)
     if start_m >= seqlen:
@@ -297,7 +301,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SLOPES, NORMS, SLACK,
     do = tl.load(DO + seq_start * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0)
+    o = tl.load(Out + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        # d lse / d s = P, so a gradient g on lse adds P * g to dS: fold it into delta (dS = P (dP - delta)).
+        delta -= tl.load(DLSE + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0)
+    tl.store(DELTA + h * total_tokens + seq_start + offs_m, delta, mask=row_ok)
     row_bias = slope2 * offs_m.to(tl.float32)
     k_base = K + seq_start * stride_kt + h * stride_kh
     v_base = V + seq_start * stride_vt + h * stride_vh
@@ -579,7 +589,13 @@ def seqlen_bucket(max_seqlen: int) -> int:
     return 8192
 
 
-_capability_cache: dict[int, int] = {}
+# (head_dim, max_seqlen, device index) -> settings: the lookup runs twice per fwd+bwd, on the host's hot path.
+_selected: dict[tuple[int, int, int], AttentionConfig] = {}
+
+
+def reset_config_cache() -> None:
+    """Forget cached selections (after changing ``_TUNED``, e.g. by benchmarks/tune_attention.py)."""
+    _selected.clear()
 
 
 def select_config(head_dim: int, max_seqlen: int, device: torch.device) -> AttentionConfig:
@@ -587,16 +603,71 @@ def select_config(head_dim: int, max_seqlen: int, device: torch.device) -> Atten
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
     index = device.index if device.index is not None else torch.cuda.current_device()
-    major = _capability_cache.get(index)
-    if major is None:
-        major = _capability_cache.setdefault(index, torch.cuda.get_device_capability(index)[0])
-    if major != 9:
+    key = (head_dim, max_seqlen, index)
+    config = _selected.get(key)
+    if config is None:
+        config = _selected[key] = _select_uncached(head_dim, max_seqlen, index)
+    return config
+
+
+def _select_uncached(head_dim: int, max_seqlen: int, device_index: int) -> AttentionConfig:
+    if torch.cuda.get_device_capability(device_index)[0] != 9:
         return _generic_config(head_dim)
     bucket = seqlen_bucket(max_seqlen)
     candidates = [b for (d, b) in _TUNED if d == head_dim and b <= bucket]
     if candidates:
         return _TUNED[(head_dim, max(candidates))]
     return _hopper_default(head_dim)
+
+
+# Host-side integer helpers. (triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers that
+# cost ~8 us per call from Python; five calls were a sixth of the eager fwd+bwd host time.)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# Direct launches. Triton's JIT dispatcher re-derives, on every call, each argument's specialization
+# (dtype, 16-byte alignment, int width, ==1 / %16) and a cache key from them before it finds the compiled
+# kernel; benchmarks/attention_host_overhead.py measures that per launch. We key the compiled kernel on the
+# same facts, computed directly, and launch it through ``CompiledKernel[grid]``. The key is at least as fine
+# as Triton's, so a kernel is only reused for calls Triton would have sent to it. The first call of a key
+# (and every call under TRITON_INTERPRET=1, or with MOSAIC_TRITON_DIRECT_LAUNCH=0) goes through the
+# dispatcher as usual.
+_DIRECT_LAUNCH = os.environ.get("MOSAIC_TRITON_DIRECT_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+_compiled: dict[tuple, object] = {}
+
+
+def _arg_facts(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool):
+        return bool, a
+    if isinstance(a, int):
+        return int, a == 1, a % 16 == 0, -(2**31) <= a < 2**31
+    return type(a)  # floats are never specialized
+
+
+def _launch(kernel, grid, args, constexprs, num_warps=None, num_stages=None):
+    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``, without the dispatcher's per-call
+    work once this (kernel, argument facts, constexprs, options, device) has been compiled."""
+    options = {} if num_warps is None else {"num_warps": num_warps, "num_stages": num_stages}
+    if not _DIRECT_LAUNCH:
+        kernel[grid](*args, **constexprs, **options)
+        return
+    key = (kernel, num_warps, num_stages, torch.cuda.current_device(), *constexprs.values(),
+           *[_arg_facts(a) for a in args])
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **constexprs, **options)
+        if compiled is not None and hasattr(compiled, "function"):
+            _compiled[key] = (compiled, [constexprs[name] for name in kernel.arg_names[len(args):]])
+        return
+    kernel_obj, tail = compiled
+    kernel_obj[grid](*args, *tail)
 
 
 def _check_last_dim_contiguous(*tensors):
@@ -608,10 +679,9 @@ def _head_norms(q, k, with_q, extra=0):
     total, heads, head_dim = q.shape
     buf = torch.zeros(2 * heads + extra, device=q.device, dtype=torch.float32)
     block_t = 64
-    _max_norm_kernel[(triton.cdiv(total, block_t), heads)](
-        q, k, buf, q.stride(0), q.stride(1), k.stride(0), k.stride(1), total, heads,
-        HEAD_DIM=head_dim, BLOCK_T=block_t, WITH_Q=with_q,
-    )
+    _launch(_max_norm_kernel, (_cdiv(total, block_t), heads),
+            (q, k, buf, *q.stride()[:2], *k.stride()[:2], total, heads),
+            dict(HEAD_DIM=head_dim, BLOCK_T=block_t, WITH_Q=with_q))
     return buf
 
 
@@ -633,14 +703,13 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
         return out, lse, None
     skip = max_seqlen > config.fwd_skip_above
     norms = _head_norms(q, k, with_q=False) if skip else None
-    num_blocks = triton.cdiv(max_seqlen, cfg.block_m)
-    _fwd_kernel[(num_blocks * heads * batch,)](
-        q, k, v, out, lse, cu_seqlens, alibi_slopes, norms if skip else lse,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        total, heads, num_blocks, softmax_scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP=skip,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    num_blocks = _cdiv(max_seqlen, cfg.block_m)
+    _launch(_fwd_kernel, (num_blocks * heads * batch,),
+            (q, k, v, out, lse, cu_seqlens, alibi_slopes, norms if skip else lse,
+             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+             total, heads, num_blocks, softmax_scale * _LOG2E),
+            dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP=skip),
+            cfg.num_warps, cfg.num_stages)
     return out, lse, norms
 
 
@@ -660,22 +729,20 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
     if max_seqlen <= cfg.short_bwd_max:
-        _bwd_short_kernel[(heads * batch,)](
-            q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-            dv.stride(0), dv.stride(1), total, heads, softmax_scale * _LOG2E, softmax_scale,
-            HEAD_DIM=head_dim, BLOCK=max(16, triton.next_power_of_2(max_seqlen)), HAS_DLSE=dlse is not None,
-            num_warps=cfg.short_bwd_warps, num_stages=1,
-        )
+        _launch(_bwd_short_kernel, (heads * batch,),
+                (q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
+                 *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+                 *dout.stride()[:2], *dq.stride()[:2], *dk.stride()[:2],
+                 *dv.stride()[:2], total, heads, softmax_scale * _LOG2E, softmax_scale),
+                dict(HEAD_DIM=head_dim, BLOCK=max(16, _next_pow2(max_seqlen)), HAS_DLSE=dlse is not None),
+                cfg.short_bwd_warps, 1)
         return dq, dk, dv
     delta = torch.empty((heads, total), device=q.device, dtype=torch.float32)
-    block_t = 64
-    _bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
-        out, dout, dlse if dlse is not None else delta, delta,
-        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
-        HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
-    )
+    if cfg.atomic_dq:  # the dQ kernel computes delta itself; the atomic path has no dQ kernel
+        block_t = 64
+        _launch(_bwd_preprocess_kernel, (_cdiv(total, block_t), heads),
+                (out, dout, dlse if dlse is not None else delta, delta, *out.stride()[:2], *dout.stride()[:2], total),
+                dict(HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t))
     skip = max_seqlen > cfg.bwd_skip_above
     slack = delta  # placeholder pointer when not skipping
     if skip:
@@ -688,29 +755,26 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
         norms = delta
     qk_scale = softmax_scale * _LOG2E
     if not cfg.atomic_dq:
-        # before dK/dV: it also writes the per-(sequence, head) slack that bounds the dK/dV kernel's window
+        # before dK/dV: it also writes delta and the per-(sequence, head) slack that bounds the dK/dV window
         c = cfg.dq
-        num_blocks = triton.cdiv(max_seqlen, c.block_m)
-        _bwd_dq_kernel[(num_blocks * heads * batch,)](
-            q, k, v, dout, lse, delta, dq, cu_seqlens, alibi_slopes, norms, slack,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-            total, heads, num_blocks, qk_scale, softmax_scale,
-            HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SKIP=skip,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        num_blocks = _cdiv(max_seqlen, c.block_m)
+        _launch(_bwd_dq_kernel, (num_blocks * heads * batch,),
+                (q, k, v, out, dout, lse, dlse if dlse is not None else delta, delta, dq, cu_seqlens, alibi_slopes,
+                 norms, slack, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+                 *dout.stride()[:2], *dq.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale),
+                dict(HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SKIP=skip, HAS_DLSE=dlse is not None),
+                c.num_warps, c.num_stages)
     # fp32 accumulator for the atomic dQ path (zeroed: atomics add into it).
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if cfg.atomic_dq else dq
     c = cfg.dkdv
-    num_blocks = triton.cdiv(max_seqlen, c.block_n)
-    _bwd_dkdv_kernel[(num_blocks * heads * batch,)](
-        q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_seqlens, alibi_slopes, norms, slack,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
-        total, heads, num_blocks, qk_scale, softmax_scale,
-        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=cfg.atomic_dq, SKIP=skip,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
+    num_blocks = _cdiv(max_seqlen, c.block_n)
+    _launch(_bwd_dkdv_kernel, (num_blocks * heads * batch,),
+            (q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_seqlens, alibi_slopes, norms, slack,
+             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2],
+             *dk.stride()[:2], *dv.stride()[:2], *dq_acc.stride()[:2],
+             total, heads, num_blocks, qk_scale, softmax_scale),
+            dict(HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=cfg.atomic_dq, SKIP=skip),
+            c.num_warps, c.num_stages)
     if cfg.atomic_dq:
         dq.copy_(dq_acc)
     return dq, dk, dv
@@ -842,7 +906,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, alibi_slopes):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{where}: {name} must be (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
+    if not (tuple(q.shape) == tuple(k.shape) == tuple(v.shape)):  # tuples: torch.Size == goes through sym_eq
         raise ValueError(f"{where}: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"{where}: q, k, v must share a dtype among bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
