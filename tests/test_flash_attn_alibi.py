@@ -292,7 +292,8 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_identical_argument_fact
     faa._launch(kern, (5,), (x, y, 48, 0.25), consts, 4, 2)  # same facts (aligned, n % 16 == 0): direct
     assert [e[0] for e in kern.log] == ["dispatch", "direct"]
     assert kern.log[0][3] == {"BLOCK": 16, "FLAG": True, "num_warps": 4, "num_stages": 2}
-    assert kern.log[1] == ("direct", (5,), (x, y, 48, 0.25, 16, True))  # constexprs appended in signature order
+    # grid padded to 3 dims, constexprs appended in signature order
+    assert kern.log[1] == ("direct", (5, 1, 1), (x, y, 48, 0.25, 16, True))
 
     # every fact Triton specializes on sends the call back through the dispatcher
     faa._launch(kern, (5,), (x, y, 33, 0.25), consts, 4, 2)  # n no longer a multiple of 16

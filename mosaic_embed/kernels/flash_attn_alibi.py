@@ -667,7 +667,7 @@ def _launch(kernel, grid, args, constexprs, num_warps=None, num_stages=None):
             _compiled[key] = (compiled, [constexprs[name] for name in kernel.arg_names[len(args):]])
         return
     kernel_obj, tail = compiled
-    kernel_obj[grid](*args, *tail)
+    kernel_obj[grid + (1,) * (3 - len(grid))](*args, *tail)  # CompiledKernel's runner reads all three dims
 
 
 def _check_last_dim_contiguous(*tensors):
