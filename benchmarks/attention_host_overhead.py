@@ -8,7 +8,11 @@ times, in microseconds per call (mean over many calls, the GPU left to drain bet
                        without argument binding, specialization and cache-key work;
 - ``flash_fwd``:       our forward launcher (allocations + one launch);
 - ``fwd`` / ``step``:  the public function without grad / forward + ``autograd.grad`` (what attention.py times);
-- ``sdpa_step``:       SDPA forward + ``autograd.grad`` on the padded batch, for scale.
+- ``flash_bwd``:       our backward launcher alone;
+- ``sdpa_step``:       SDPA forward + ``autograd.grad`` on the padded batch, for scale;
+- ``python_node_step``: an identity ``autograd.Function`` + ``autograd.grad``: the autograd engine's cost for a
+                       Python node (its backward runs on the engine's CUDA device thread: a GIL hand-off);
+- ``*_single_thread``: the same under ``torch.autograd.set_multithreading_enabled(False)``.
 
 Usage: python benchmarks/attention_host_overhead.py [--max-len 128] [--out FILE.json]
 """
@@ -95,9 +99,39 @@ def main(argv=None):
         o = F.scaled_dot_product_attention(*pleaves, attn_mask=bias)
         torch.autograd.grad(o, pleaves, dop)
 
-    res = {name: per_call_us(fn) for name, fn in [("jit_launch", jit_launch), ("compiled_launch", compiled_launch),
-                                                   ("flash_fwd", flash_fwd), ("fwd", fwd), ("step", step),
-                                                   ("sdpa_step", sdpa_step)]}
+    with torch.no_grad():
+        o_, lse_, _ = faa._flash_fwd(q, k, v, cu, args.max_len, slopes, scale)
+
+    def flash_bwd():
+        faa._flash_bwd(do, q, k, v, o_, lse_, None, cu, args.max_len, slopes, scale)
+
+    class Identity(torch.autograd.Function):
+        """The cheapest Python autograd node: what the engine alone costs per fwd+bwd."""
+
+        @staticmethod
+        def forward(ctx, a, b, c):
+            return a.view_as(a)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, g, g
+
+    def python_node_step():
+        o = Identity.apply(*leaves)
+        torch.autograd.grad(o, leaves, do)
+
+    def single_threaded(fn):  # backward on the calling thread instead of the engine's device thread
+        def run():
+            with torch.autograd.set_multithreading_enabled(False):
+                fn()
+        return run
+
+    cases = [("jit_launch", jit_launch), ("compiled_launch", compiled_launch), ("flash_fwd", flash_fwd),
+             ("flash_bwd", flash_bwd), ("fwd", fwd), ("step", step), ("sdpa_step", sdpa_step),
+             ("python_node_step", python_node_step), ("step_single_thread", single_threaded(step)),
+             ("sdpa_step_single_thread", single_threaded(sdpa_step)),
+             ("python_node_step_single_thread", single_threaded(python_node_step))]
+    res = {name: per_call_us(fn) for name, fn in cases}
     res = {"device": torch.cuda.get_device_name(), "max_len": args.max_len, "us_per_call": res}
     print(json.dumps(res, indent=1))
     if args.out:

@@ -12,6 +12,9 @@ import torch
 
 from mosaic_embed.kernels.geglu import geglu, geglu_reference, geglu_triton, resolve_geglu_impl
 
+# the small cases run where the kernel can: Triton's interpreter on a CPU machine, the GPU on a CUDA one
+SMALL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -44,18 +47,18 @@ def _check(shape, dtype, device, tol_factor=None, abs_tol=None):
 @pytest.mark.parametrize("shape", [(5, 16), (3, 4, 2 * 1030), (9, 2)])
 def test_geglu_fp32_matches_reference(shape):
     # 1030 > BLOCK (1024): a partial last column tile; (9, 2): I = 1
-    _check(shape, torch.float32, "cpu", abs_tol=1e-5)
+    _check(shape, torch.float32, SMALL_DEVICE, abs_tol=1e-5)
 
 
 def test_geglu_fp16_within_torch_error():
-    _check((7, 2 * 48), torch.float16, "cpu", tol_factor=3.0)
+    _check((7, 2 * 48), torch.float16, SMALL_DEVICE, tol_factor=3.0)
 
 
 def test_geglu_strided_rows_and_empty():
-    base = torch.randn(6, 40)
+    base = torch.randn(6, 40, device=SMALL_DEVICE)
     inner = base[:, :32]  # row stride 40, unit last stride: used as is
     torch.testing.assert_close(geglu_triton(inner), geglu_reference(inner), rtol=1e-5, atol=1e-6)
-    empty = torch.randn(0, 8, requires_grad=True)
+    empty = torch.randn(0, 8, device=SMALL_DEVICE, requires_grad=True)
     out = geglu_triton(empty)
     assert out.shape == (0, 4)
     out.sum().backward()
@@ -70,6 +73,7 @@ def test_geglu_bad_input_and_dispatch():
     assert resolve_geglu_impl("auto", torch.device("cpu")) == "torch"
     x = torch.randn(4, 10)
     torch.testing.assert_close(geglu(x), geglu_reference(x))
+    x = x.to(SMALL_DEVICE)
     torch.testing.assert_close(geglu(x, impl="triton"), geglu_reference(x), rtol=1e-5, atol=1e-6)
 
 
