@@ -50,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--seqs", type=int, default=8, help="small batch: the GPU must not be the bottleneck")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cprofile", action="store_true", help="also print a cProfile of 500 fwd+bwd steps")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     heads, dim = 12, 64
@@ -132,6 +133,17 @@ def main(argv=None):
              ("sdpa_step_single_thread", single_threaded(sdpa_step)),
              ("python_node_step_single_thread", single_threaded(python_node_step))]
     res = {name: per_call_us(fn) for name, fn in cases}
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     res = {"device": torch.cuda.get_device_name(), "max_len": args.max_len, "us_per_call": res}
     print(json.dumps(res, indent=1))
     if args.out:
