@@ -29,7 +29,6 @@ benchmarks/NOTES_attention.md).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -630,44 +629,16 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Direct launches. Triton's JIT dispatcher re-derives, on every call, each argument's specialization
-# (dtype, 16-byte alignment, int width, ==1 / %16) and a cache key from them before it finds the compiled
-# kernel; benchmarks/attention_host_overhead.py measures that per launch. We key the compiled kernel on the
-# same facts, computed directly, and launch it through ``CompiledKernel[grid]``. The key is at least as fine
-# as Triton's, so a kernel is only reused for calls Triton would have sent to it. The first call of a key
-# (and every call under TRITON_INTERPRET=1, or with MOSAIC_TRITON_DIRECT_LAUNCH=0) goes through the
-# dispatcher as usual.
-_DIRECT_LAUNCH = os.environ.get("MOSAIC_TRITON_DIRECT_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
-_compiled: dict[tuple, object] = {}
-
-
-def _arg_facts(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool):
-        return bool, a
-    if isinstance(a, int):
-        return int, a == 1, a % 16 == 0, -(2**31) <= a < 2**31
-    return type(a)  # floats are never specialized
-
-
 def _launch(kernel, grid, args, constexprs, num_warps=None, num_stages=None):
-    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``, without the dispatcher's per-call
-    work once this (kernel, argument facts, constexprs, options, device) has been compiled."""
-    options = {} if num_warps is None else {"num_warps": num_warps, "num_stages": num_stages}
-    if not _DIRECT_LAUNCH:
-        kernel[grid](*args, **constexprs, **options)
-        return
-    key = (kernel, num_warps, num_stages, torch.cuda.current_device(), *constexprs.values(),
-           *[_arg_facts(a) for a in args])
-    compiled = _compiled.get(key)
-    if compiled is None:
-        compiled = kernel[grid](*args, **constexprs, **options)
-        if compiled is not None and hasattr(compiled, "function"):
-            _compiled[key] = (compiled, [constexprs[name] for name in kernel.arg_names[len(args):]])
-        return
-    kernel_obj, tail = compiled
-    kernel_obj[grid + (1,) * (3 - len(grid))](*args, *tail)  # CompiledKernel's runner reads all three dims
+    """``kernel[grid](*args, **constexprs)`` with the table's ``num_warps``/``num_stages`` when given.
+
+    (Reusing the compiled kernel directly, keyed on the argument facts Triton specializes on, was tried:
+    computing the key in Python cost about what Triton's own dispatch does; benchmarks/NOTES_attention.md.)
+    """
+    if num_warps is None:
+        kernel[grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_last_dim_contiguous(*tensors):
@@ -685,9 +656,13 @@ def _head_norms(q, k, with_q, extra=0):
     return buf
 
 
-def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out=None, lse=None, config=None):
+def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out=None, lse=None, config=None,
+               for_backward=False):
     """Launch the forward kernel. Returns out (T, H, D) in q's dtype, lse (H, T) fp32 (natural log), and the
-    (2H,) head norms when far-tile skipping ran (else None; the backward can reuse them).
+    head norms when they were computed (else None): (2H,) when the forward skips far tiles, (2H + B*H,) with
+    zeros for the backward's slack when ``for_backward`` and the backward will skip far tiles. The eager
+    autograd path hands them to :func:`_flash_bwd`: the backward runs on autograd's device thread, where each
+    host-side op costs more than on the caller's (benchmarks/NOTES_attention.md), so its norm pass is done here.
 
     ``out``/``lse`` may be given (tests poison them to prove every element is written).
     """
@@ -702,7 +677,8 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse, None
     skip = max_seqlen > config.fwd_skip_above
-    norms = _head_norms(q, k, with_q=False) if skip else None
+    for_bwd = for_backward and max_seqlen > config.bwd_skip_above and not config.atomic_dq
+    norms = _head_norms(q, k, with_q=False, extra=batch * heads if for_bwd else 0) if skip or for_bwd else None
     num_blocks = _cdiv(max_seqlen, cfg.block_m)
     _launch(_fwd_kernel, (num_blocks * heads * batch,),
             (q, k, v, out, lse, cu_seqlens, alibi_slopes, norms if skip else lse,
@@ -718,7 +694,8 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     """Launch the backward kernels. Returns dq, dk, dv (T, H, D) in q's dtype.
 
     dlse: optional (H, T) gradient of the returned log-sum-exp. dq/dk/dv may be given (tests poison them).
-    norms: the forward's (2H,) head norms, if it returned them (else computed when skipping far tiles).
+    norms: the forward's head norms, if it returned them (else computed when skipping far tiles); with B*H
+    zeros after the 2H norms they also serve as the slack buffer.
     """
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
@@ -747,8 +724,11 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     slack = delta  # placeholder pointer when not skipping
     if skip:
         if norms is None or cfg.atomic_dq:  # the atomic path's bound also needs max |q|
-            buf = _head_norms(q, k, with_q=cfg.atomic_dq, extra=batch * heads)
-            norms, slack = buf[: 2 * heads], buf[2 * heads:]
+            norms = _head_norms(q, k, with_q=cfg.atomic_dq, extra=batch * heads)
+        # kernels read only the first 2H entries of NORMS; the B*H after them, when present, are the slack's
+        # zeros (a second backward over the same graph writes the same maxima into them again)
+        if norms.numel() == (2 + batch) * heads:
+            slack = norms[2 * heads:]
         else:
             slack = torch.zeros(batch * heads, device=q.device, dtype=torch.float32)
     else:
@@ -840,7 +820,8 @@ class _FlashAttnVarlenAlibi(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
         q, k, v = _check_last_dim_contiguous(q, k, v)
-        out, lse, norms = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+        out, lse, norms = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
+                                     for_backward=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, alibi_slopes, norms)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
