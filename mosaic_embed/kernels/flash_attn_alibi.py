@@ -818,10 +818,10 @@ class _FlashAttnVarlenAlibi(torch.autograd.Function):
     """Eager path: the same launchers as the custom op, without its per-call dispatch overhead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, for_backward):
         q, k, v = _check_last_dim_contiguous(q, k, v)
         out, lse, norms = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
-                                     for_backward=any(ctx.needs_input_grad[:3]))
+                                     for_backward=for_backward)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, alibi_slopes, norms)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
@@ -839,7 +839,7 @@ class _FlashAttnVarlenAlibi(torch.autograd.Function):
             dlse = dlse.contiguous()
         dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, ctx.max_seqlen, alibi_slopes,
                                 ctx.softmax_scale, norms=norms)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -878,7 +878,10 @@ def flash_attn_varlen_alibi(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softm
             q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale
         )
     else:
-        out, lse = _FlashAttnVarlenAlibi.apply(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+        # (inside forward grad mode is always off: whether a backward can follow is decided here)
+        for_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        out, lse = _FlashAttnVarlenAlibi.apply(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
+                                               for_backward)
     return (out, lse) if return_lse else out
 
 
