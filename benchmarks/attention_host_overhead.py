@@ -127,34 +127,7 @@ def main(argv=None):
                 fn()
         return run
 
-    def node_step_doing(work):
-        """fwd + grad through a Python node whose backward does ``work()`` first (its cost on the engine's thread)."""
-        class Node(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, a, b, c):
-                return a.view_as(a)
-
-            @staticmethod
-            def backward(ctx, g):
-                work()
-                return g, g, g
-
-        def run():
-            torch.autograd.grad(Node.apply(*leaves), leaves, do)
-        return run
-
-    def three_allocs():
-        torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
-
-    def four_launches():
-        for _ in range(4):
-            jit_launch()
-
-    cases_in_backward = [("node_bwd_3_allocs", node_step_doing(three_allocs)),
-                         ("node_bwd_4_launches", node_step_doing(four_launches)),
-                         ("node_bwd_flash_bwd", node_step_doing(flash_bwd))]
-    cases_in_backward += [(name + "_single_thread", single_threaded(fn)) for name, fn in cases_in_backward]
-    cases = cases_in_backward + [("jit_launch", jit_launch), ("compiled_launch", compiled_launch), ("flash_fwd", flash_fwd),
+    cases = [("jit_launch", jit_launch), ("compiled_launch", compiled_launch), ("flash_fwd", flash_fwd),
              ("flash_bwd", flash_bwd), ("fwd", fwd), ("step", step), ("sdpa_step", sdpa_step),
              ("python_node_step", python_node_step), ("step_single_thread", single_threaded(step)),
              ("sdpa_step_single_thread", single_threaded(sdpa_step)),
