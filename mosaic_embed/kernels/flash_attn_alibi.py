@@ -17,8 +17,9 @@ Algorithm (FlashAttention-2, Dao 2023, arXiv 2307.08691):
 - backward: a kernel per query tile computes its rows' ``delta = rowsum(dO * O)`` (``(H, T)`` fp32),
   recomputes ``P = exp(S - lse)`` and accumulates ``dQ``; then a kernel per key tile accumulates
   ``dK, dV`` over the sequence's query tiles. (fp32-atomic dQ inside the key-tile kernel is an option,
-  with a separate delta pass first; it measured slower in every bucket.) Sequences of at most 128 tokens take a fused backward: one
-  program per (sequence, head) computes dQ, dK, dV from a single tile, reading every input once;
+  with a separate delta pass first; it measured slower in every bucket.) Sequences of at most 128 tokens
+  take a fused backward: one program per (sequence, head) computes dQ, dK, dV from a single tile, reading
+  every input once;
 - ALiBi-specific: tiles so far from the diagonal that their softmax weight is provably below 2^-32 of
   the row maximum (Cauchy-Schwarz bound, see ``_window``) are skipped; on steep-slope heads of long
   sequences that is most of the matrix.
@@ -229,6 +230,16 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, SLOPES, NORMS,
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _row_delta(o, do, dlse_ptrs, ok, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, minus the lse's gradient when it has one (d lse / d s = P, so a gradient
+    g on lse adds P * g to dS = P (dP - delta): it is folded into delta)."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptrs, mask=ok, other=0.0)
+    return delta
+
+
 @triton.jit(do_not_specialize=["total_tokens"])
 def _bwd_preprocess_kernel(Out, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_tokens,
                            HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -240,10 +251,7 @@ def _bwd_preprocess_kernel(Out, DO, DLSE, DELTA, stride_ot, stride_oh, stride_do
     o = tl.load(Out + offs_t[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + offs_t[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=ok[:, None],
                  other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        # d lse / d s = P, so a gradient g on lse adds P * g to dS: fold it into delta (dS = P (dP - delta)).
-        delta -= tl.load(DLSE + h * total_tokens + offs_t, mask=ok, other=0.0)
+    delta = _row_delta(o, do, DLSE + h * total_tokens + offs_t, ok, HAS_DLSE)
     tl.store(DELTA + h * total_tokens + offs_t, delta, mask=ok)
 
 
@@ -302,10 +310,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ, CU, SLOPES, NORMS, SL
     lse2 = tl.load(LSE + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     o = tl.load(Out + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        # d lse / d s = P, so a gradient g on lse adds P * g to dS: fold it into delta (dS = P (dP - delta)).
-        delta -= tl.load(DLSE + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0)
+    delta = _row_delta(o, do, DLSE + h * total_tokens + seq_start + offs_m, row_ok, HAS_DLSE)
     tl.store(DELTA + h * total_tokens + seq_start + offs_m, delta, mask=row_ok)
     row_bias = slope2 * offs_m.to(tl.float32)
     k_base = K + seq_start * stride_kt + h * stride_kh
@@ -456,9 +461,7 @@ def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
                  other=0.0)
     # lse = +inf on padding rows gives P = 0 there
     lse2 = tl.load(LSE + h * total_tokens + seq_start + idx, mask=ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + h * total_tokens + seq_start + idx, mask=ok, other=0.0)
+    delta = _row_delta(o, do, DLSE + h * total_tokens + seq_start + idx, ok, HAS_DLSE)
 
     pos = slope2 * idx.to(tl.float32)
     s = tl.dot(q, tl.trans(k)) * qk_scale - tl.abs(pos[:, None] - pos[None, :])  # (BLOCK, BLOCK), log2 domain
