@@ -632,18 +632,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _launch(kernel, grid, args, constexprs, num_warps=None, num_stages=None):
-    """``kernel[grid](*args, **constexprs)`` with the table's ``num_warps``/``num_stages`` when given.
-
-    (Reusing the compiled kernel directly, keyed on the argument facts Triton specializes on, was tried:
-    computing the key in Python cost about what Triton's own dispatch does; benchmarks/NOTES_attention.md.)
-    """
-    if num_warps is None:
-        kernel[grid](*args, **constexprs)
-    else:
-        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-
-
 def _check_last_dim_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
@@ -653,9 +641,9 @@ def _head_norms(q, k, with_q, extra=0):
     total, heads, head_dim = q.shape
     buf = torch.zeros(2 * heads + extra, device=q.device, dtype=torch.float32)
     block_t = 64
-    _launch(_max_norm_kernel, (_cdiv(total, block_t), heads),
-            (q, k, buf, *q.stride()[:2], *k.stride()[:2], total, heads),
-            dict(HEAD_DIM=head_dim, BLOCK_T=block_t, WITH_Q=with_q))
+    _max_norm_kernel[(_cdiv(total, block_t), heads)](
+        q, k, buf, *q.stride()[:2], *k.stride()[:2], total, heads, HEAD_DIM=head_dim, BLOCK_T=block_t, WITH_Q=with_q,
+    )
     return buf
 
 
@@ -683,12 +671,13 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
     for_bwd = for_backward and max_seqlen > config.bwd_skip_above and not config.atomic_dq
     norms = _head_norms(q, k, with_q=False, extra=batch * heads if for_bwd else 0) if skip or for_bwd else None
     num_blocks = _cdiv(max_seqlen, cfg.block_m)
-    _launch(_fwd_kernel, (num_blocks * heads * batch,),
-            (q, k, v, out, lse, cu_seqlens, alibi_slopes, norms if skip else lse,
-             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-             total, heads, num_blocks, softmax_scale * _LOG2E),
-            dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP=skip),
-            cfg.num_warps, cfg.num_stages)
+    _fwd_kernel[(num_blocks * heads * batch,)](
+        q, k, v, out, lse, cu_seqlens, alibi_slopes, norms if skip else lse,
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+        total, heads, num_blocks, softmax_scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP=skip,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out, lse, norms
 
 
@@ -709,20 +698,22 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
     if max_seqlen <= cfg.short_bwd_max:
-        _launch(_bwd_short_kernel, (heads * batch,),
-                (q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
-                 *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-                 *dout.stride()[:2], *dq.stride()[:2], *dk.stride()[:2],
-                 *dv.stride()[:2], total, heads, softmax_scale * _LOG2E, softmax_scale),
-                dict(HEAD_DIM=head_dim, BLOCK=max(16, _next_pow2(max_seqlen)), HAS_DLSE=dlse is not None),
-                cfg.short_bwd_warps, 1)
+        _bwd_short_kernel[(heads * batch,)](
+            q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
+            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+            *dout.stride()[:2], *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2],
+            total, heads, softmax_scale * _LOG2E, softmax_scale,
+            HEAD_DIM=head_dim, BLOCK=max(16, _next_pow2(max_seqlen)), HAS_DLSE=dlse is not None,
+            num_warps=cfg.short_bwd_warps, num_stages=1,
+        )
         return dq, dk, dv
     delta = torch.empty((heads, total), device=q.device, dtype=torch.float32)
     if cfg.atomic_dq:  # the dQ kernel computes delta itself; the atomic path has no dQ kernel
         block_t = 64
-        _launch(_bwd_preprocess_kernel, (_cdiv(total, block_t), heads),
-                (out, dout, dlse if dlse is not None else delta, delta, *out.stride()[:2], *dout.stride()[:2], total),
-                dict(HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t))
+        _bwd_preprocess_kernel[(_cdiv(total, block_t), heads)](
+            out, dout, dlse if dlse is not None else delta, delta, *out.stride()[:2], *dout.stride()[:2], total,
+            HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
+        )
     skip = max_seqlen > cfg.bwd_skip_above
     slack = delta  # placeholder pointer when not skipping
     if skip:
@@ -741,23 +732,25 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
         # before dK/dV: it also writes delta and the per-(sequence, head) slack that bounds the dK/dV window
         c = cfg.dq
         num_blocks = _cdiv(max_seqlen, c.block_m)
-        _launch(_bwd_dq_kernel, (num_blocks * heads * batch,),
-                (q, k, v, out, dout, lse, dlse if dlse is not None else delta, delta, dq, cu_seqlens, alibi_slopes,
-                 norms, slack, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-                 *dout.stride()[:2], *dq.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale),
-                dict(HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SKIP=skip, HAS_DLSE=dlse is not None),
-                c.num_warps, c.num_stages)
+        _bwd_dq_kernel[(num_blocks * heads * batch,)](
+            q, k, v, out, dout, lse, dlse if dlse is not None else delta, delta, dq, cu_seqlens, alibi_slopes,
+            norms, slack, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+            *dout.stride()[:2], *dq.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale,
+            HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SKIP=skip, HAS_DLSE=dlse is not None,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
     # fp32 accumulator for the atomic dQ path (zeroed: atomics add into it).
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if cfg.atomic_dq else dq
     c = cfg.dkdv
     num_blocks = _cdiv(max_seqlen, c.block_n)
-    _launch(_bwd_dkdv_kernel, (num_blocks * heads * batch,),
-            (q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_seqlens, alibi_slopes, norms, slack,
-             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2],
-             *dk.stride()[:2], *dv.stride()[:2], *dq_acc.stride()[:2],
-             total, heads, num_blocks, qk_scale, softmax_scale),
-            dict(HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=cfg.atomic_dq, SKIP=skip),
-            c.num_warps, c.num_stages)
+    _bwd_dkdv_kernel[(num_blocks * heads * batch,)](
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_seqlens, alibi_slopes, norms, slack,
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2],
+        *dk.stride()[:2], *dv.stride()[:2], *dq_acc.stride()[:2],
+        total, heads, num_blocks, qk_scale, softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=cfg.atomic_dq, SKIP=skip,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
     if cfg.atomic_dq:
         dq.copy_(dq_acc)
     return dq, dk, dv
