@@ -195,11 +195,12 @@ class MLMTrainer(Trainer):
         host-GPU sync, and at one log per step they cost data-parallel runs several percent of throughput.
         """
         dev = self.args.device
-        zero = torch.zeros((), device=dev, dtype=torch.float32)
-        bad = self._bad_loss.float() if self._bad_loss is not None else zero
-        loss_sum = self._loss_sum if self._loss_sum is not None else zero
-        tokens = torch.tensor(float(self._local_tokens), dtype=torch.float64).to(dev)
-        packed = torch.cat([torch.stack([bad, loss_sum]).double(), tokens.view(1)])
+        zero = torch.zeros((), device=dev, dtype=torch.float64)
+        packed = torch.stack([
+            self._bad_loss.double() if self._bad_loss is not None else zero,
+            self._loss_sum.double() if self._loss_sum is not None else zero,
+            torch.tensor(float(self._local_tokens), dtype=torch.float64, device=dev),
+        ])
         if self.args.world_size > 1:
             packed = self.accelerator.reduce(packed, reduction="sum")
         n_bad, loss_total, total = packed.tolist()
