@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_helpers import run_cli_torchrun
 from encoder_helpers import TOPICS, tiny_mosaic, write_beir, write_pairs_jsonl
 
 import mosaic_embed  # noqa: F401
@@ -294,11 +295,8 @@ def test_loads_with_remote_code_where_mosaic_embed_is_absent(encoder_dir, tmp_pa
 def test_train_encoder_under_torchrun_gathers_negatives(encoder_dir, tmp_path):
     """Two gloo ranks on CPU: a real DDP run, gathered negatives on, only rank 0 writes the folder."""
     pairs = write_pairs_jsonl(tmp_path / "p.jsonl", n=24)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mosaic_embed.cli", "train-encoder", "--recipe", "tiny", "--model", str(encoder_dir / "backbone"),
-           "--pairs", str(pairs), "--out", str(tmp_path / "enc"), "--max-steps", "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_cli_torchrun(2, ["train-encoder", "--recipe", "tiny", "--model", str(encoder_dir / "backbone"),
+                                "--pairs", str(pairs), "--out", str(tmp_path / "enc"), "--max-steps", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "enc" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["gathered_negatives"] is True

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from distributed_helpers import run_cli_torchrun
 from encoder_helpers import TOPICS, tiny_bert, tiny_mosaic, write_beir
 
 import mosaic_embed  # noqa: F401
@@ -255,15 +255,10 @@ def test_cli_train_encoder_tiny_recipe(encoders, tmp_path):
 
 def test_embed_under_torchrun_two_ranks_merge_into_one_file(encoders, tmp_path):
     """Two gloo ranks on CPU: windows alternate between ranks, rows land in one memmap in input order."""
-    import subprocess
-    import sys
-
     docs = _docs(tmp_path / "docs.jsonl")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mosaic_embed.cli", "embed", "--model", str(encoders["mosaic-mean"]), "--input", str(docs),
-           "--out", str(tmp_path / "emb"), "--window", "4", "--dtype", "float32", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_cli_torchrun(2, ["embed", "--model", str(encoders["mosaic-mean"]), "--input", str(docs),
+                                "--out", str(tmp_path / "emb"), "--window", "4", "--dtype", "float32",
+                                "--device", "cpu"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     emb, ids = load_embeddings(tmp_path / "emb")
     assert ids == [f"doc{i}" for i in range(N_TEXTS)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from distributed_helpers import run_cli_torchrun
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
 
 import mosaic_embed  # noqa: F401  (registers the Auto classes)
@@ -211,21 +212,13 @@ def test_time_based_checkpoints(tmp_path, tok):
 
 def _torchrun_pretrain(nproc, out, cache):
     """The real CLI under torchrun (gloo on CPU), 4 steps of the tiny recipe with dropout off."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
     sets = ["train.max_steps=4", "train.global_batch_size=16", "train.microbatch_size=4", "train.log_every_steps=1",
             "train.eval_every_steps=0", "train.eval_samples=32", "train.save_every_steps=0", "data.num_proc=1",
             f"data.cache_dir={cache}", "model.overrides.hidden_dropout_prob=0.0"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "mosaic_embed.cli", "pretrain", "--recipe", "tiny", "--out", str(out)]
+    args = ["pretrain", "--recipe", "tiny", "--out", str(out)]
     for s in sets:
-        cmd += ["--set", s]
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        args += ["--set", s]
+    done = run_cli_torchrun(nproc, args, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "final" / "manifest.json").read_text())
 
