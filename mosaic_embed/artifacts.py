@@ -165,15 +165,21 @@ def write_manifest(
     return atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
 
+def read_json(path: str | Path, what: str = "valid JSON") -> Any:
+    """Parse a JSON file; a file that is not UTF-8 JSON is a ValueError naming it: ``{path}: not {what} (...)``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not {what} ({err})") from None
+
+
 def read_manifest(run_dir: str | Path, expect_stage: str | None = None) -> dict[str, Any]:
     """Read a run folder's manifest; with ``expect_stage``, a manifest from another stage is an error."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {MANIFEST} (is this a mosaic-embed run folder?)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a valid manifest ({err})") from None
+    manifest = read_json(path, "a valid manifest")
     if expect_stage is not None and manifest.get("stage") != expect_stage:
         raise ValueError(f"{path}: made by stage '{manifest.get('stage')}', expected '{expect_stage}'")
     return manifest

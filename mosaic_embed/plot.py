@@ -9,13 +9,12 @@ architectures: which reaches a given accuracy in less pretraining time (Portes e
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_bytes
+from .artifacts import atomic_write_bytes, read_json
 
 AVERAGE = "GLUE average"
 
@@ -27,10 +26,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: results file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("kind") != RESULTS_KIND or not data.get("points"):
         raise ValueError(f"{path}: not a mosaic-embed glue results file (no '{RESULTS_KIND}' points)")
     return data

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import read_json
 from .configuration import MosaicBertConfig
 from .modeling import MosaicBertForMaskedLM, MosaicBertForSequenceClassification, MosaicBertModel
 
@@ -201,12 +202,8 @@ def resolve_config(config: str | Path | MosaicBertConfig) -> MosaicBertConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
     if path.is_file():
-        import json
-
-        try:  # read this very file (a folder's config.json only when a folder is given), never a default config
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a JSON config file ({err})") from None
+        # read this very file (a folder's config.json only when a folder is given), never a default config
+        data = read_json(path, "a JSON config file")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a JSON config file (expected an object)")
         if data.get("model_type", MosaicBertConfig.model_type) != MosaicBertConfig.model_type:

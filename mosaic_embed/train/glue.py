@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import atomic_directory, atomic_write_json, atomic_write_text, write_manifest
+from ..artifacts import atomic_directory, atomic_write_json, atomic_write_text, read_json, write_manifest
 from ..config import (
     ConfigError,
     CustomTaskConfig,
@@ -153,20 +153,14 @@ def pretraining_meta(model_dir: str | Path) -> dict[str, Any]:
     meta: dict[str, Any] = {"wall_clock_s": None, "step": None, "tokens_seen": None, "source": None}
     cm = model_dir / "checkpoint_meta.json"
     if cm.is_file():
-        try:
-            data = json.loads(cm.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{cm}: not valid JSON ({err})") from None
+        data = read_json(cm)
         if "wall_clock_s" not in data:
             raise ValueError(f"{cm}: no 'wall_clock_s' field")
         meta.update({k: data.get(k) for k in ("wall_clock_s", "step", "tokens_seen")}, source=str(cm))
         return meta
     mf = model_dir / "manifest.json"
     if mf.is_file():
-        try:
-            data = json.loads(mf.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{mf}: not valid JSON ({err})") from None
+        data = read_json(mf)
         # A pretraining manifest keeps the run's totals; accept the few names a run may use for them.
         pools = [data, data.get("timings") or {}, data.get("outputs") or {}, data.get("final") or {}]
         for pool in pools:
