@@ -1,18 +1,22 @@
 """Host (CPU) time to enqueue the attention kernels: where the eager fwd+bwd step's launch overhead goes.
 
 At short lengths the eager step is bound by the host, not the GPU (benchmarks/NOTES_attention.md), so this
-times, in microseconds per call (mean over many calls, the GPU left to drain between batches of calls):
+times, in microseconds per call (best batch mean over many calls, the GPU left to drain between batches):
 
 - ``jit_launch``:      one forward kernel launch through Triton's JIT dispatcher (``kernel[grid](...)``);
-- ``compiled_launch``: the same compiled kernel launched directly (``CompiledKernel[grid](*args)``), i.e.
-                       without argument binding, specialization and cache-key work;
-- ``flash_fwd``:       our forward launcher (allocations + one launch);
+- ``compiled_launch``: the same compiled kernel launched directly (``CompiledKernel[grid](*args)``), what
+                       ``flash_attn_alibi._Launcher`` does after a key's first call;
+- ``flash_fwd`` / ``flash_bwd``: our forward launcher (as for training: it prepares the backward's scratch) /
+                       backward launcher, called directly;
 - ``fwd`` / ``step``:  the public function without grad / forward + ``autograd.grad`` (what attention.py times);
-- ``flash_bwd``:       our backward launcher alone;
+- ``step_dispatcher``: the same step with direct launches off (``MOSAIC_TRITON_DIRECT_LAUNCH=0``);
 - ``sdpa_step``:       SDPA forward + ``autograd.grad`` on the padded batch, for scale;
 - ``python_node_step``: an identity ``autograd.Function`` + ``autograd.grad``: the autograd engine's cost for a
                        Python node (its backward runs on the engine's CUDA device thread: a GIL hand-off);
-- ``*_single_thread``: the same under ``torch.autograd.set_multithreading_enabled(False)``.
+- ``*_single_thread``: the same under ``torch.autograd.set_multithreading_enabled(False)``;
+- ``device_thread``:   per-call cost of single host ops when run inside a backward (autograd's device thread)
+                       vs on the calling thread: the first op of a backward pays for the hand-off, and torch
+                       ops stay dearer there, Triton launches do not.
 
 Usage: python benchmarks/attention_host_overhead.py [--max-len 128] [--out FILE.json]
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -45,6 +50,44 @@ def per_call_us(fn, calls=200, batches=10):
     return best
 
 
+def device_thread_costs(cases, steps=300):
+    """{name: {"main": us, "backward_first": us, "backward_amortized": us}} for each ``cases[name]()`` run on the
+    calling thread, and inside a backward (once per backward, and the mean of 20 calls per backward)."""
+    dev = torch.device("cuda")
+
+    class InBackward(torch.autograd.Function):
+        fn, calls, spent = None, 1, []
+
+        @staticmethod
+        def forward(ctx, a):
+            return a.view_as(a)
+
+        @staticmethod
+        def backward(ctx, g):
+            t0 = time.perf_counter()
+            for _ in range(InBackward.calls):
+                InBackward.fn()
+            InBackward.spent.append((time.perf_counter() - t0) / InBackward.calls * 1e6)
+            return g
+
+    leaf = torch.zeros(16, device=dev, requires_grad=True)
+    grad = torch.ones(16, device=dev)
+
+    def in_backward(fn, calls):
+        InBackward.fn, InBackward.calls = fn, calls
+        for i in range(20 + steps):
+            if i == 20:
+                torch.cuda.synchronize()
+                InBackward.spent = []
+            torch.autograd.grad(InBackward.apply(leaf), leaf, grad)
+            if i % 50 == 49:
+                torch.cuda.synchronize()
+        return statistics.median(InBackward.spent)
+
+    return {name: {"main": per_call_us(fn), "backward_first": in_backward(fn, 1),
+                   "backward_amortized": in_backward(fn, 20)} for name, fn in cases.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-len", type=int, default=128)
@@ -66,23 +109,20 @@ def main(argv=None):
     out = torch.empty_like(q)
     lse = torch.empty((heads, total), device=dev, dtype=torch.float32)
     nblk = -(-args.max_len // c.block_m)
-    grid = (nblk * heads * len(lens),)
-    pos = (q, k, v, out, lse, cu, slopes, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-           *out.stride()[:2], total, heads, nblk, scale * faa._LOG2E)
-    const = dict(HEAD_DIM=dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SKIP=False)
+    grid = (nblk * heads * len(lens), 1, 1)
+    fwd_args = (q, k, v, out, lse, lse, cu, slopes, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                total, heads, nblk, scale * faa._LOG2E, dim, c.block_m, c.block_n, False, False)
 
     def jit_launch():
-        return faa._fwd_kernel[grid](*pos, **const, num_warps=c.num_warps, num_stages=c.num_stages)
+        return faa._fwd_kernel[grid](*fwd_args, num_warps=c.num_warps, num_stages=c.num_stages)
 
     compiled = jit_launch()
-    full = list(pos) + [const[name] for name in faa._fwd_kernel.arg_names[len(pos):]]
-    runner = compiled[(grid[0], 1, 1)]
 
     def compiled_launch():
-        runner(*full)
+        compiled[grid](*fwd_args)
 
     def flash_fwd():
-        faa._flash_fwd(q, k, v, cu, args.max_len, slopes, scale)
+        faa._flash_fwd(q, k, v, cu, args.max_len, slopes, scale, for_backward=True)
 
     def fwd():
         with torch.no_grad():
@@ -91,6 +131,13 @@ def main(argv=None):
     def step():
         o = faa.flash_attn_varlen_alibi(*leaves, cu, args.max_len, slopes)
         torch.autograd.grad(o, leaves, do)
+
+    def step_dispatcher():
+        faa._DIRECT_LAUNCH = False
+        try:
+            step()
+        finally:
+            faa._DIRECT_LAUNCH = True
 
     qp, kp, vp, dop = (t.view(len(lens), args.max_len, heads, dim).transpose(1, 2) for t in (q, k, v, do))
     pleaves = [t.clone().requires_grad_() for t in (qp, kp, vp)]
@@ -101,10 +148,10 @@ def main(argv=None):
         torch.autograd.grad(o, pleaves, dop)
 
     with torch.no_grad():
-        o_, lse_, _ = faa._flash_fwd(q, k, v, cu, args.max_len, slopes, scale)
+        o_, lse_, aux_ = faa._flash_fwd(q, k, v, cu, args.max_len, slopes, scale, for_backward=True)
 
     def flash_bwd():
-        faa._flash_bwd(do, q, k, v, o_, lse_, None, cu, args.max_len, slopes, scale)
+        faa._flash_bwd(do, q, k, v, o_, lse_, None, cu, args.max_len, slopes, scale, aux=aux_)
 
     class Identity(torch.autograd.Function):
         """The cheapest Python autograd node: what the engine alone costs per fwd+bwd."""
@@ -128,7 +175,8 @@ def main(argv=None):
         return run
 
     cases = [("jit_launch", jit_launch), ("compiled_launch", compiled_launch), ("flash_fwd", flash_fwd),
-             ("flash_bwd", flash_bwd), ("fwd", fwd), ("step", step), ("sdpa_step", sdpa_step),
+             ("flash_bwd", flash_bwd), ("fwd", fwd), ("step", step), ("step_dispatcher", step_dispatcher),
+             ("sdpa_step", sdpa_step),
              ("python_node_step", python_node_step), ("step_single_thread", single_threaded(step)),
              ("sdpa_step_single_thread", single_threaded(sdpa_step)),
              ("python_node_step_single_thread", single_threaded(python_node_step))]
@@ -144,7 +192,14 @@ def main(argv=None):
         prof.disable()
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-    res = {"device": torch.cuda.get_device_name(), "max_len": args.max_len, "us_per_call": res}
+    small = torch.zeros(64, device=dev)
+    threads = device_thread_costs({
+        "noop": lambda: None, "empty_like": lambda: torch.empty_like(q), "zeros_small": lambda: torch.zeros(24, device=dev),
+        "slice_view": lambda: small[24:], "add_small": lambda: small.add(1.0), "jit_launch": jit_launch,
+        "compiled_launch": compiled_launch, "flash_bwd": flash_bwd,
+    })
+    res = {"device": torch.cuda.get_device_name(), "max_len": args.max_len, "us_per_call": res,
+           "device_thread_us": threads}
     print(json.dumps(res, indent=1))
     if args.out:
         with open(args.out, "w") as f:

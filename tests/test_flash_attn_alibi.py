@@ -74,41 +74,43 @@ def _check_against_reference(lens, heads, head_dim, dtype, slopes="alibi", facto
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("lens", [[1, 7, 16, 33], [30, 1, 7]], ids=["tiled", "short"])
+@pytest.mark.parametrize("lens", [[1, 7, 16, 33], [30, 1, 7], [40, 3, 17]], ids=["tiled", "short", "fwd-skip"])
 def test_matches_fp32_reference_small(dtype, lens):
     # lengths 1 and non-multiples of the interpreter's 16-wide tiles; steep slopes so that far tiles are
-    # skipped; max length 33 runs the tiled backward, 30 the fused short-sequence one
+    # skipped; max length 30 runs the fused short-sequence backward, 33 the tiled one with the Kmax the
+    # forward computed on the way, 40 also skips in the forward (after its own Kmax pass)
     _check_against_reference(lens, heads=2, head_dim=32, dtype=dtype, slopes="steep")
 
 
 def _backward_modes(base):
     return {
         "short": dataclasses.replace(base, short_bwd_max=1 << 30),
-        "tiled": dataclasses.replace(base, short_bwd_max=0, atomic_dq=False),
-        "atomic": dataclasses.replace(base, short_bwd_max=0, atomic_dq=True),
+        "tiled": dataclasses.replace(base, short_bwd_max=0),
     }
 
 
-def test_every_output_element_written_and_backward_paths_agree():
-    """Poisoned (NaN) outputs must be overwritten everywhere; the three backward paths agree."""
-    lens = [5, 16, 20]
-    q, k, v, do, cu, sl, seed = _inputs(lens, 2, 32, torch.float16)
+@pytest.mark.parametrize("lens", [[5, 16, 20], [5, 40, 20]], ids=["fwd-no-skip", "fwd-skip"])
+def test_every_output_element_written_and_backward_paths_agree(lens):
+    """Poisoned (NaN) outputs must be overwritten everywhere; the fused and tiled backward agree, and the
+    tiled one gives the same gradients with the forward's aux scratch as with its own."""
+    q, k, v, do, cu, sl, seed = _inputs(lens, 2, 32, torch.float16, slopes="steep")
     scale = 1 / math.sqrt(32)
     total, heads, dim = q.shape
     nan = float("nan")
     out = torch.full_like(q, nan)
     lse = torch.full((heads, total), nan, device=DEVICE)
     base = faa.select_config(dim, max(lens), DEVICE)
-    faa._flash_fwd(q, k, v, cu, max(lens), sl, scale, out=out, lse=lse, config=base)
+    _, _, aux = faa._flash_fwd(q, k, v, cu, max(lens), sl, scale, out=out, lse=lse, config=base, for_backward=True)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"unwritten forward output (seed {seed})"
     grads = {}
-    for mode, cfg in _backward_modes(base).items():
+    for mode, cfg in {**_backward_modes(base), "tiled+aux": _backward_modes(base)["tiled"]}.items():
         dq, dk, dv = (torch.full_like(q, nan) for _ in range(3))
-        faa._flash_bwd(do, q, k, v, out, lse, None, cu, max(lens), sl, scale, dq=dq, dk=dk, dv=dv, config=cfg)
+        faa._flash_bwd(do, q, k, v, out, lse, None, cu, max(lens), sl, scale, dq=dq, dk=dk, dv=dv, config=cfg,
+                       aux=aux.clone() if mode == "tiled+aux" else None)
         for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
             assert torch.isfinite(g).all(), f"unwritten {name} ({mode} backward, seed {seed})"
         grads[mode] = (dq, dk, dv)
-    for mode in ("tiled", "atomic"):
+    for mode in ("tiled", "tiled+aux"):
         for a, b in zip(grads["short"], grads[mode], strict=True):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=f"{mode} vs short backward (seed {seed})")
 
@@ -219,7 +221,7 @@ def test_matches_fp32_reference_gpu(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("mode", ["short", "tiled", "atomic"])
+@pytest.mark.parametrize("mode", ["short", "tiled"])
 def test_every_output_element_written_gpu(head_dim, mode):
     lens = [1, 100, 128, 64, 7] if mode == "short" else [1, 129, 300, 64, 1000]
     q, k, v, do, cu, sl, seed = _inputs(lens, 4, head_dim, torch.bfloat16)
@@ -227,9 +229,9 @@ def test_every_output_element_written_gpu(head_dim, mode):
     cfg = _backward_modes(faa.select_config(head_dim, max(lens), DEVICE))[mode]
     out = torch.full_like(q, float("nan"))
     lse = torch.full((heads, total), float("nan"), device=DEVICE)
-    faa._flash_fwd(q, k, v, cu, max(lens), sl, 0.125, out=out, lse=lse, config=cfg)
+    _, _, aux = faa._flash_fwd(q, k, v, cu, max(lens), sl, 0.125, out=out, lse=lse, config=cfg, for_backward=True)
     dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
-    faa._flash_bwd(do, q, k, v, out, lse, None, cu, max(lens), sl, 0.125, dq=dq, dk=dk, dv=dv, config=cfg)
+    faa._flash_bwd(do, q, k, v, out, lse, None, cu, max(lens), sl, 0.125, dq=dq, dk=dk, dv=dv, config=cfg, aux=aux)
     for name, t in (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t).all(), f"unwritten {name} ({mode} backward, seed {seed})"
 
@@ -248,13 +250,14 @@ def test_torch_compile_fullgraph_gpu():
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     f(*ref_leaves).backward()
     for a, b in zip(leaves, ref_leaves, strict=False):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-2, rtol=1e-2)  # atomic dQ sums in any order
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-2, rtol=1e-2)
 
 
-def test_second_backward_over_the_same_graph_gives_the_same_gradients():
-    """The forward hands its head norms (and the slack's zeros) to the backward: a second backward through the
-    same graph (retain_graph) reuses them and must give identical gradients."""
-    lens = [40, 7, 35]  # > the interpreter's 32-token fused backward and skip thresholds: the tiled path
+@pytest.mark.parametrize("lens", [[34, 7, 20], [40, 7, 35]], ids=["fwd-no-skip", "fwd-skip"])
+def test_second_backward_over_the_same_graph_gives_the_same_gradients(lens):
+    """The forward hands its aux scratch (Kmax, the slack's zeros) to the backward: a second backward through the
+    same graph (retain_graph) reuses it and must give identical gradients (lengths > the interpreter's 32-token
+    fused backward: the tiled path)."""
     q, k, v, do, cu, sl, seed = _inputs(lens, 2, 32, torch.float16, slopes="steep")
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out = faa.flash_attn_varlen_alibi(*leaves, cu, max(lens), sl)
@@ -263,3 +266,78 @@ def test_second_backward_over_the_same_graph_gives_the_same_gradients():
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b), f"second backward differs (seed {seed})"
     _check_against_reference(lens, heads=2, head_dim=32, dtype=torch.float16, slopes="steep")
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records direct launches."""
+
+    function = object()
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args))
+
+
+class _FakeKernel:
+    """Stands in for a @triton.jit kernel: records dispatcher launches, returns one compiled kernel per call."""
+
+    def __init__(self):
+        self.dispatched = []
+        self.compiled = []
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, num_stages):
+            self.dispatched.append((grid, args, num_warps, num_stages))
+            self.compiled.append(_FakeCompiled())
+            return self.compiled[-1]
+        return run
+
+
+def test_launcher_dispatches_once_per_key_then_launches_directly():
+    kernel = _FakeKernel()
+    launch = faa._Launcher(kernel)
+    launch((3, 1, 1), ("layout", 1), (1, 2, "c"), 4, 2)  # first call of a key: Triton's dispatcher
+    launch((5, 1, 1), ("layout", 1), (7, 8, "c"), 4, 2)  # same key: the compiled kernel, new grid and args
+    launch((6, 1, 1), ("layout", 2), (9, 9, "c"), 8, 3)  # another key: the dispatcher again
+    launch((2, 1, 1), None, (0, 0, "c"), 4, 2)  # no key (misaligned, interpreter, switched off): always dispatched
+    launch((2, 1, 1), None, (0, 0, "c"), 4, 2)
+    assert [d[0] for d in kernel.dispatched] == [(3, 1, 1), (6, 1, 1), (2, 1, 1), (2, 1, 1)]
+    assert kernel.dispatched[1][2:] == (8, 3)
+    assert kernel.compiled[0].launches == [((5, 1, 1), (7, 8, "c"))]
+    assert all(not c.launches for c in kernel.compiled[1:])
+
+
+def test_layout_key_only_for_aligned_cuda_tensors(monkeypatch):
+    q, k, v, _, cu, sl, _ = _inputs([3, 4], 2, 32, torch.float16)
+    if DEVICE.type != "cuda":
+        assert faa._layout_key(q, k, v, cu, sl) is None  # the interpreter: always Triton's own launch path
+        return
+    key = faa._layout_key(q, k, v, cu, sl)
+    assert key == (q.device.index, q.dtype, 2, 32, q.stride(), k.stride(), v.stride())
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view_as(q)  # 2-byte offset
+    assert faa._layout_key(shifted, k, v, cu, sl) is None
+    assert faa._layout_key(q, k, v, cu, sl, None) == key  # None tensors (no dlse) are skipped
+    monkeypatch.setattr(faa, "_DIRECT_LAUNCH", False)
+    assert faa._layout_key(q, k, v, cu, sl) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens", [[100, 128, 7], [1, 300, 129, 1000], [2000, 1500, 3]], ids=["short", "tiled", "skip"])
+def test_direct_launch_matches_dispatcher_gpu(lens, monkeypatch):
+    """The same step through Triton's dispatcher and through the direct path gives identical bits; inputs that
+    are not 16-byte aligned take the dispatcher and stay correct."""
+    q, k, v, do, cu, sl, seed = _inputs(lens, 4, 64, torch.bfloat16, slopes="steep")
+    direct = _kernel_grads(q, k, v, do, cu, max(lens), sl)
+    direct_again = _kernel_grads(q, k, v, do, cu, max(lens), sl)  # now every launch is a cache hit
+    monkeypatch.setattr(faa, "_DIRECT_LAUNCH", False)
+    dispatched = _kernel_grads(q, k, v, do, cu, max(lens), sl)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), direct, direct_again, dispatched, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c), f"{name}: direct vs dispatched launch differ (seed {seed})"
+    monkeypatch.setattr(faa, "_DIRECT_LAUNCH", True)
+    shifted = [torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)[1:].view_as(x).copy_(x) for x in (q, k, v)]
+    assert faa._layout_key(*shifted) is None
+    got = _kernel_grads(*shifted, do, cu, max(lens), sl)
+    for name, a, c in zip(("out", "dq", "dk", "dv"), got, dispatched, strict=True):
+        torch.testing.assert_close(a, c, atol=0, rtol=0, msg=f"{name}: misaligned inputs (seed {seed})")

@@ -16,13 +16,15 @@ Algorithm (FlashAttention-2, Dao 2023, arXiv 2307.08691):
   and saves the row log-sum-exp ``lse`` (natural log, fp32, ``(H, T)``) for the backward;
 - backward: a kernel per query tile computes its rows' ``delta = rowsum(dO * O)`` (``(H, T)`` fp32),
   recomputes ``P = exp(S - lse)`` and accumulates ``dQ``; then a kernel per key tile accumulates
-  ``dK, dV`` over the sequence's query tiles. (fp32-atomic dQ inside the key-tile kernel is an option,
-  with a separate delta pass first; it measured slower in every bucket.) Sequences of at most 128 tokens
-  take a fused backward: one program per (sequence, head) computes dQ, dK, dV from a single tile, reading
-  every input once;
+  ``dK, dV`` over the sequence's query tiles. Sequences of at most 128 tokens take a fused backward:
+  one program per (sequence, head) computes dQ, dK, dV from a single tile, reading every input once;
 - ALiBi-specific: tiles so far from the diagonal that their softmax weight is provably below 2^-32 of
-  the row maximum (Cauchy-Schwarz bound, see ``_window``) are skipped; on steep-slope heads of long
-  sequences that is most of the matrix.
+  the row maximum (Cauchy-Schwarz bound with the sequence's max |k|, see ``_window``) are skipped; on
+  steep-slope heads of long sequences that is most of the matrix.
+- host side: at short lengths the GPU work of a fwd+bwd is a few hundred microseconds, so the launch
+  path is kept lean: 2 launches at max length <= 128, 3 up to 1024, 4 above; the scratch the backward
+  needs comes from the forward; compiled kernels are launched without Triton's per-call dispatch
+  (``_Launcher``).
 Tile shapes, warps and stages come from a table measured on an H100 (``_TUNED``; numbers in
 benchmarks/NOTES_attention.md).
 """
@@ -30,6 +32,7 @@ benchmarks/NOTES_attention.md).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -133,21 +136,29 @@ def _split_range(lo, hi, seqlen, BLOCK: tl.constexpr):
     return full_hi, n_full, tail_hi
 
 
-@triton.jit(do_not_specialize=["total_tokens"])
-def _max_norm_kernel(Q, K, NORMS, stride_qt, stride_qh, stride_kt, stride_kh, total_tokens, num_heads,
-                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, WITH_Q: tl.constexpr):
-    """NORMS[H + h] = max_t |k[t, h]| and, WITH_Q, NORMS[h] = max_t |q[t, h]| (fp32, zero-initialised)."""
-    h = tl.program_id(1)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+@triton.jit
+def _stats_ptr(AUX, b, h, num_heads, total_tokens):
+    """Address of the (Kmax, slack) pair of (sequence b, head h) in the aux buffer (see ``_aux_numel``)."""
+    return AUX + num_heads * total_tokens + (b * num_heads + h) * 2
+
+
+@triton.jit(do_not_specialize=["total_tokens", "num_chunks"])
+def _seq_kmax_kernel(K, CU, AUX, stride_kt, stride_kh, total_tokens, num_heads, num_chunks,
+                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Kmax[b, h] = max over the sequence's tokens t of |k[t, h]| (fp32; the aux buffer is zero-initialised).
+
+    One program per (BLOCK_T-token chunk, head, sequence), combined with an atomic max. The forward runs it
+    first when it skips far tiles itself; otherwise the forward kernel computes the same maxima on the way.
+    """
+    start, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), num_chunks, num_heads, CU, BLOCK_T)
+    if start >= seqlen:
+        return
+    offs_t = start + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_t[:, None] < total_tokens
-    k = tl.load(K + offs_t[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=ok, other=0.0)
-    k = k.to(tl.float32)
-    tl.atomic_max(NORMS + num_heads + h, tl.sqrt(tl.max(tl.sum(k * k, 1), 0)), sem="relaxed")
-    if WITH_Q:
-        q = tl.load(Q + offs_t[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=ok, other=0.0)
-        q = q.to(tl.float32)
-        tl.atomic_max(NORMS + h, tl.sqrt(tl.max(tl.sum(q * q, 1), 0)), sem="relaxed")
+    k = tl.load(K + seq_start * stride_kt + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :],
+                mask=(offs_t < seqlen)[:, None], other=0.0).to(tl.float32)
+    kmax = tl.sqrt(tl.max(tl.sum(k * k, 1), 0))
+    tl.atomic_max(_stats_ptr(AUX, b, h, num_heads, total_tokens), kmax, sem="relaxed")
 
 
 @triton.jit
@@ -182,11 +193,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, row_bias,
 
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
-def _fwd_kernel(Q, K, V, Out, LSE, CU, SLOPES, NORMS,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+def _fwd_kernel(Q, K, V, Out, LSE, AUX, CU, SLOPES, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 total_tokens, num_heads, num_blocks, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr):
-    """One query tile of one (sequence, head): O = softmax(S) V and lse = logsumexp(S) per row."""
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
+                WRITE_STATS: tl.constexpr):
+    """One query tile of one (sequence, head): O = softmax(S) V and lse = logsumexp(S) per row.
+
+    Out is contiguous (T, H, D). SKIP reads the sequence's Kmax from AUX (``_seq_kmax_kernel`` ran first).
+    WRITE_STATS (a backward will skip far tiles): the sequence's first tile also stores Kmax and a zero slack
+    in AUX for it, so the backward needs no pass of its own over K.
+    """
     start_m, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_M)
     if start_m >= seqlen:
         return
@@ -207,7 +223,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, SLOPES, NORMS,
         qf = q.to(tl.float32)
         s_ii = tl.sum(qf * k_diag.to(tl.float32), 1) * qk_scale
         q_norm = tl.sqrt(tl.sum(qf * qf, 1))
-        slack = q_norm * tl.load(NORMS + num_heads + h) * tl.abs(qk_scale) - s_ii + 32.0
+        kmax = tl.load(_stats_ptr(AUX, b, h, num_heads, total_tokens))
+        slack = q_norm * kmax * tl.abs(qk_scale) - s_ii + 32.0
         reach = tl.max(tl.where(row_ok, slack, 0.0), 0) / slope2
         lo, hi = _window(start_m, start_m + BLOCK_M, reach, seqlen, BLOCK_N)
     else:
@@ -226,8 +243,21 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, SLOPES, NORMS,
     acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + h * total_tokens + seq_start + offs_m, lse, mask=row_ok)
-    o_ptrs = Out + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    stride_ot = num_heads * HEAD_DIM
+    o_ptrs = Out + seq_start * stride_ot + h * HEAD_DIM + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+    if WRITE_STATS:
+        if start_m == 0:  # one program per (sequence, head); its keys are warm in L2 from the sweep above
+            kmax2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start_n in range(0, seqlen, BLOCK_N):
+                cols = start_n + offs_n
+                k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=(cols < seqlen)[:, None],
+                            other=0.0).to(tl.float32)
+                kmax2 = tl.maximum(kmax2, tl.sum(k * k, 1))
+            stats = _stats_ptr(AUX, b, h, num_heads, total_tokens)
+            tl.store(stats, tl.sqrt(tl.max(kmax2, 0)))
+            tl.store(stats + 1, 0.0)  # the dQ kernel atomically maxes the slack into it
 
 
 @triton.jit
@@ -238,21 +268,6 @@ def _row_delta(o, do, dlse_ptrs, ok, HAS_DLSE: tl.constexpr):
     if HAS_DLSE:
         delta -= tl.load(dlse_ptrs, mask=ok, other=0.0)
     return delta
-
-
-@triton.jit(do_not_specialize=["total_tokens"])
-def _bwd_preprocess_kernel(Out, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_tokens,
-                           HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]  (minus dlse[h, t] when the lse has a gradient)."""
-    h = tl.program_id(1)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_t < total_tokens
-    o = tl.load(Out + offs_t[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + offs_t[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=ok[:, None],
-                 other=0.0)
-    delta = _row_delta(o, do, DLSE + h * total_tokens + offs_t, ok, HAS_DLSE)
-    tl.store(DELTA + h * total_tokens + offs_t, delta, mask=ok)
 
 
 @triton.jit
@@ -283,17 +298,17 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
 
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
-def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ, CU, SLOPES, NORMS, SLACK,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                   stride_dot, stride_doh, stride_dqt, stride_dqh, total_tokens, num_heads, num_blocks, qk_scale,
-                   sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, AUX, DQ, CU, SLOPES,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    SKIP: tl.constexpr, HAS_DLSE: tl.constexpr):
     """One query tile of one (sequence, head): dQ = scale * dS K over the sequence's key tiles.
 
-    It first computes its rows' ``delta = rowsum(dO * O)`` (minus dlse) and stores it in DELTA for the
-    dK/dV kernel that runs next (no separate preprocess launch). With SKIP it also records, per (sequence,
-    head), max_i (|q_i| Kmax c - lse2_i) in SLACK (zero-initialised, so clamped at 0) for the dK/dV kernel's
-    window.
+    Out, DO, DQ are contiguous (T, H, D). It first computes its rows' ``delta = rowsum(dO * O)`` (minus dlse)
+    and stores it in AUX for the dK/dV kernel that runs next (no separate preprocess launch). With SKIP it
+    also records, per (sequence, head), max_i (|q_i| Kmax c - lse2_i) as the slack in AUX (zeroed by the
+    forward, so clamped at 0) for the dK/dV kernel's window.
     """
     start_m, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_M)
     if start_m >= seqlen:
@@ -303,24 +318,25 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ, CU, SLOPES, NORMS, SL
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
+    stride_ct = num_heads * HEAD_DIM  # the contiguous tensors
+    c_offs = seq_start * stride_ct + h * HEAD_DIM + offs_m[:, None] * stride_ct + offs_d[None, :]
     q = tl.load(Q + seq_start * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + seq_start * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + c_offs, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-    o = tl.load(Out + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    o = tl.load(Out + c_offs, mask=row_ok[:, None], other=0.0)
     delta = _row_delta(o, do, DLSE + h * total_tokens + seq_start + offs_m, row_ok, HAS_DLSE)
-    tl.store(DELTA + h * total_tokens + seq_start + offs_m, delta, mask=row_ok)
+    tl.store(AUX + h * total_tokens + seq_start + offs_m, delta, mask=row_ok)
     row_bias = slope2 * offs_m.to(tl.float32)
     k_base = K + seq_start * stride_kt + h * stride_kh
     v_base = V + seq_start * stride_vt + h * stride_vh
 
     if SKIP:
+        stats = _stats_ptr(AUX, b, h, num_heads, total_tokens)
         qf = q.to(tl.float32)
         q_norm = tl.sqrt(tl.sum(qf * qf, 1))
-        slack = tl.max(tl.where(row_ok, q_norm * tl.load(NORMS + num_heads + h) * tl.abs(qk_scale) - lse2, 0.0), 0)
-        tl.atomic_max(SLACK + b * num_heads + h, slack, sem="relaxed")
+        slack = tl.max(tl.where(row_ok, q_norm * tl.load(stats) * tl.abs(qk_scale) - lse2, 0.0), 0)
+        tl.atomic_max(stats + 1, slack, sem="relaxed")
         lo, hi = _window(start_m, start_m + BLOCK_M, (slack + 32.0) / slope2, seqlen, BLOCK_N)
     else:
         lo = 0
@@ -333,14 +349,12 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, DELTA, DQ, CU, SLOPES, NORMS, SL
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale, slope2,
                        tail_lo, tail_hi, seqlen, offs_n, offs_d, BLOCK_N, True)
     dq = dq * sm_scale
-    tl.store(DQ + seq_start * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + c_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ_base, stride_qt, stride_dot,
-                    stride_dqt, col_bias, qk_scale, slope2, sm_scale, lo, hi, seqlen, offs_m, offs_d,
-                    BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, col_bias, qk_scale,
+                    slope2, lo, hi, seqlen, offs_m, offs_d, BLOCK_M: tl.constexpr, MASK: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) (transposed: rows are keys)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -366,27 +380,17 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ_base
         dpT = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * sm_scale  # (BLOCK_M, HEAD_DIM)
-            dq_ptrs = DQ_base + rows[:, None] * stride_dqt + offs_d[None, :]
-            if MASK:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU, SLOPES, NORMS, SLACK,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, AUX, DK, DV, CU, SLOPES,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, SKIP: tl.constexpr):
-    """One key tile of one (sequence, head): dK, dV (and dQ by fp32 atomics when ATOMIC_DQ).
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr):
+    """One key tile of one (sequence, head): dK, dV. DO, DK, DV are contiguous (T, H, D).
 
-    With SKIP the query window comes from SLACK (written by the dQ kernel) or, when dQ is atomic and no
-    dQ kernel ran, from the looser bound lse2_i >= s_ii >= -Qmax Kmax c.
+    Reads delta (and, with SKIP, the slack that bounds its query window) from AUX, written by the dQ kernel.
     """
     start_n, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_N)
     if start_n >= seqlen:
@@ -396,23 +400,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU, SLOPES, NORMS, SLA
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < seqlen
+    stride_ct = num_heads * HEAD_DIM  # the contiguous tensors
     k = tl.load(K + seq_start * stride_kt + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
     v = tl.load(V + seq_start * stride_vt + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
     col_bias = slope2 * offs_n.to(tl.float32)
     q_base = Q + seq_start * stride_qt + h * stride_qh
-    do_base = DO + seq_start * stride_dot + h * stride_doh
-    dq_base = DQ + seq_start * stride_dqt + h * stride_dqh
+    do_base = DO + seq_start * stride_ct + h * HEAD_DIM
     lse_base = LSE + h * total_tokens + seq_start
-    delta_base = DELTA + h * total_tokens + seq_start
+    delta_base = AUX + h * total_tokens + seq_start
 
     if SKIP:
-        if ATOMIC_DQ:
-            qk_max = tl.load(NORMS + h) * tl.load(NORMS + num_heads + h) * tl.abs(qk_scale)
-            slack = 2.0 * qk_max
-        else:
-            slack = tl.load(SLACK + b * num_heads + h)
+        slack = tl.load(_stats_ptr(AUX, b, h, num_heads, total_tokens) + 1)
         lo, hi = _window(start_n, start_n + BLOCK_N, (slack + 32.0) / slope2, seqlen, BLOCK_M)
     else:
         lo = 0
@@ -421,30 +421,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU, SLOPES, NORMS, SLA
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                             stride_dot, stride_dqt, col_bias, qk_scale, slope2, sm_scale, lo, full_hi, seqlen,
-                             offs_m, offs_d, BLOCK_M, False, ATOMIC_DQ)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                             stride_dot, stride_dqt, col_bias, qk_scale, slope2, sm_scale, tail_lo, tail_hi,
-                             seqlen, offs_m, offs_d, BLOCK_M, True, ATOMIC_DQ)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ct, col_bias,
+                             qk_scale, slope2, lo, full_hi, seqlen, offs_m, offs_d, BLOCK_M, False)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ct, col_bias,
+                             qk_scale, slope2, tail_lo, tail_hi, seqlen, offs_m, offs_d, BLOCK_M, True)
     dk = dk * sm_scale  # S = scale * QK^T + bias, so dK = scale * dS^T Q
-    tl.store(DK + seq_start * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + seq_start * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    c_offs = seq_start * stride_ct + h * HEAD_DIM + offs_n[:, None] * stride_ct + offs_d[None, :]
+    tl.store(DK + c_offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + c_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["total_tokens"])
 def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                      stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       total_tokens, num_heads, qk_scale, sm_scale,
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
     """Whole backward of one (sequence, head) whose sequence fits one BLOCK x BLOCK tile.
 
     Short sequences (pretraining runs at 128 tokens) make the tiled backward re-read Q, dO, K, V from
     several programs and pay a separate delta pass; here every input is read once and dQ, dK, dV are
-    written once, with delta = rowsum(dO * O) computed in place.
+    written once, with delta = rowsum(dO * O) computed in place. Out, DO, DQ, DK, DV are contiguous.
     """
     _, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), 1, num_heads, CU, BLOCK)
     slope2 = tl.load(SLOPES + h) * 1.4426950408889634
@@ -453,12 +449,13 @@ def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
     ok = idx < seqlen
     rows = idx[:, None]
     cols = offs_d[None, :]
+    stride_ct = num_heads * HEAD_DIM
+    c_offs = seq_start * stride_ct + h * HEAD_DIM + rows * stride_ct + cols
     q = tl.load(Q + seq_start * stride_qt + h * stride_qh + rows * stride_qt + cols, mask=ok[:, None], other=0.0)
     k = tl.load(K + seq_start * stride_kt + h * stride_kh + rows * stride_kt + cols, mask=ok[:, None], other=0.0)
     v = tl.load(V + seq_start * stride_vt + h * stride_vh + rows * stride_vt + cols, mask=ok[:, None], other=0.0)
-    o = tl.load(Out + seq_start * stride_ot + h * stride_oh + rows * stride_ot + cols, mask=ok[:, None], other=0.0)
-    do = tl.load(DO + seq_start * stride_dot + h * stride_doh + rows * stride_dot + cols, mask=ok[:, None],
-                 other=0.0)
+    o = tl.load(Out + c_offs, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + c_offs, mask=ok[:, None], other=0.0)
     # lse = +inf on padding rows gives P = 0 there
     lse2 = tl.load(LSE + h * total_tokens + seq_start + idx, mask=ok, other=float("inf")) * 1.4426950408889634
     delta = _row_delta(o, do, DLSE + h * total_tokens + seq_start + idx, ok, HAS_DLSE)
@@ -472,12 +469,9 @@ def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
     ds = (p * (dp - delta[:, None])).to(q.dtype)
     dq = tl.dot(ds, k) * sm_scale
     dk = tl.dot(tl.trans(ds), q) * sm_scale
-    tl.store(DQ + seq_start * stride_dqt + h * stride_dqh + rows * stride_dqt + cols, dq.to(DQ.dtype.element_ty),
-             mask=ok[:, None])
-    tl.store(DK + seq_start * stride_dkt + h * stride_dkh + rows * stride_dkt + cols, dk.to(DK.dtype.element_ty),
-             mask=ok[:, None])
-    tl.store(DV + seq_start * stride_dvt + h * stride_dvh + rows * stride_dvt + cols, dv.to(DV.dtype.element_ty),
-             mask=ok[:, None])
+    tl.store(DQ + c_offs, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+    tl.store(DK + c_offs, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DV + c_offs, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,10 +493,9 @@ class KernelConfig:
 class AttentionConfig:
     """Settings of the kernels for one (head_dim, max_seqlen bucket).
 
-    ``atomic_dq``: dQ by fp32 atomics in the dK/dV kernel instead of a separate kernel.
     ``fwd_skip_above`` / ``bwd_skip_above``: skip provably negligible far-away tiles (see ``_window``) when
-    max_seqlen exceeds this; below it the extra pass over K (its norms) costs more than the tiles it
-    saves. The forward's bound (diagonal score) is looser than the backward's (exact lse), hence the
+    max_seqlen exceeds this; below it the bound's work (the sequence's max |k|, per-row norms) costs more
+    than the tiles it saves. The forward's bound (diagonal score) is looser than the backward's (exact lse), hence the
     higher threshold (measured: at max length 512 skipping slowed the forward by a third and sped the
     backward up a little).
     ``short_bwd_max``: when max_seqlen is at most this, the backward is one fused kernel per (sequence, head)
@@ -512,7 +505,6 @@ class AttentionConfig:
     fwd: KernelConfig
     dkdv: KernelConfig
     dq: KernelConfig
-    atomic_dq: bool = False
     fwd_skip_above: int = 1024
     bwd_skip_above: int = 256
     short_bwd_max: int = 128
@@ -523,15 +515,16 @@ class AttentionConfig:
 _SEQLEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 
 
-def _cfg(fwd, dkdv, dq, atomic_dq=False, **kw):
-    return AttentionConfig(KernelConfig(*fwd), KernelConfig(*dkdv), KernelConfig(*dq), atomic_dq, **kw)
+def _cfg(fwd, dkdv, dq, **kw):
+    return AttentionConfig(KernelConfig(*fwd), KernelConfig(*dkdv), KernelConfig(*dq), **kw)
 
 
 # Hopper (sm_90) table: {(head_dim, bucket upper edge): settings}, (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # for the forward, dK/dV and dQ kernels, chosen by measurement with benchmarks/tune_attention.py on an
 # H100 (bf16, 12 heads, lengths uniform in [L/2, L], ~25k tokens; numbers in benchmarks/NOTES_attention.md;
 # buckets 128/512/2048 re-measured with far-tile skipping, 256/1024/8192 from the first sweep).
-# The separate dQ kernel beat fp32 atomics in every bucket (by 2-25 %); the fused short backward
+# The separate dQ kernel beat fp32-atomic dQ inside the dK/dV kernel in every bucket (by 2-25 %; that
+# variant was removed, see the notes); the fused short backward
 # (8 warps) beat the tiled one at max length <= 128 for every head dim (by 11-34 %). A bucket not
 # listed uses the nearest smaller listed bucket of the same head dim.
 _TUNED: dict[tuple[int, int], AttentionConfig] = {
@@ -575,11 +568,12 @@ def _hopper_default(head_dim: int) -> AttentionConfig:
     )
 
 
-# Triton's CPU interpreter (tests): small tiles, so tiny sequences still cross tile edges; far-tile
-# skipping on from 17 tokens so that the tests exercise it.
+# Triton's CPU interpreter (tests): small tiles, so tiny sequences still cross tile edges; far-tile skipping
+# from 17 tokens in the backward and 37 in the forward, so that tests reach each path: fused short backward
+# (<= 32), tiled backward with the forward's Kmax (33-36), forward skipping with its own Kmax pass (> 36).
 _INTERPRETER_CONFIG = AttentionConfig(
     fwd=KernelConfig(16, 16, 1, 1), dkdv=KernelConfig(16, 16, 1, 1), dq=KernelConfig(16, 16, 1, 1),
-    fwd_skip_above=16, bwd_skip_above=16, short_bwd_max=32, short_bwd_warps=1,
+    fwd_skip_above=36, bwd_skip_above=16, short_bwd_max=32, short_bwd_warps=1,
 )
 
 
@@ -636,26 +630,83 @@ def _check_last_dim_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def _head_norms(q, k, with_q, extra=0):
-    """(2H + extra,) fp32: max_t |q[t, h]| per head (0 unless ``with_q``), max_t |k[t, h]|, ``extra`` zeros."""
-    total, heads, head_dim = q.shape
-    buf = torch.zeros(2 * heads + extra, device=q.device, dtype=torch.float32)
+def _aux_numel(total_tokens: int, heads: int, batch: int) -> int:
+    """Size of the fp32 scratch the forward hands to the backward (``aux``): delta, (H, T), written by the dQ
+    kernel, then a (Kmax, slack) pair per (sequence, head) bounding the far-tile windows."""
+    return heads * total_tokens + 2 * batch * heads
+
+
+# Direct launches. Triton's JIT dispatcher re-derives, on every call, each argument's specialization (dtype,
+# 16-byte alignment, int value classes) and a cache key from them before it finds the compiled kernel:
+# ~10-15 us of host time per launch (benchmarks/attention_host_overhead.py), which at short lengths is
+# comparable to the kernels' GPU time. Our kernels are written so that a cheap key decides that
+# specialization: ints that vary per batch (token and block counts) are ``do_not_specialize``; the other
+# ints are q/k/v strides and the head count, which the key holds exactly, with dtype, device, head_dim and
+# the constexprs; tensors we allocate are contiguous and addressed from the head count; a call with any
+# tensor not 16-byte aligned takes the dispatcher. MOSAIC_TRITON_DIRECT_LAUNCH=0 turns the direct path off.
+_DIRECT_LAUNCH = os.environ.get("MOSAIC_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+def _layout_key(q, k, v, *tensors):
+    """The facts of a call, besides constexprs and launch options, that Triton specializes our kernels on;
+    None when the direct path must not be used (switched off, not CUDA, a tensor not 16-byte aligned)."""
+    if not _DIRECT_LAUNCH or q.device.type != "cuda":
+        return None
+    addresses = q.data_ptr() | k.data_ptr() | v.data_ptr()
+    for t in tensors:
+        if t is not None:
+            addresses |= t.data_ptr()
+    if addresses & 15:
+        return None
+    return q.device.index, q.dtype, q.shape[1], q.shape[2], q.stride(), k.stride(), v.stride()
+
+
+class _Launcher:
+    """``kernel[grid](*args, num_warps=, num_stages=)``; after the first call with a given key, Triton's compiled
+    kernel for it is launched directly (``CompiledKernel[grid](*args)``, what the dispatcher itself ends with)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled = {}
+
+    def __call__(self, grid, key, args, num_warps, num_stages):
+        """``grid``: 3-tuple; ``key``: ``_layout_key(...)`` plus the constexprs (None: always the dispatcher);
+        ``args``: every kernel argument in order, constexprs included."""
+        if key is not None:
+            compiled = self.compiled.get(key)
+            if compiled is not None:
+                compiled[grid](*args)
+                return
+        compiled = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        if key is not None and hasattr(compiled, "function"):  # not the interpreter
+            self.compiled[key] = compiled
+
+
+_launch_seq_kmax = _Launcher(_seq_kmax_kernel)
+_launch_fwd = _Launcher(_fwd_kernel)
+_launch_bwd_dq = _Launcher(_bwd_dq_kernel)
+_launch_bwd_dkdv = _Launcher(_bwd_dkdv_kernel)
+_launch_bwd_short = _Launcher(_bwd_short_kernel)
+
+
+def _seq_kmax(k, cu_seqlens, max_seqlen, aux, layout):
+    """Write Kmax per (sequence, head) into the zero-filled ``aux``."""
+    total, heads, head_dim = k.shape
     block_t = 64
-    _max_norm_kernel[(_cdiv(total, block_t), heads)](
-        q, k, buf, *q.stride()[:2], *k.stride()[:2], total, heads, HEAD_DIM=head_dim, BLOCK_T=block_t, WITH_Q=with_q,
-    )
-    return buf
+    num_chunks = _cdiv(max_seqlen, block_t)
+    _launch_seq_kmax((num_chunks * heads * (cu_seqlens.numel() - 1), 1, 1), layout and (layout, head_dim),
+                     (k, cu_seqlens, aux, k.stride(0), k.stride(1), total, heads, num_chunks, head_dim, block_t), 4, 1)
 
 
 def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out=None, lse=None, config=None,
                for_backward=False):
-    """Launch the forward kernel. Returns out (T, H, D) in q's dtype, lse (H, T) fp32 (natural log), and the
-    head norms when they were computed (else None): (2H,) when the forward skips far tiles, (2H + B*H,) with
-    zeros for the backward's slack when ``for_backward`` and the backward will skip far tiles. The eager
-    autograd path hands them to :func:`_flash_bwd`: the backward runs on autograd's device thread, where each
-    host-side op costs more than on the caller's (benchmarks/NOTES_attention.md), so its norm pass is done here.
+    """Launch the forward kernel. Returns out (T, H, D) contiguous in q's dtype, lse (H, T) fp32 (natural log)
+    and, when ``for_backward``, the ``aux`` scratch for :func:`_flash_bwd` (else None).
 
-    ``out``/``lse`` may be given (tests poison them to prove every element is written).
+    With ``for_backward`` and a backward that will skip far tiles, the forward also computes the sequences'
+    Kmax and zeroes their slack: the eager backward runs on autograd's device thread, where each host-side
+    op costs more than here (benchmarks/NOTES_attention.md), so it only allocates its outputs and launches.
+    ``out``/``lse`` may be given (contiguous; tests poison them to prove every element is written).
     """
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
@@ -665,94 +716,89 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if lse is None:
         lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
-    if total == 0 or batch == 0 or max_seqlen == 0:
-        return out, lse, None
     skip = max_seqlen > config.fwd_skip_above
-    for_bwd = for_backward and max_seqlen > config.bwd_skip_above and not config.atomic_dq
-    norms = _head_norms(q, k, with_q=False, extra=batch * heads if for_bwd else 0) if skip or for_bwd else None
+    aux = None
+    if for_backward or skip:
+        # the skip's Kmax comes from atomics (zero start); otherwise every value is written before it is read
+        aux = (torch.zeros if skip else torch.empty)(_aux_numel(total, heads, batch), device=q.device,
+                                                     dtype=torch.float32)
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return out, lse, aux if for_backward else None
+    layout = _layout_key(q, k, v, out, lse, aux, cu_seqlens, alibi_slopes)
+    if skip:
+        _seq_kmax(k, cu_seqlens, max_seqlen, aux, layout)
+    write_stats = for_backward and not skip and max_seqlen > config.bwd_skip_above
     num_blocks = _cdiv(max_seqlen, cfg.block_m)
-    _fwd_kernel[(num_blocks * heads * batch,)](
-        q, k, v, out, lse, cu_seqlens, alibi_slopes, norms if skip else lse,
-        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-        total, heads, num_blocks, softmax_scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP=skip,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _launch_fwd(
+        (num_blocks * heads * batch, 1, 1), layout and (layout, cfg, skip, write_stats),
+        (q, k, v, out, lse, aux if aux is not None else lse, cu_seqlens, alibi_slopes, *q.stride()[:2],
+         *k.stride()[:2], *v.stride()[:2], total, heads, num_blocks, softmax_scale * _LOG2E,
+         head_dim, cfg.block_m, cfg.block_n, skip, write_stats),
+        cfg.num_warps, cfg.num_stages,
     )
-    return out, lse, norms
+    return out, lse, aux if for_backward else None
 
 
 def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
-               dq=None, dk=None, dv=None, config=None, norms=None):
-    """Launch the backward kernels. Returns dq, dk, dv (T, H, D) in q's dtype.
+               dq=None, dk=None, dv=None, config=None, aux=None):
+    """Launch the backward kernels. Returns dq, dk, dv (T, H, D), contiguous, in q's dtype.
 
-    dlse: optional (H, T) gradient of the returned log-sum-exp. dq/dk/dv may be given (tests poison them).
-    norms: the forward's head norms, if it returned them (else computed when skipping far tiles); with B*H
-    zeros after the 2H norms they also serve as the slack buffer.
+    dout and out must be contiguous (T, H, D); dlse: optional (H, T) fp32 gradient of the returned log-sum-exp.
+    aux: the forward's scratch (``for_backward=True``) from a forward with the same config; without it the
+    backward allocates its own and, when it skips far tiles, computes Kmax itself.
+    dq/dk/dv may be given (contiguous; tests poison them).
     """
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    cfg = config or select_config(head_dim, max_seqlen, q.device)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    config = config or select_config(head_dim, max_seqlen, q.device)
+    if dout.dtype != q.dtype or not dout.is_contiguous():  # autograd may hand over an expanded or cast one
+        dout = dout.to(q.dtype).contiguous()
+    if dlse is not None and (dlse.dtype != torch.float32 or not dlse.is_contiguous()):
+        dlse = dlse.float().contiguous()
+    if dq is None:
+        # one allocation for the three (each a contiguous (T, H, D) slice)
+        dq, dk, dv = torch.empty((3, total, heads, head_dim), device=q.device, dtype=q.dtype).unbind(0)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
-    if max_seqlen <= cfg.short_bwd_max:
-        _bwd_short_kernel[(heads * batch,)](
-            q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
-            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-            *dout.stride()[:2], *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2],
-            total, heads, softmax_scale * _LOG2E, softmax_scale,
-            HEAD_DIM=head_dim, BLOCK=max(16, _next_pow2(max_seqlen)), HAS_DLSE=dlse is not None,
-            num_warps=cfg.short_bwd_warps, num_stages=1,
+    qk_scale = softmax_scale * _LOG2E
+    has_dlse = dlse is not None
+    if max_seqlen <= config.short_bwd_max:
+        block = max(16, _next_pow2(max_seqlen))
+        layout = _layout_key(q, k, v, out, dout, lse, dlse, dq, dk, dv, cu_seqlens, alibi_slopes)
+        _launch_bwd_short(
+            (heads * batch, 1, 1), layout and (layout, block, has_dlse, config.short_bwd_warps),
+            (q, k, v, out, dout, lse, dlse if has_dlse else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
+             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], total, heads, qk_scale, softmax_scale,
+             head_dim, block, has_dlse),
+            config.short_bwd_warps, 1,
         )
         return dq, dk, dv
-    delta = torch.empty((heads, total), device=q.device, dtype=torch.float32)
-    if cfg.atomic_dq:  # the dQ kernel computes delta itself; the atomic path has no dQ kernel
-        block_t = 64
-        _bwd_preprocess_kernel[(_cdiv(total, block_t), heads)](
-            out, dout, dlse if dlse is not None else delta, delta, *out.stride()[:2], *dout.stride()[:2], total,
-            HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
-        )
-    skip = max_seqlen > cfg.bwd_skip_above
-    slack = delta  # placeholder pointer when not skipping
-    if skip:
-        if norms is None or cfg.atomic_dq:  # the atomic path's bound also needs max |q|
-            norms = _head_norms(q, k, with_q=cfg.atomic_dq, extra=batch * heads)
-        # kernels read only the first 2H entries of NORMS; the B*H after them, when present, are the slack's
-        # zeros (a second backward over the same graph writes the same maxima into them again)
-        if norms.numel() == (2 + batch) * heads:
-            slack = norms[2 * heads:]
-        else:
-            slack = torch.zeros(batch * heads, device=q.device, dtype=torch.float32)
-    else:
-        norms = delta
-    qk_scale = softmax_scale * _LOG2E
-    if not cfg.atomic_dq:
-        # before dK/dV: it also writes delta and the per-(sequence, head) slack that bounds the dK/dV window
-        c = cfg.dq
-        num_blocks = _cdiv(max_seqlen, c.block_m)
-        _bwd_dq_kernel[(num_blocks * heads * batch,)](
-            q, k, v, out, dout, lse, dlse if dlse is not None else delta, delta, dq, cu_seqlens, alibi_slopes,
-            norms, slack, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-            *dout.stride()[:2], *dq.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale,
-            HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SKIP=skip, HAS_DLSE=dlse is not None,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
-    # fp32 accumulator for the atomic dQ path (zeroed: atomics add into it).
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if cfg.atomic_dq else dq
-    c = cfg.dkdv
-    num_blocks = _cdiv(max_seqlen, c.block_n)
-    _bwd_dkdv_kernel[(num_blocks * heads * batch,)](
-        q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_seqlens, alibi_slopes, norms, slack,
-        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2],
-        *dk.stride()[:2], *dv.stride()[:2], *dq_acc.stride()[:2],
-        total, heads, num_blocks, qk_scale, softmax_scale,
-        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=cfg.atomic_dq, SKIP=skip,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+    skip = max_seqlen > config.bwd_skip_above
+    if aux is None:
+        aux = (torch.zeros if skip else torch.empty)(_aux_numel(total, heads, batch), device=q.device,
+                                                     dtype=torch.float32)
+        if skip:
+            _seq_kmax(k, cu_seqlens, max_seqlen, aux, _layout_key(q, k, v, aux, cu_seqlens))
+    layout = _layout_key(q, k, v, out, dout, lse, dlse, aux, dq, dk, dv, cu_seqlens, alibi_slopes)
+    # dQ first: it also writes delta and the per-(sequence, head) slack that bounds the dK/dV window
+    c = config.dq
+    num_blocks = _cdiv(max_seqlen, c.block_m)
+    _launch_bwd_dq(
+        (num_blocks * heads * batch, 1, 1), layout and (layout, c, skip, has_dlse),
+        (q, k, v, out, dout, lse, dlse if has_dlse else lse, aux, dq, cu_seqlens, alibi_slopes,
+         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale,
+         head_dim, c.block_m, c.block_n, skip, has_dlse),
+        c.num_warps, c.num_stages,
     )
-    if cfg.atomic_dq:
-        dq.copy_(dq_acc)
+    c = config.dkdv
+    num_blocks = _cdiv(max_seqlen, c.block_n)
+    _launch_bwd_dkdv(
+        (num_blocks * heads * batch, 1, 1), layout and (layout, c, skip),
+        (q, k, v, dout, lse, aux, dk, dv, cu_seqlens, alibi_slopes,
+         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale,
+         head_dim, c.block_m, c.block_n, skip),
+        c.num_warps, c.num_stages,
+    )
     return dq, dk, dv
 
 
@@ -765,46 +811,55 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
 
 @torch.library.custom_op("mosaic_embed::flash_attn_varlen_alibi_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-            alibi_slopes: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            alibi_slopes: torch.Tensor, softmax_scale: float,
+            for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _check_last_dim_contiguous(q, k, v)
-    out, lse, _ = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
-    return out, lse
+    out, lse, aux = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
+                               for_backward=for_backward)
+    return out, lse, aux if aux is not None else lse.new_empty(0)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+def _(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, for_backward):
     total, heads, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((heads, total), dtype=torch.float32)
+    aux_numel = _aux_numel(total, heads, cu_seqlens.shape[0] - 1) if for_backward else 0
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((heads, total), dtype=torch.float32), q.new_empty((aux_numel,), dtype=torch.float32))
 
 
 @torch.library.custom_op("mosaic_embed::flash_attn_varlen_alibi_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            out: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
             alibi_slopes: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dout, q, k, v = _check_last_dim_contiguous(dout, q, k, v)
-    if dlse is not None:
-        dlse = dlse.contiguous()
-    return _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+    q, k, v = _check_last_dim_contiguous(q, k, v)
+    # separate allocations: a custom op's outputs may not share storage
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
+                      dq=dq, dk=dk, dv=dv, aux=aux if aux.numel() else None)
 
 
 @_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+def _(dout, dlse, q, k, v, out, lse, aux, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, alibi_slopes)
+    q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, _ = inputs
+    out, lse, aux = output
+    ctx.save_for_backward(q, k, v, out, lse, aux, cu_seqlens, alibi_slopes)
     ctx.max_seqlen = max_seqlen
     ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(aux)
+    ctx.set_materialize_grads(False)  # unused outputs (lse, aux) get no zero-filled gradient
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes,
+def _backward(ctx, dout, dlse, _daux):
+    q, k, v, out, lse, aux, cu_seqlens, alibi_slopes = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, aux, cu_seqlens, ctx.max_seqlen, alibi_slopes,
                          ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -816,25 +871,24 @@ class _FlashAttnVarlenAlibi(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, for_backward):
         q, k, v = _check_last_dim_contiguous(q, k, v)
-        out, lse, norms = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
-                                     for_backward=for_backward)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, alibi_slopes, norms)
+        config = select_config(q.shape[2], max_seqlen, q.device)
+        out, lse, aux = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, config=config,
+                                   for_backward=for_backward)
+        ctx.save_for_backward(q, k, v, out, lse, aux, cu_seqlens, alibi_slopes)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
+        ctx.config = config  # the backward reads what this forward wrote into aux for this config
         ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens, alibi_slopes, norms = ctx.saved_tensors
+        q, k, v, out, lse, aux, cu_seqlens, alibi_slopes = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        (dout,) = _check_last_dim_contiguous(dout)
-        if dlse is not None:
-            dlse = dlse.contiguous()
         dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, ctx.max_seqlen, alibi_slopes,
-                                ctx.softmax_scale, norms=norms)
+                                ctx.softmax_scale, config=ctx.config, aux=aux)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -869,13 +923,13 @@ def flash_attn_varlen_alibi(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softm
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     softmax_scale = float(softmax_scale)
+    # (inside the op grad mode is always off: whether a backward can follow is decided here)
+    for_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if torch.compiler.is_compiling():
-        out, lse = torch.ops.mosaic_embed.flash_attn_varlen_alibi_fwd(
-            q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale
+        out, lse, _ = torch.ops.mosaic_embed.flash_attn_varlen_alibi_fwd(
+            q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, for_backward
         )
     else:
-        # (inside forward grad mode is always off: whether a backward can follow is decided here)
-        for_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         out, lse = _FlashAttnVarlenAlibi.apply(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
                                                for_backward)
     return (out, lse) if return_lse else out
