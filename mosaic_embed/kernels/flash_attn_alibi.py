@@ -194,12 +194,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, row_bias,
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
 def _fwd_kernel(Q, K, V, Out, LSE, AUX, CU, SLOPES, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                total_tokens, num_heads, num_blocks, qk_scale,
+                stride_ct, total_tokens, num_heads, num_blocks, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
                 WRITE_STATS: tl.constexpr):
     """One query tile of one (sequence, head): O = softmax(S) V and lse = logsumexp(S) per row.
 
-    Out is contiguous (T, H, D). SKIP reads the sequence's Kmax from AUX (``_seq_kmax_kernel`` ran first).
+    Out is contiguous (T, H, D): token stride ``stride_ct`` = H * D. SKIP reads the sequence's Kmax from AUX
+    (``_seq_kmax_kernel`` ran first).
     WRITE_STATS (a backward will skip far tiles): the sequence's first tile also stores Kmax and a zero slack
     in AUX for it, so the backward needs no pass of its own over K.
     """
@@ -243,8 +244,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, AUX, CU, SLOPES, stride_qt, stride_qh, stride
     acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + h * total_tokens + seq_start + offs_m, lse, mask=row_ok)
-    stride_ot = num_heads * HEAD_DIM
-    o_ptrs = Out + seq_start * stride_ot + h * HEAD_DIM + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o_ptrs = Out + seq_start * stride_ct + h * HEAD_DIM + offs_m[:, None] * stride_ct + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     if WRITE_STATS:
@@ -299,14 +299,14 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, AUX, DQ, CU, SLOPES,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                    total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    SKIP: tl.constexpr, HAS_DLSE: tl.constexpr):
     """One query tile of one (sequence, head): dQ = scale * dS K over the sequence's key tiles.
 
-    Out, DO, DQ are contiguous (T, H, D). It first computes its rows' ``delta = rowsum(dO * O)`` (minus dlse)
-    and stores it in AUX for the dK/dV kernel that runs next (no separate preprocess launch). With SKIP it
+    Out, DO, DQ are contiguous (T, H, D), token stride ``stride_ct``. It first computes its rows'
+    ``delta = rowsum(dO * O)`` (minus dlse) and stores it in AUX for the dK/dV kernel that runs next (no separate preprocess launch). With SKIP it
     also records, per (sequence, head), max_i (|q_i| Kmax c - lse2_i) as the slack in AUX (zeroed by the
     forward, so clamped at 0) for the dK/dV kernel's window.
     """
@@ -318,7 +318,6 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, AUX, DQ, CU, SLOPES,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    stride_ct = num_heads * HEAD_DIM  # the contiguous tensors
     c_offs = seq_start * stride_ct + h * HEAD_DIM + offs_m[:, None] * stride_ct + offs_d[None, :]
     q = tl.load(Q + seq_start * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -385,10 +384,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, AUX, DK, DV, CU, SLOPES,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                      total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr):
-    """One key tile of one (sequence, head): dK, dV. DO, DK, DV are contiguous (T, H, D).
+    """One key tile of one (sequence, head): dK, dV. DO, DK, DV are contiguous (T, H, D), token stride
+    ``stride_ct``.
 
     Reads delta (and, with SKIP, the slack that bounds its query window) from AUX, written by the dQ kernel.
     """
@@ -400,7 +400,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, AUX, DK, DV, CU, SLOPES,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < seqlen
-    stride_ct = num_heads * HEAD_DIM  # the contiguous tensors
     k = tl.load(K + seq_start * stride_kt + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
     v = tl.load(V + seq_start * stride_vt + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
@@ -433,14 +432,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, AUX, DK, DV, CU, SLOPES,
 
 @triton.jit(do_not_specialize=["total_tokens"])
 def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                       total_tokens, num_heads, qk_scale, sm_scale,
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
     """Whole backward of one (sequence, head) whose sequence fits one BLOCK x BLOCK tile.
 
     Short sequences (pretraining runs at 128 tokens) make the tiled backward re-read Q, dO, K, V from
     several programs and pay a separate delta pass; here every input is read once and dQ, dK, dV are
-    written once, with delta = rowsum(dO * O) computed in place. Out, DO, DQ, DK, DV are contiguous.
+    written once, with delta = rowsum(dO * O) computed in place. Out, DO, DQ, DK, DV are contiguous (token
+    stride ``stride_ct``).
     """
     _, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), 1, num_heads, CU, BLOCK)
     slope2 = tl.load(SLOPES + h) * 1.4426950408889634
@@ -449,7 +449,6 @@ def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
     ok = idx < seqlen
     rows = idx[:, None]
     cols = offs_d[None, :]
-    stride_ct = num_heads * HEAD_DIM
     c_offs = seq_start * stride_ct + h * HEAD_DIM + rows * stride_ct + cols
     q = tl.load(Q + seq_start * stride_qt + h * stride_qh + rows * stride_qt + cols, mask=ok[:, None], other=0.0)
     k = tl.load(K + seq_start * stride_kt + h * stride_kh + rows * stride_kt + cols, mask=ok[:, None], other=0.0)
@@ -642,8 +641,10 @@ def _aux_numel(total_tokens: int, heads: int, batch: int) -> int:
 # comparable to the kernels' GPU time. Our kernels are written so that a cheap key decides that
 # specialization: ints that vary per batch (token and block counts) are ``do_not_specialize``; the other
 # ints are q/k/v strides and the head count, which the key holds exactly, with dtype, device, head_dim and
-# the constexprs; tensors we allocate are contiguous and addressed from the head count; a call with any
-# tensor not 16-byte aligned takes the dispatcher. MOSAIC_TRITON_DIRECT_LAUNCH=0 turns the direct path off.
+# the constexprs; the tensors we allocate (and dO) are contiguous, their token stride H * D is passed as
+# an argument (in-kernel num_heads * HEAD_DIM measured 5-10 % slower: the loads lose the alignment that
+# Triton infers from a specialized argument); a call with any tensor not 16-byte aligned takes the
+# dispatcher. MOSAIC_TRITON_DIRECT_LAUNCH=0 turns the direct path off.
 _DIRECT_LAUNCH = os.environ.get("MOSAIC_TRITON_DIRECT_LAUNCH", "1") != "0"
 
 
@@ -732,7 +733,7 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
     _launch_fwd(
         (num_blocks * heads * batch, 1, 1), layout and (layout, cfg, skip, write_stats),
         (q, k, v, out, lse, aux if aux is not None else lse, cu_seqlens, alibi_slopes, *q.stride()[:2],
-         *k.stride()[:2], *v.stride()[:2], total, heads, num_blocks, softmax_scale * _LOG2E,
+         *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, num_blocks, softmax_scale * _LOG2E,
          head_dim, cfg.block_m, cfg.block_n, skip, write_stats),
         cfg.num_warps, cfg.num_stages,
     )
@@ -768,7 +769,8 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
         _launch_bwd_short(
             (heads * batch, 1, 1), layout and (layout, block, has_dlse, config.short_bwd_warps),
             (q, k, v, out, dout, lse, dlse if has_dlse else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
-             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], total, heads, qk_scale, softmax_scale,
+             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, qk_scale,
+             softmax_scale,
              head_dim, block, has_dlse),
             config.short_bwd_warps, 1,
         )
@@ -786,7 +788,8 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     _launch_bwd_dq(
         (num_blocks * heads * batch, 1, 1), layout and (layout, c, skip, has_dlse),
         (q, k, v, out, dout, lse, dlse if has_dlse else lse, aux, dq, cu_seqlens, alibi_slopes,
-         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale,
+         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, num_blocks, qk_scale,
+         softmax_scale,
          head_dim, c.block_m, c.block_n, skip, has_dlse),
         c.num_warps, c.num_stages,
     )
@@ -795,7 +798,8 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     _launch_bwd_dkdv(
         (num_blocks * heads * batch, 1, 1), layout and (layout, c, skip),
         (q, k, v, dout, lse, aux, dk, dv, cu_seqlens, alibi_slopes,
-         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], total, heads, num_blocks, qk_scale, softmax_scale,
+         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, num_blocks, qk_scale,
+         softmax_scale,
          head_dim, c.block_m, c.block_n, skip),
         c.num_warps, c.num_stages,
     )
