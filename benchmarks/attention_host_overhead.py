@@ -111,7 +111,7 @@ def main(argv=None):
     nblk = -(-args.max_len // c.block_m)
     grid = (nblk * heads * len(lens), 1, 1)
     fwd_args = (q, k, v, out, lse, lse, cu, slopes, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                heads * dim, total, heads, nblk, scale * faa._LOG2E, dim, c.block_m, c.block_n, False, False)
+                heads * dim, dim, total, heads, nblk, scale * faa._LOG2E, dim, c.block_m, c.block_n, False, False)
 
     def jit_launch():
         return faa._fwd_kernel[grid](*fwd_args, num_warps=c.num_warps, num_stages=c.num_stages)

@@ -309,18 +309,19 @@ def test_launcher_dispatches_once_per_key_then_launches_directly():
     assert all(not c.launches for c in kernel.compiled[1:])
 
 
-def test_layout_key_only_for_aligned_cuda_tensors(monkeypatch):
+def test_launch_key_only_for_aligned_cuda_tensors(monkeypatch):
     q, k, v, _, cu, sl, _ = _inputs([3, 4], 2, 32, torch.float16)
+    strides, key = faa._qkv_layout(q, k, v, cu, sl)
+    assert strides == (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
     if DEVICE.type != "cuda":
-        assert faa._layout_key(q, k, v, cu, sl) is None  # the interpreter: always Triton's own launch path
+        assert key is None  # the interpreter: always Triton's own launch path
         return
-    key = faa._layout_key(q, k, v, cu, sl)
-    assert key == (q.device.index, q.dtype, 2, 32, q.stride(), k.stride(), v.stride())
+    assert key == (q.device.index, q.dtype, 2, 32, strides)
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view_as(q)  # 2-byte offset
-    assert faa._layout_key(shifted, k, v, cu, sl) is None
-    assert faa._layout_key(q, k, v, cu, sl, None) == key  # None tensors (no dlse) are skipped
+    assert faa._qkv_layout(shifted, k, v, cu, sl)[1] is None
+    assert faa._qkv_layout(q, k, v, cu, sl, None)[1] == key  # None tensors (no dlse) are skipped
     monkeypatch.setattr(faa, "_DIRECT_LAUNCH", False)
-    assert faa._layout_key(q, k, v, cu, sl) is None
+    assert faa._qkv_layout(q, k, v, cu, sl)[1] is None
 
 
 @pytest.mark.gpu
@@ -337,7 +338,7 @@ def test_direct_launch_matches_dispatcher_gpu(lens, monkeypatch):
         assert torch.equal(a, b) and torch.equal(a, c), f"{name}: direct vs dispatched launch differ (seed {seed})"
     monkeypatch.setattr(faa, "_DIRECT_LAUNCH", True)
     shifted = [torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)[1:].view_as(x).copy_(x) for x in (q, k, v)]
-    assert faa._layout_key(*shifted) is None
+    assert faa._qkv_layout(*shifted)[1] is None
     got = _kernel_grads(*shifted, do, cu, max(lens), sl)
     for name, a, c in zip(("out", "dq", "dk", "dv"), got, dispatched, strict=True):
         torch.testing.assert_close(a, c, atol=0, rtol=0, msg=f"{name}: misaligned inputs (seed {seed})")

@@ -194,13 +194,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, row_bias,
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
 def _fwd_kernel(Q, K, V, Out, LSE, AUX, CU, SLOPES, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_ct, total_tokens, num_heads, num_blocks, qk_scale,
+                stride_ot, stride_oh, total_tokens, num_heads, num_blocks, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
                 WRITE_STATS: tl.constexpr):
     """One query tile of one (sequence, head): O = softmax(S) V and lse = logsumexp(S) per row.
 
-    Out is contiguous (T, H, D): token stride ``stride_ct`` = H * D. SKIP reads the sequence's Kmax from AUX
-    (``_seq_kmax_kernel`` ran first).
+    SKIP reads the sequence's Kmax from AUX (``_seq_kmax_kernel`` ran first).
     WRITE_STATS (a backward will skip far tiles): the sequence's first tile also stores Kmax and a zero slack
     in AUX for it, so the backward needs no pass of its own over K.
     """
@@ -244,7 +243,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, AUX, CU, SLOPES, stride_qt, stride_qh, stride
     acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + h * total_tokens + seq_start + offs_m, lse, mask=row_ok)
-    o_ptrs = Out + seq_start * stride_ct + h * HEAD_DIM + offs_m[:, None] * stride_ct + offs_d[None, :]
+    o_ptrs = Out + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     if WRITE_STATS:
@@ -299,14 +298,13 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, AUX, DQ, CU, SLOPES,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
-                   total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                   stride_dot, stride_doh, stride_dqt, stride_dqh, total_tokens, num_heads, num_blocks, qk_scale,
+                   sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    SKIP: tl.constexpr, HAS_DLSE: tl.constexpr):
     """One query tile of one (sequence, head): dQ = scale * dS K over the sequence's key tiles.
 
-    Out, DO, DQ are contiguous (T, H, D), token stride ``stride_ct``. It first computes its rows'
-    ``delta = rowsum(dO * O)`` (minus dlse) and stores it in AUX for the dK/dV kernel that runs next (no separate preprocess launch). With SKIP it
+    It first computes its rows' ``delta = rowsum(dO * O)`` (minus dlse) and stores it in AUX for the dK/dV kernel that runs next (no separate preprocess launch). With SKIP it
     also records, per (sequence, head), max_i (|q_i| Kmax c - lse2_i) as the slack in AUX (zeroed by the
     forward, so clamped at 0) for the dK/dV kernel's window.
     """
@@ -318,12 +316,13 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, AUX, DQ, CU, SLOPES,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    c_offs = seq_start * stride_ct + h * HEAD_DIM + offs_m[:, None] * stride_ct + offs_d[None, :]
     q = tl.load(Q + seq_start * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + c_offs, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + seq_start * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h * total_tokens + seq_start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-    o = tl.load(Out + c_offs, mask=row_ok[:, None], other=0.0)
+    o = tl.load(Out + seq_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
     delta = _row_delta(o, do, DLSE + h * total_tokens + seq_start + offs_m, row_ok, HAS_DLSE)
     tl.store(AUX + h * total_tokens + seq_start + offs_m, delta, mask=row_ok)
     row_bias = slope2 * offs_m.to(tl.float32)
@@ -348,7 +347,8 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, AUX, DQ, CU, SLOPES,
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, row_bias, qk_scale, slope2,
                        tail_lo, tail_hi, seqlen, offs_n, offs_d, BLOCK_N, True)
     dq = dq * sm_scale
-    tl.store(DQ + c_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + seq_start * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -384,11 +384,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 
 @triton.jit(do_not_specialize=["total_tokens", "num_blocks"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, AUX, DK, DV, CU, SLOPES,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
-                     total_tokens, num_heads, num_blocks, qk_scale, sm_scale,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, total_tokens, num_heads, num_blocks, qk_scale,
+                     sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr):
-    """One key tile of one (sequence, head): dK, dV. DO, DK, DV are contiguous (T, H, D), token stride
-    ``stride_ct``.
+    """One key tile of one (sequence, head): dK, dV.
 
     Reads delta (and, with SKIP, the slack that bounds its query window) from AUX, written by the dQ kernel.
     """
@@ -406,7 +406,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, AUX, DK, DV, CU, SLOPES,
                 mask=col_ok[:, None], other=0.0)
     col_bias = slope2 * offs_n.to(tl.float32)
     q_base = Q + seq_start * stride_qt + h * stride_qh
-    do_base = DO + seq_start * stride_ct + h * HEAD_DIM
+    do_base = DO + seq_start * stride_dot + h * stride_doh
     lse_base = LSE + h * total_tokens + seq_start
     delta_base = AUX + h * total_tokens + seq_start
 
@@ -420,27 +420,28 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, AUX, DK, DV, CU, SLOPES,
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ct, col_bias,
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, col_bias,
                              qk_scale, slope2, lo, full_hi, seqlen, offs_m, offs_d, BLOCK_M, False)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ct, col_bias,
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, col_bias,
                              qk_scale, slope2, tail_lo, tail_hi, seqlen, offs_m, offs_d, BLOCK_M, True)
     dk = dk * sm_scale  # S = scale * QK^T + bias, so dK = scale * dS^T Q
-    c_offs = seq_start * stride_ct + h * HEAD_DIM + offs_n[:, None] * stride_ct + offs_d[None, :]
-    tl.store(DK + c_offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + c_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + seq_start * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + seq_start * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["total_tokens"])
 def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                      stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                       total_tokens, num_heads, qk_scale, sm_scale,
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
     """Whole backward of one (sequence, head) whose sequence fits one BLOCK x BLOCK tile.
 
     Short sequences (pretraining runs at 128 tokens) make the tiled backward re-read Q, dO, K, V from
     several programs and pay a separate delta pass; here every input is read once and dQ, dK, dV are
-    written once, with delta = rowsum(dO * O) computed in place. Out, DO, DQ, DK, DV are contiguous (token
-    stride ``stride_ct``).
+    written once, with delta = rowsum(dO * O) computed in place.
     """
     _, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), 1, num_heads, CU, BLOCK)
     slope2 = tl.load(SLOPES + h) * 1.4426950408889634
@@ -449,12 +450,12 @@ def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
     ok = idx < seqlen
     rows = idx[:, None]
     cols = offs_d[None, :]
-    c_offs = seq_start * stride_ct + h * HEAD_DIM + rows * stride_ct + cols
     q = tl.load(Q + seq_start * stride_qt + h * stride_qh + rows * stride_qt + cols, mask=ok[:, None], other=0.0)
     k = tl.load(K + seq_start * stride_kt + h * stride_kh + rows * stride_kt + cols, mask=ok[:, None], other=0.0)
     v = tl.load(V + seq_start * stride_vt + h * stride_vh + rows * stride_vt + cols, mask=ok[:, None], other=0.0)
-    o = tl.load(Out + c_offs, mask=ok[:, None], other=0.0)
-    do = tl.load(DO + c_offs, mask=ok[:, None], other=0.0)
+    o = tl.load(Out + seq_start * stride_ot + h * stride_oh + rows * stride_ot + cols, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + seq_start * stride_dot + h * stride_doh + rows * stride_dot + cols, mask=ok[:, None],
+                 other=0.0)
     # lse = +inf on padding rows gives P = 0 there
     lse2 = tl.load(LSE + h * total_tokens + seq_start + idx, mask=ok, other=float("inf")) * 1.4426950408889634
     delta = _row_delta(o, do, DLSE + h * total_tokens + seq_start + idx, ok, HAS_DLSE)
@@ -468,9 +469,12 @@ def _bwd_short_kernel(Q, K, V, Out, DO, LSE, DLSE, DQ, DK, DV, CU, SLOPES,
     ds = (p * (dp - delta[:, None])).to(q.dtype)
     dq = tl.dot(ds, k) * sm_scale
     dk = tl.dot(tl.trans(ds), q) * sm_scale
-    tl.store(DQ + c_offs, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
-    tl.store(DK + c_offs, dk.to(DK.dtype.element_ty), mask=ok[:, None])
-    tl.store(DV + c_offs, dv.to(DV.dtype.element_ty), mask=ok[:, None])
+    tl.store(DQ + seq_start * stride_dqt + h * stride_dqh + rows * stride_dqt + cols, dq.to(DQ.dtype.element_ty),
+             mask=ok[:, None])
+    tl.store(DK + seq_start * stride_dkt + h * stride_dkh + rows * stride_dkt + cols, dk.to(DK.dtype.element_ty),
+             mask=ok[:, None])
+    tl.store(DV + seq_start * stride_dvt + h * stride_dvh + rows * stride_dvt + cols, dv.to(DV.dtype.element_ty),
+             mask=ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -641,25 +645,30 @@ def _aux_numel(total_tokens: int, heads: int, batch: int) -> int:
 # comparable to the kernels' GPU time. Our kernels are written so that a cheap key decides that
 # specialization: ints that vary per batch (token and block counts) are ``do_not_specialize``; the other
 # ints are q/k/v strides and the head count, which the key holds exactly, with dtype, device, head_dim and
-# the constexprs; the tensors we allocate (and dO) are contiguous, their token stride H * D is passed as
-# an argument (in-kernel num_heads * HEAD_DIM measured 5-10 % slower: the loads lose the alignment that
-# Triton infers from a specialized argument); a call with any tensor not 16-byte aligned takes the
-# dispatcher. MOSAIC_TRITON_DIRECT_LAUNCH=0 turns the direct path off.
+# the constexprs; the other tensors (out, dO, dq, dk, dv: made contiguous) have the strides (H * D, D),
+# fixed by the key; a call with any tensor not 16-byte aligned takes the dispatcher. (Each tensor keeps
+# its own stride arguments: with one shared stride the compiler kept a single 64-bit offset tile alive
+# across the whole backward kernel, measured 5-10 % slower.) MOSAIC_TRITON_DIRECT_LAUNCH=0 turns the direct path off.
 _DIRECT_LAUNCH = os.environ.get("MOSAIC_TRITON_DIRECT_LAUNCH", "1") != "0"
 
 
-def _layout_key(q, k, v, *tensors):
-    """The facts of a call, besides constexprs and launch options, that Triton specializes our kernels on;
-    None when the direct path must not be used (switched off, not CUDA, a tensor not 16-byte aligned)."""
+def _qkv_layout(q, k, v, *tensors):
+    """(q, k, v token and head strides as kernel arguments, the launch key of this layout).
+
+    The key holds the facts of a call, besides constexprs and launch options, that Triton specializes our
+    kernels on; it is None when the direct path must not be used (switched off, not CUDA, a tensor among
+    q, k, v, ``tensors`` not 16-byte aligned).
+    """
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
     if not _DIRECT_LAUNCH or q.device.type != "cuda":
-        return None
+        return strides, None
     addresses = q.data_ptr() | k.data_ptr() | v.data_ptr()
     for t in tensors:
         if t is not None:
             addresses |= t.data_ptr()
     if addresses & 15:
-        return None
-    return q.device.index, q.dtype, q.shape[1], q.shape[2], q.stride(), k.stride(), v.stride()
+        return strides, None
+    return strides, (q.device.index, q.dtype, q.shape[1], q.shape[2], strides)
 
 
 class _Launcher:
@@ -671,7 +680,7 @@ class _Launcher:
         self.compiled = {}
 
     def __call__(self, grid, key, args, num_warps, num_stages):
-        """``grid``: 3-tuple; ``key``: ``_layout_key(...)`` plus the constexprs (None: always the dispatcher);
+        """``grid``: 3-tuple; ``key``: ``_qkv_layout``'s key plus the constexprs (None: always the dispatcher);
         ``args``: every kernel argument in order, constexprs included."""
         if key is not None:
             compiled = self.compiled.get(key)
@@ -690,13 +699,15 @@ _launch_bwd_dkdv = _Launcher(_bwd_dkdv_kernel)
 _launch_bwd_short = _Launcher(_bwd_short_kernel)
 
 
-def _seq_kmax(k, cu_seqlens, max_seqlen, aux, layout):
+def _seq_kmax(k, cu_seqlens, max_seqlen, aux, strides, key):
     """Write Kmax per (sequence, head) into the zero-filled ``aux``."""
     total, heads, head_dim = k.shape
     block_t = 64
     num_chunks = _cdiv(max_seqlen, block_t)
-    _launch_seq_kmax((num_chunks * heads * (cu_seqlens.numel() - 1), 1, 1), layout and (layout, head_dim),
-                     (k, cu_seqlens, aux, k.stride(0), k.stride(1), total, heads, num_chunks, head_dim, block_t), 4, 1)
+    _launch_seq_kmax(
+        (num_chunks * heads * (cu_seqlens.numel() - 1), 1, 1), key,
+        (k, cu_seqlens, aux, strides[2], strides[3], total, heads, num_chunks, head_dim, block_t), 4, 1,
+    )
 
 
 def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out=None, lse=None, config=None,
@@ -715,6 +726,8 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
     cfg = config.fwd
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif not out.is_contiguous():  # its strides must follow from (heads, head_dim): see _Launcher
+        raise ValueError("_flash_fwd: out must be a contiguous (T, H, D) tensor")
     if lse is None:
         lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
     skip = max_seqlen > config.fwd_skip_above
@@ -725,15 +738,15 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
                                                      dtype=torch.float32)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse, aux if for_backward else None
-    layout = _layout_key(q, k, v, out, lse, aux, cu_seqlens, alibi_slopes)
+    strides, key = _qkv_layout(q, k, v, out, lse, aux, cu_seqlens, alibi_slopes)
     if skip:
-        _seq_kmax(k, cu_seqlens, max_seqlen, aux, layout)
+        _seq_kmax(k, cu_seqlens, max_seqlen, aux, strides, key)
     write_stats = for_backward and not skip and max_seqlen > config.bwd_skip_above
     num_blocks = _cdiv(max_seqlen, cfg.block_m)
     _launch_fwd(
-        (num_blocks * heads * batch, 1, 1), layout and (layout, cfg, skip, write_stats),
-        (q, k, v, out, lse, aux if aux is not None else lse, cu_seqlens, alibi_slopes, *q.stride()[:2],
-         *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, num_blocks, softmax_scale * _LOG2E,
+        (num_blocks * heads * batch, 1, 1), key and (key, cfg, skip, write_stats),
+        (q, k, v, out, lse, lse if aux is None else aux, cu_seqlens, alibi_slopes, *strides,
+         heads * head_dim, head_dim, total, heads, num_blocks, softmax_scale * _LOG2E,
          head_dim, cfg.block_m, cfg.block_n, skip, write_stats),
         cfg.num_warps, cfg.num_stages,
     )
@@ -744,63 +757,64 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
                dq=None, dk=None, dv=None, config=None, aux=None):
     """Launch the backward kernels. Returns dq, dk, dv (T, H, D), contiguous, in q's dtype.
 
-    dout and out must be contiguous (T, H, D); dlse: optional (H, T) fp32 gradient of the returned log-sum-exp.
-    aux: the forward's scratch (``for_backward=True``) from a forward with the same config; without it the
-    backward allocates its own and, when it skips far tiles, computes Kmax itself.
-    dq/dk/dv may be given (contiguous; tests poison them).
+    dlse: optional (H, T) fp32 gradient of the returned log-sum-exp. aux: the forward's scratch
+    (``for_backward=True``) from a forward with the same config; without it the backward allocates its own and,
+    when it skips far tiles, computes Kmax itself. dq/dk/dv may be given (contiguous; tests poison them).
     """
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     config = config or select_config(head_dim, max_seqlen, q.device)
     if dout.dtype != q.dtype or not dout.is_contiguous():  # autograd may hand over an expanded or cast one
         dout = dout.to(q.dtype).contiguous()
+    if not out.is_contiguous():
+        out = out.contiguous()
     if dlse is not None and (dlse.dtype != torch.float32 or not dlse.is_contiguous()):
         dlse = dlse.float().contiguous()
     if dq is None:
         # one allocation for the three (each a contiguous (T, H, D) slice)
         dq, dk, dv = torch.empty((3, total, heads, head_dim), device=q.device, dtype=q.dtype).unbind(0)
+    elif not (dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()):
+        raise ValueError("_flash_bwd: dq, dk, dv must be contiguous (T, H, D) tensors")
     if total == 0 or batch == 0 or max_seqlen == 0:
         return dq, dk, dv
+    # token and head strides of out, dout, dq, dk, dv: all contiguous, so fixed by the launch key's (H, D)
+    contiguous = (heads * head_dim, head_dim)
     qk_scale = softmax_scale * _LOG2E
     has_dlse = dlse is not None
+    dlse_or_dummy = dlse if has_dlse else lse
     if max_seqlen <= config.short_bwd_max:
         block = max(16, _next_pow2(max_seqlen))
-        layout = _layout_key(q, k, v, out, dout, lse, dlse, dq, dk, dv, cu_seqlens, alibi_slopes)
+        strides, key = _qkv_layout(q, k, v, out, dout, lse, dlse, dq, dk, dv, cu_seqlens, alibi_slopes)
         _launch_bwd_short(
-            (heads * batch, 1, 1), layout and (layout, block, has_dlse, config.short_bwd_warps),
-            (q, k, v, out, dout, lse, dlse if has_dlse else lse, dq, dk, dv, cu_seqlens, alibi_slopes,
-             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, qk_scale,
-             softmax_scale,
-             head_dim, block, has_dlse),
+            (heads * batch, 1, 1), key and (key, block, has_dlse, config.short_bwd_warps),
+            (q, k, v, out, dout, lse, dlse_or_dummy, dq, dk, dv, cu_seqlens, alibi_slopes, *strides,
+             *contiguous * 5, total, heads, qk_scale, softmax_scale, head_dim, block, has_dlse),
             config.short_bwd_warps, 1,
         )
         return dq, dk, dv
     skip = max_seqlen > config.bwd_skip_above
-    if aux is None:
+    own_aux = aux is None
+    if own_aux:
         aux = (torch.zeros if skip else torch.empty)(_aux_numel(total, heads, batch), device=q.device,
                                                      dtype=torch.float32)
-        if skip:
-            _seq_kmax(k, cu_seqlens, max_seqlen, aux, _layout_key(q, k, v, aux, cu_seqlens))
-    layout = _layout_key(q, k, v, out, dout, lse, dlse, aux, dq, dk, dv, cu_seqlens, alibi_slopes)
+    strides, key = _qkv_layout(q, k, v, out, dout, lse, dlse, aux, dq, dk, dv, cu_seqlens, alibi_slopes)
+    if own_aux and skip:
+        _seq_kmax(k, cu_seqlens, max_seqlen, aux, strides, key)
     # dQ first: it also writes delta and the per-(sequence, head) slack that bounds the dK/dV window
     c = config.dq
     num_blocks = _cdiv(max_seqlen, c.block_m)
     _launch_bwd_dq(
-        (num_blocks * heads * batch, 1, 1), layout and (layout, c, skip, has_dlse),
-        (q, k, v, out, dout, lse, dlse if has_dlse else lse, aux, dq, cu_seqlens, alibi_slopes,
-         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, num_blocks, qk_scale,
-         softmax_scale,
-         head_dim, c.block_m, c.block_n, skip, has_dlse),
+        (num_blocks * heads * batch, 1, 1), key and (key, c, skip, has_dlse),
+        (q, k, v, out, dout, lse, dlse_or_dummy, aux, dq, cu_seqlens, alibi_slopes, *strides, *contiguous * 3,
+         total, heads, num_blocks, qk_scale, softmax_scale, head_dim, c.block_m, c.block_n, skip, has_dlse),
         c.num_warps, c.num_stages,
     )
     c = config.dkdv
     num_blocks = _cdiv(max_seqlen, c.block_n)
     _launch_bwd_dkdv(
-        (num_blocks * heads * batch, 1, 1), layout and (layout, c, skip),
-        (q, k, v, dout, lse, aux, dk, dv, cu_seqlens, alibi_slopes,
-         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], heads * head_dim, total, heads, num_blocks, qk_scale,
-         softmax_scale,
-         head_dim, c.block_m, c.block_n, skip),
+        (num_blocks * heads * batch, 1, 1), key and (key, c, skip),
+        (q, k, v, dout, lse, aux, dk, dv, cu_seqlens, alibi_slopes, *strides, *contiguous * 3,
+         total, heads, num_blocks, qk_scale, softmax_scale, head_dim, c.block_m, c.block_n, skip),
         c.num_warps, c.num_stages,
     )
     return dq, dk, dv
