@@ -498,8 +498,9 @@ def _windows(path: Path, window: int, wanted: set[int], text_field: str,
         yield w, row0, [_record_text(_parse(ln, path, no), path, no, text_field, title_field) for no, ln in buf]
 
 
-def _dist() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; a process group is set up if needed."""
+def _dist(device: str | None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; a process group is set up if needed:
+    NCCL when the ranks run on GPUs (``device`` None or CUDA, and CUDA present), else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
@@ -507,9 +508,15 @@ def _dist() -> tuple[int, int, int]:
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        if on_gpu:
+            if local >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"LOCAL_RANK {local} but this machine shows {torch.cuda.device_count()} CUDA device(s): start at "
+                    "most one process per GPU (torchrun --nproc_per_node), or run CPU ranks (--device cpu)"
+                )
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return dist.get_rank(), dist.get_world_size(), local
 
 
@@ -559,7 +566,7 @@ def embed_file(
     input_path, out = Path(input_path), Path(out)
     if not input_path.is_file():
         raise FileNotFoundError(f"input not found: {input_path}")
-    rank, world, local = _dist()
+    rank, world, local = _dist(device)
     if device is None and torch.cuda.is_available():
         device = f"cuda:{local}"
     t_start = time.perf_counter()
