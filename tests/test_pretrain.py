@@ -80,7 +80,7 @@ def test_training_checkpoints_and_exact_resume(tmp_path, tok):
     assert meta["tokens_seen"] >= 6 * 8 * 6  # 48 sequences of at least 6 tokens
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "a/checkpoints/step-000006")
     for k, v in a.model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
+        assert torch.equal(loaded.state_dict()[k], v.cpu()), k  # the run's model is on the GPU where there is one
 
     # the same run, killed after step 3 (its last checkpoint is step 2), then resumed
     cfg_b = make_cfg(tmp_path / "b")
