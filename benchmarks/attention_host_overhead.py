@@ -194,7 +194,8 @@ def main(argv=None):
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     small = torch.zeros(64, device=dev)
     threads = device_thread_costs({
-        "noop": lambda: None, "empty_like": lambda: torch.empty_like(q), "zeros_small": lambda: torch.zeros(24, device=dev),
+        "noop": lambda: None, "empty_like": lambda: torch.empty_like(q),
+        "zeros_small": lambda: torch.zeros(24, device=dev),
         "slice_view": lambda: small[24:], "add_small": lambda: small.add(1.0), "jit_launch": jit_launch,
         "compiled_launch": compiled_launch, "flash_bwd": flash_bwd,
     })

@@ -189,7 +189,8 @@ def main(argv=None):
             e = tune(d, max_len)
             table[f"{d},{faa.seqlen_bucket(max_len)}"] = e
             print(f"d={d} L={max_len}: fwd {e['fwd']} {e['fwd_ms']:.3f}ms (default {e['default_fwd_ms']:.3f}) | "
-                  f"bwd dkdv {e['dkdv']} dq {e['dq']} {e['bwd_ms']:.3f}ms (default {e['default_bwd_ms']:.3f}) short {e['short_bwd_ms']} noskip fwd {e['fwd_noskip_ms']:.3f} bwd {e['bwd_noskip_ms']:.3f} "
+                  f"bwd dkdv {e['dkdv']} dq {e['dq']} {e['bwd_ms']:.3f}ms (default {e['default_bwd_ms']:.3f}) "
+                  f"short {e['short_bwd_ms']} noskip fwd {e['fwd_noskip_ms']:.3f} bwd {e['bwd_noskip_ms']:.3f} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
             args.out.write_text(json.dumps(table, indent=1) + "\n")  # after each entry: partial runs count
     print("\n_TUNED entries:")

@@ -304,9 +304,10 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, DLSE, AUX, DQ, CU, SLOPES,
                    SKIP: tl.constexpr, HAS_DLSE: tl.constexpr):
     """One query tile of one (sequence, head): dQ = scale * dS K over the sequence's key tiles.
 
-    It first computes its rows' ``delta = rowsum(dO * O)`` (minus dlse) and stores it in AUX for the dK/dV kernel that runs next (no separate preprocess launch). With SKIP it
-    also records, per (sequence, head), max_i (|q_i| Kmax c - lse2_i) as the slack in AUX (zeroed by the
-    forward, so clamped at 0) for the dK/dV kernel's window.
+    It first computes its rows' ``delta = rowsum(dO * O)`` (minus dlse) and stores it in AUX for the dK/dV
+    kernel that runs next (no separate preprocess launch). With SKIP it also records, per (sequence, head),
+    max_i (|q_i| Kmax c - lse2_i) as the slack in AUX (zeroed by the forward, so clamped at 0) for the dK/dV
+    kernel's window.
     """
     start_m, h, b, seq_start, seqlen = _seq_block(tl.program_id(0), num_blocks, num_heads, CU, BLOCK_M)
     if start_m >= seqlen:
