@@ -316,7 +316,7 @@ def test_launch_key_only_for_aligned_cuda_tensors(monkeypatch):
     if DEVICE.type != "cuda":
         assert key is None  # the interpreter: always Triton's own launch path
         return
-    assert key == (q.device.index, q.dtype, 2, 32, strides)
+    assert key == (torch.cuda.current_device(), q.dtype, 2, 32, strides)
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view_as(q)  # 2-byte offset
     assert faa._qkv_layout(shifted, k, v, cu, sl)[1] is None
     assert faa._qkv_layout(q, k, v, cu, sl, None)[1] == key  # None tensors (no dlse) are skipped

@@ -669,7 +669,9 @@ def _qkv_layout(q, k, v, *tensors):
             addresses |= t.data_ptr()
     if addresses & 15:
         return strides, None
-    return strides, (q.device.index, q.dtype, q.shape[1], q.shape[2], strides)
+    # the current device, like Triton's own per-device kernel cache: a compiled kernel is loaded into the
+    # context of the device that was current at its first launch
+    return strides, (torch.cuda.current_device(), q.dtype, q.shape[1], q.shape[2], strides)
 
 
 class _Launcher:
