@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_pow2
+
 __all__ = ["attention_reference", "flash_attn_varlen_alibi"]
 
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -620,16 +622,6 @@ def _select_uncached(head_dim: int, max_seqlen: int, device_index: int) -> Atten
     return _hopper_default(head_dim)
 
 
-# Host-side integer helpers. (triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers that
-# cost ~8 us per call from Python; five calls were a sixth of the eager fwd+bwd host time.)
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _check_last_dim_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
@@ -706,7 +698,7 @@ def _seq_kmax(k, cu_seqlens, max_seqlen, aux, strides, key):
     """Write Kmax per (sequence, head) into the zero-filled ``aux``."""
     total, heads, head_dim = k.shape
     block_t = 64
-    num_chunks = _cdiv(max_seqlen, block_t)
+    num_chunks = cdiv(max_seqlen, block_t)
     _launch_seq_kmax(
         (num_chunks * heads * (cu_seqlens.numel() - 1), 1, 1), key,
         (k, cu_seqlens, aux, strides[2], strides[3], total, heads, num_chunks, head_dim, block_t), 4, 1,
@@ -745,7 +737,7 @@ def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, out
     if skip:
         _seq_kmax(k, cu_seqlens, max_seqlen, aux, strides, key)
     write_stats = for_backward and not skip and max_seqlen > config.bwd_skip_above
-    num_blocks = _cdiv(max_seqlen, cfg.block_m)
+    num_blocks = cdiv(max_seqlen, cfg.block_m)
     _launch_fwd(
         (num_blocks * heads * batch, 1, 1), key and (key, cfg, skip, write_stats),
         (q, k, v, out, lse, lse if aux is None else aux, cu_seqlens, alibi_slopes, *strides,
@@ -786,7 +778,7 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
     has_dlse = dlse is not None
     dlse_or_dummy = dlse if has_dlse else lse
     if max_seqlen <= config.short_bwd_max:
-        block = max(16, _next_pow2(max_seqlen))
+        block = max(16, next_pow2(max_seqlen))
         strides, key = _qkv_layout(q, k, v, out, dout, lse, dlse, dq, dk, dv, cu_seqlens, alibi_slopes)
         _launch_bwd_short(
             (heads * batch, 1, 1), key and (key, block, has_dlse, config.short_bwd_warps),
@@ -805,7 +797,7 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
         _seq_kmax(k, cu_seqlens, max_seqlen, aux, strides, key)
     # dQ first: it also writes delta and the per-(sequence, head) slack that bounds the dK/dV window
     c = config.dq
-    num_blocks = _cdiv(max_seqlen, c.block_m)
+    num_blocks = cdiv(max_seqlen, c.block_m)
     _launch_bwd_dq(
         (num_blocks * heads * batch, 1, 1), key and (key, c, skip, has_dlse),
         (q, k, v, out, dout, lse, dlse_or_dummy, aux, dq, cu_seqlens, alibi_slopes, *strides, *contiguous * 3,
@@ -813,7 +805,7 @@ def _flash_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, alibi_slop
         c.num_warps, c.num_stages,
     )
     c = config.dkdv
-    num_blocks = _cdiv(max_seqlen, c.block_n)
+    num_blocks = cdiv(max_seqlen, c.block_n)
     _launch_bwd_dkdv(
         (num_blocks * heads * batch, 1, 1), key and (key, c, skip),
         (q, k, v, dout, lse, aux, dk, dv, cu_seqlens, alibi_slopes, *strides, *contiguous * 3,

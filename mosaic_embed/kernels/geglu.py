@@ -28,6 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .launch import cdiv
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["geglu_reference", "geglu_triton", "geglu", "resolve_geglu_impl"]
@@ -62,25 +64,26 @@ def geglu_reference(inner: torch.Tensor) -> torch.Tensor:
 if _HAS_TRITON:
 
     @triton.jit
-    def _geglu_fwd_kernel(inner_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr):
+    def _load_gate_value(inner_ptr, width, stride_in, BLOCK: tl.constexpr):
+        """This program's (row, column tile): row, columns, mask, and the fp32 gate and value tiles."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
         gate_ptr = inner_ptr + row * stride_in + cols
         gate = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(gate_ptr + width, mask=mask, other=0.0).to(tl.float32)
+        return row, cols, mask, gate, value
+
+    @triton.jit
+    def _geglu_fwd_kernel(inner_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr):
+        row, cols, mask, gate, value = _load_gate_value(inner_ptr, width, stride_in, BLOCK)
         gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
         tl.store(out_ptr + row * stride_out + cols, (gelu * value).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _geglu_bwd_kernel(inner_ptr, dout_ptr, dinner_ptr, width, stride_in, stride_dout, stride_din,
                           BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < width
-        gate_ptr = inner_ptr + row * stride_in + cols
-        gate = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
-        value = tl.load(gate_ptr + width, mask=mask, other=0.0).to(tl.float32)
+        row, cols, mask, gate, value = _load_gate_value(inner_ptr, width, stride_in, BLOCK)
         dout = tl.load(dout_ptr + row * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))  # Phi(gate)
         pdf = 0.3989422804014327 * tl.exp(-0.5 * gate * gate)  # phi(gate)
@@ -112,7 +115,7 @@ def _geglu_fwd(inner: torch.Tensor) -> torch.Tensor:
     n, width = rows.shape[0], rows.shape[1] // 2
     out = torch.empty((n, width), device=inner.device, dtype=inner.dtype)
     if n and width:
-        _geglu_fwd_kernel[(n, triton.cdiv(width, _BLOCK))](
+        _geglu_fwd_kernel[(n, cdiv(width, _BLOCK))](
             rows, out, width, rows.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=_NUM_WARPS
         )
     return out.view(*inner.shape[:-1], width)
@@ -124,7 +127,7 @@ def _geglu_bwd(inner: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     n, width = rows.shape[0], rows.shape[1] // 2
     dinner = torch.empty((n, 2 * width), device=inner.device, dtype=inner.dtype)
     if n and width:
-        _geglu_bwd_kernel[(n, triton.cdiv(width, _BLOCK))](
+        _geglu_bwd_kernel[(n, cdiv(width, _BLOCK))](
             rows, drows, dinner, width, rows.stride(0), drows.stride(0), dinner.stride(0),
             BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )

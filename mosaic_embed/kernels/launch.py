@@ -1,0 +1,17 @@
+"""Host-side integer helpers of the kernel launchers (grids, tile sizes).
+
+``triton.cdiv`` / ``triton.next_power_of_2`` are constexpr-function wrappers that cost ~8 us per call from
+Python (benchmarks/NOTES_attention.md, v3): at short lengths that is a visible share of an eager step.
+"""
+
+from __future__ import annotations
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
