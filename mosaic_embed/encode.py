@@ -100,6 +100,13 @@ class PackedWindow:
         return int(self.tokens.shape[0])
 
 
+def _flatten(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (T,) int32 ids back to back and (N,) int64 lengths (two ``np.fromiter`` passes)."""
+    lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+    flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32, count=int(lens.sum()))
+    return flat, lens
+
+
 def plan_window(flat: np.ndarray, lens: np.ndarray, batch_size: int, max_tokens: int | None) -> PackedWindow:
     """Sort a window's sequences by length and cut packed batches (all vectorised numpy).
 
@@ -259,9 +266,7 @@ class Encoder:
             ids = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
         else:
             ids = self.tokenize(texts)
-        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lens.sum()))
-        return flat, lens
+        return _flatten(ids)
 
     # -- the packed forward -----------------------------------------------------------------------------------
 
@@ -329,9 +334,7 @@ class Encoder:
 
         ``max_tokens`` cuts batches by real tokens instead of ``batch_size`` sequences.
         """
-        lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
-        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32, count=int(lens.sum()))
-        win = plan_window(flat, lens, batch_size, max_tokens)
+        win = plan_window(*_flatten(token_ids), batch_size, max_tokens)
         return self._embed_packed(win, progress).cpu().numpy()
 
     def encode(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False,
