@@ -93,8 +93,8 @@ def build_models(workdir: Path, tiny: bool, max_seq_len: int):
     from transformers import BertConfig, BertModel
 
     from mosaic_embed.data.tokenizer import load_tokenizer, padded_vocab_size
+    from mosaic_embed.encode import build_encoder, save_encoder
     from mosaic_embed.model import MosaicBertModel, preset_config
-    from mosaic_embed.train.contrastive import build_encoder, save_encoder
 
     tok = load_tokenizer(None)  # bundled bert-base-uncased WordPiece
     torch.manual_seed(0)
@@ -113,12 +113,17 @@ def build_models(workdir: Path, tiny: bool, max_seq_len: int):
     return workdir / "ours", workdir / "baseline"
 
 
+def _budget(value: str) -> int | None:
+    """--max-tokens: "auto" = the Encoder's default (None), "none" = batch_size texts per batch, else tokens."""
+    return {"auto": None, "none": 1 << 40}[value] if value in ("auto", "none") else int(value)
+
+
 def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, device: str, warmup: int,
-             max_tokens="auto", compile: bool = False, check: int = 0) -> dict:
+             max_tokens: int | None = None, compile: bool | None = False, check: int = 0) -> dict:
     """Time ``Encoder.encode`` (tokenization included) with the given packed-batch settings.
 
     Also times, outside the measured region, tokenization alone and the device part alone (the same
@@ -129,7 +134,8 @@ def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, 
 
     from mosaic_embed.encode import Encoder, plan_window
 
-    enc = Encoder.load(folder, device=device, max_seq_len=max_seq_len, max_tokens=max_tokens, compile=compile)
+    enc = Encoder.load(folder, device=device, max_seq_len=max_seq_len, max_tokens=max_tokens, compile=compile,
+                       batch_size=batch_size)
     t = time.perf_counter()
     enc.encode(texts[:warmup], batch_size=batch_size)  # compile/autotune, allocator warm-up
     sync(device)
@@ -215,9 +221,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ours_dir, base_dir = build_models(Path(tmp), args.tiny, args.max_seq_len)
         warmup = min(args.warmup, len(texts))
-        max_tokens = args.max_tokens if args.max_tokens in ("auto", "none") else int(args.max_tokens)
-        max_tokens = None if max_tokens == "none" else max_tokens
-        compile_ = {"auto": "auto", "on": True, "off": False}[args.compile]
+        # "auto" = the Encoder's default budget (None); "none" = batch_size texts per batch (a huge budget)
+        max_tokens = _budget(args.max_tokens)
+        compile_ = {"auto": None, "on": True, "off": False}[args.compile]
         ours = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, max_tokens,
                         compile_, args.check)
         base = run_baseline(base_dir, texts, args.batch_size, args.max_seq_len, device, warmup)
@@ -231,9 +237,9 @@ def main(argv=None) -> dict:
             # "16384" / "none" (batch_size texts per batch) / "eager" / "eager:16384" / "compile" / "compile:16384"
             mode, _, budget = v.rpartition(":") if ":" in v else ((v, "", "auto") if v in ("eager", "compile")
                                                                    else ("", "", v))
-            budget = None if budget == "none" else budget if budget == "auto" else int(budget)
+            budget = _budget(budget)
             run = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, budget,
-                           {"eager": False, "compile": True}.get(mode, "auto"), min(args.check, 512))
+                           {"eager": False, "compile": True}.get(mode), min(args.check, 512))
             run["variant"] = v
             _rates(run, len(texts), peak)
             run["speedup"] = run["sentences_per_s"] / base["sentences_per_s"]

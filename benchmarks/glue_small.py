@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 import torch  # noqa: E402
 
 from mosaic_embed.artifacts import atomic_write_json, environment, git_commit  # noqa: E402
-from mosaic_embed.train.glue import load_glue_config, pretraining_meta, run_glue  # noqa: E402
+from mosaic_embed.config import GlueConfig, load_config  # noqa: E402
+from mosaic_embed.train.glue import pretraining_meta, run_glue  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "glue_small.json"
 
@@ -85,14 +86,14 @@ def main() -> None:
     custom = [{"path": str(tasks_dir / n), "num_labels": 2, "metrics": ["accuracy"], "name": n} for n in names]
     out = Path(args.out or ROOT / "runs" / "glue_small")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    cfg = load_glue_config(args.recipe, args.overrides, model=args.model, out=str(out / "packed"), tasks=[],
+    cfg = load_config(GlueConfig, args.recipe, args.overrides, model=args.model, out=str(out / "packed"), tasks=[],
                            custom_tasks=custom, seeds=seeds, max_train_examples=args.max_train,
                            max_eval_examples=args.max_eval)
     if args.warmup:
         # One short throwaway run per batch mode first: kernel compilation/autotuning and one-time setup then
         # land in neither measured run, so the packed and padded figures are not skewed by running order.
         for extra in ([], ["padded_batches=true"]):
-            wcfg = load_glue_config(args.recipe, [*args.overrides, *extra, "log_every=0"], model=args.model,
+            wcfg = load_config(GlueConfig, args.recipe, [*args.overrides, *extra, "log_every=0"], model=args.model,
                                     out=str(out / "warmup"), tasks=[], custom_tasks=custom[:1], seeds=seeds[:1],
                                     max_train_examples=256, max_eval_examples=256)
             run_glue(wcfg)
@@ -103,14 +104,14 @@ def main() -> None:
     compare = args.compare_padded == "on" or (args.compare_padded == "auto" and any(packed.values()))
     padded_res = None
     if compare:
-        pcfg = load_glue_config(args.recipe, [*args.overrides, "padded_batches=true"], model=args.model,
+        pcfg = load_config(GlueConfig, args.recipe, [*args.overrides, "padded_batches=true"], model=args.model,
                                 out=str(out / "padded"), tasks=[], custom_tasks=custom, seeds=seeds[:1],
                                 max_train_examples=args.max_train, max_eval_examples=args.max_eval)
         padded_res = run_glue(pcfg)["points"][0]
 
     baseline = None
     if args.baseline_model:
-        bcfg = load_glue_config(args.recipe, args.overrides, model=args.baseline_model, out=str(out / "baseline"),
+        bcfg = load_config(GlueConfig, args.recipe, args.overrides, model=args.baseline_model, out=str(out / "baseline"),
                                 tasks=[], custom_tasks=custom, seeds=seeds, max_train_examples=args.max_train,
                                 max_eval_examples=args.max_eval)
         bres = run_glue(bcfg)["points"][0]

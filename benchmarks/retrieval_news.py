@@ -92,9 +92,10 @@ def minilm_dir() -> Path:
 
 
 def run_encoder(model_dir: Path, beir_dir: Path, max_seq_len: int | None, batch_size: int) -> dict:
+    from mosaic_embed.config import EncodeConfig
     from mosaic_embed.index.evaluate import evaluate_encoder
 
-    return evaluate_encoder(model_dir, beir_dir, max_seq_len=max_seq_len, batch_size=batch_size)
+    return evaluate_encoder(model_dir, beir_dir, settings=EncodeConfig(max_seq_len=max_seq_len, batch_size=batch_size))
 
 
 def train(system: str, args, data_root: Path, beir_dir: Path) -> tuple[Path, float, dict]:
@@ -112,7 +113,7 @@ def train(system: str, args, data_root: Path, beir_dir: Path) -> tuple[Path, flo
     else:
         overrides += ["pairs=auto", f"corpus={args.corpus or data_root / 'corpus'}"]
     overrides += list(args.set or [])
-    cfg = load_config(ContrastiveConfig, args.recipe, overrides, stage="contrastive")
+    cfg = load_config(ContrastiveConfig, args.recipe, overrides)
     train_encoder(cfg)
     manifest = read_manifest(out, "train-encoder")
     return out, float(manifest.get("gpu_minutes", 0.0)), manifest

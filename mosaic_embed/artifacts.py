@@ -100,6 +100,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def folder_fingerprint(folder: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """SHA-256 over a folder's files (relative path and content, in sorted order), hidden files and the
+    names in ``exclude`` left out: the identity of a saved model, wherever it is copied."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or rel.name in exclude or "__pycache__" in rel.parts:
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()
+
+
 def sha256_json(obj: Any) -> str:
     """Stable hash of JSON-able data (keys sorted): for cache keys built from settings."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -183,3 +199,71 @@ def read_manifest(run_dir: str | Path, expect_stage: str | None = None) -> dict[
     if expect_stage is not None and manifest.get("stage") != expect_stage:
         raise ValueError(f"{path}: made by stage '{manifest.get('stage')}', expected '{expect_stage}'")
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one writer per folder
+# ----------------------------------------------------------------------------------------------------------
+
+LOCK = ".writer.lock"
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process is writing the folder (its pid, host and start time are in the message)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path, what: str = "writer") -> Iterator[Path]:
+    """Hold ``folder/.writer.lock`` while writing a run folder or store: one writer at a time.
+
+    The lock file is created with ``O_EXCL`` and names the holder (pid, host, command, start time). A second
+    writer gets a :class:`FolderLockedError` naming the holder; readers never look at it. A lock left by a
+    process that died (same host, pid gone) is stale: it is taken over, and that is said in the log. A lock
+    from another host cannot be checked and is never broken silently (the message says how to remove it).
+    """
+    import logging
+    import socket
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:6]}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                logging.getLogger(__name__).warning("%s: removing a stale lock of pid %s (no longer running)",
+                                                    folder, pid)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            raise FolderLockedError(
+                f"{folder} is being written by another process ({holder.get('what', 'writer')}, pid {pid} on "
+                f"{host}, since {holder.get('since')}); wait for it to finish"
+                + ("" if host == me["host"] else f", or delete {path} if that process is gone")
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,13 +1,17 @@
 """The ``mosaic-embed`` command: one thin click command per pipeline stage.
 
-Each command parses options, loads its recipe (``--recipe`` name or path, ``--set key=value``
-overrides) and calls the plain Python function of its stage; no logic lives here.
+Each command turns its typed options into its stage's config with the one entry point,
+``config.load_config(Cls, --recipe, --set overrides, **typed flags)`` (a flag not given is None and
+changes nothing; a path stays a path), then calls the stage's plain Python function. No logic lives here.
+
+Start-up is kept cheap: this module and ``mosaic_embed/__init__`` import neither torch nor transformers, so
+``--help``, ``--version`` and argument errors answer at once; each command imports what it runs.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -17,23 +21,31 @@ from .config import ConfigError
 
 def recipe_options(func):
     """``--recipe NAME|PATH`` and repeatable ``--set dotted.key=value`` for a stage's config."""
+    func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override a recipe key (dotted), e.g. --set train.lr=3e-4.")(func)
+    return click.option("--recipe", "recipe", default=None,
+                        help="Recipe name (mosaic_embed/recipes/<stage>/) or a YAML path.")(func)
 
-    @click.option("--recipe", "recipe", default=None, help="Recipe name under recipes/<stage>/ or a YAML path.")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (dotted).")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
 
-    return wrapper
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+def _flag(value: bool) -> bool | None:
+    """A click is_flag option: given -> True, not given -> None (leave the recipe's value)."""
+    return True if value else None
 
 
 class _Group(click.Group):
-    """Turns the project's expected errors (bad config, bad input files) into one clear line and exit 2."""
+    """Turns the project's expected errors (bad config, bad input files, a locked folder) into one clear
+    line and exit status 2."""
 
     def invoke(self, ctx):
+        from .artifacts import FolderLockedError
+
         try:
             return super().invoke(ctx)
-        except (ConfigError, FileNotFoundError, ValueError) as err:
+        except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FolderLockedError) as err:
             if isinstance(err, click.ClickException):
                 raise
             click.echo(f"error: {err}", err=True)
@@ -59,13 +71,6 @@ def tokenizer() -> None:
     """Train or inspect WordPiece tokenizers."""
 
 
-def _replace(cfg, **flags):
-    """Command-line flags win over the recipe and ``--set``; unset flags (None/False) leave the config alone."""
-    import dataclasses
-
-    return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None and v is not False})
-
-
 @data.command("prepare")
 @click.option("--corpus", type=click.Path(), default=None,
               help="Corpus file or folder (.txt .md .jsonl[.gz] .json .csv .tsv .parquet); default: the bundled sample.")
@@ -79,15 +84,12 @@ def _replace(cfg, **flags):
 @recipe_options
 def data_prepare_cmd(corpus, text_field, tokenizer_path, out, num_proc, force, recipe, overrides):
     """Read a corpus, tokenize it into train/validation shards; print the corpus summary and shard counts."""
-    from pathlib import Path
-
     from .artifacts import read_manifest
     from .config import DataConfig, load_config
     from .data.shards import format_shards_summary, prepare_shards
 
-    cfg = load_config(DataConfig, recipe, overrides, stage="data")
-    cfg = _replace(cfg, corpus=corpus and Path(corpus), text_field=text_field, tokenizer=tokenizer_path,
-                   out=out and Path(out), num_proc=num_proc, force=force)
+    cfg = load_config(DataConfig, recipe, overrides, corpus=_path(corpus), text_field=text_field,
+                      tokenizer=tokenizer_path, out=_path(out), num_proc=num_proc, force=_flag(force))
     path = prepare_shards(cfg, log=click.echo)
     click.echo(format_shards_summary(read_manifest(path, expect_stage="data")))
     click.echo(f"shards: {path} (corpus summary: {path / 'corpus_summary.json'})")
@@ -103,16 +105,14 @@ def data_prepare_cmd(corpus, text_field, tokenizer_path, out, num_proc, force, r
 def tokenizer_train_cmd(corpus, vocab_size, out, text_field, min_frequency, recipe, overrides):
     """Train a WordPiece tokenizer (BERT-style, uncased by default) on a corpus; save it as an HF tokenizer."""
     import dataclasses
-    from pathlib import Path
 
     from .artifacts import read_manifest
     from .config import TokenizerTrainConfig, load_config
     from .data.corpus import bundled_corpus_path, format_corpus_summary
     from .data.tokenizer import train_tokenizer
 
-    cfg = load_config(TokenizerTrainConfig, recipe, overrides, stage="tokenizer")
-    cfg = _replace(cfg, corpus=corpus and Path(corpus), vocab_size=vocab_size, out=Path(out),
-                   text_field=text_field, min_frequency=min_frequency)
+    cfg = load_config(TokenizerTrainConfig, recipe, overrides, corpus=_path(corpus), vocab_size=vocab_size,
+                      out=_path(out), text_field=text_field, min_frequency=min_frequency)
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("corpus", "vocab_size", "out")}
     path = train_tokenizer(cfg.corpus or bundled_corpus_path(), cfg.vocab_size, cfg.out, **options)
     manifest = read_manifest(path, expect_stage="tokenizer")
@@ -129,6 +129,42 @@ def demo_cmd(out):
     from .demo import run_demo
 
     run_demo(out, log=click.echo)
+
+
+# ---- pretrain: shards -> MLM pretraining (train/pretrain.py) ---------------------------------------------
+
+
+@main.command("pretrain")
+@click.option("--corpus", type=click.Path(), default=None,
+              help="Corpus file or folder; default: the bundled sample corpus (and the 'tiny' recipe).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder (runs/NAME).")
+@click.option("--init-from", type=click.Path(file_okay=False), default=None,
+              help="Continue from this model folder's weights (domain-adaptive pretraining) instead of random ones.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@recipe_options
+def pretrain_cmd(corpus, out, init_from, resume, recipe, overrides):
+    """MLM-pretrain an encoder: corpus -> shards -> training -> OUT/final (save_pretrained + manifest).
+
+    Recipes: mosaic-bert-base (default with --corpus; a GPU recipe), mosaic-bert-large, bert-base (the HF
+    BERT baseline), mosaic-bert-small, mosaic-bert-mini, tiny (default without --corpus; CPU-sized).
+    Multi-GPU: ``torchrun --nproc_per_node N -m mosaic_embed.cli pretrain ...`` (same global batch).
+    """
+    from .config import PretrainConfig, load_config
+    from .train.pretrain import NonFiniteLossError, pretrain
+
+    if recipe is None:
+        recipe = "mosaic-bert-base" if corpus else "tiny"
+    cfg = load_config(PretrainConfig, recipe, overrides, out=_path(out), data={"corpus": _path(corpus)},
+                      model={"init_from": _path(init_from)})
+    try:
+        run_dir = pretrain(cfg, resume=resume, log=click.echo)
+    except NonFiniteLossError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    from .runtime import is_main_process
+
+    if is_main_process():
+        click.echo(f"pretrained: {run_dir / 'final'}")
 
 
 # ---- glue: finetune + evaluate, Pareto plots (train/glue.py, plot.py) ------------------------------------
@@ -153,24 +189,29 @@ def glue_cmd(model, checkpoints, tasks, seeds, data_dir, task_dir, num_labels, m
     """Finetune and evaluate a checkpoint (or every checkpoint of a run) on GLUE and custom tasks."""
     import logging
 
-    from .train.glue import custom_task_from_cli, load_glue_config, run_glue
+    from .config import GlueConfig, load_config
+    from .train.glue import custom_task_from_cli, run_glue
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    fields = {"model": model, "checkpoints": checkpoints, "data_dir": data_dir, "out": out}
+    task_list = None
     if tasks is not None:
-        fields["tasks"] = [t for t in tasks.split(",") if t.strip()]
+        task_list = [t for t in tasks.split(",") if t.strip()]
     elif task_dir is not None:
-        fields["tasks"] = []  # only the custom task unless --tasks asks for GLUE too
+        task_list = []  # only the custom task unless --tasks asks for GLUE too
+    seed_list = None
     if seeds is not None:
         try:
-            fields["seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise click.BadParameter(f"{seeds!r}: expected comma-separated integers", param_hint="--seeds") from None
+    custom = None
     if task_dir is not None:
-        fields["custom_tasks"] = [vars(custom_task_from_cli(task_dir, num_labels, metrics))]
+        custom = [vars(custom_task_from_cli(task_dir, num_labels, metrics))]
     elif num_labels is not None or metrics:
         raise ConfigError("--num-labels/--metric describe a custom task: give --task-dir too")
-    cfg = load_glue_config(recipe, overrides, **fields)
+    cfg = load_config(GlueConfig, recipe, overrides, model=_path(model), checkpoints=checkpoints,
+                      data_dir=_path(data_dir), out=_path(out), tasks=task_list, seeds=seed_list,
+                      custom_tasks=custom)
     results = run_glue(cfg)
     for p in results["points"]:
         g = p.get("glue_average")
@@ -216,7 +257,28 @@ def convert_cmd(checkpoint, config, out, trust_pickle):
     click.echo(f"wrote {out} ({type(model).__name__}, {model.num_parameters():,} parameters)")
 
 
-# ---- encoders: contrastive training, embedding, retrieval evaluation (train/contrastive.py, encode.py) ----
+# ---- encoders: contrastive training, embedding, retrieval evaluation (train/contrastive.py, encode/) -------
+
+
+def encode_options(func):
+    """The :class:`~mosaic_embed.config.EncodeConfig` flags shared by every command that runs an encoder."""
+    for decorator in reversed([
+        click.option("--max-seq-len", type=int, default=None,
+                     help="Truncation length (default: the encoder's; ALiBi encoders may go longer)."),
+        click.option("--batch-size", type=int, default=None, help="Texts per batch on CPU (default: 128)."),
+        click.option("--max-tokens", type=int, default=None,
+                     help="Real tokens per packed batch (default: 32768 on GPU; --batch-size texts on CPU)."),
+        click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when present)."),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile the MosaicBERT layers (default: on GPU; a few seconds at start)."),
+    ]):
+        func = decorator(func)
+    return func
+
+
+def _encode_flags(max_seq_len, batch_size, max_tokens, device, compile_) -> dict:
+    return {"max_seq_len": max_seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "device": device,
+            "compile": compile_}
 
 
 @main.command("train-encoder")
@@ -232,64 +294,59 @@ def convert_cmd(checkpoint, config, out, trust_pickle):
 @recipe_options
 def train_encoder_cmd(model, pairs, corpus, out, pooling, loss, batch_size, max_steps, eval_beir, recipe, overrides):
     """Contrastive training (in-batch + hard negatives) of a backbone into a sentence encoder."""
-    from pathlib import Path
-
     from .config import ContrastiveConfig, load_config
     from .train.contrastive import train_encoder
 
-    cfg = load_config(ContrastiveConfig, recipe, overrides, stage="contrastive")
-    cfg = _replace(cfg, model=model, pairs=pairs, corpus=corpus, out=out and Path(out), pooling=pooling, loss=loss,
-                   batch_size=batch_size, max_steps=max_steps, eval_beir=eval_beir)
-    path = train_encoder(cfg)
-    click.echo(f"wrote {path}")
+    cfg = load_config(ContrastiveConfig, recipe, overrides, model=model, pairs=pairs, corpus=corpus, out=_path(out),
+                      pooling=pooling, loss=loss, batch_size=batch_size, max_steps=max_steps, eval_beir=eval_beir)
+    click.echo(f"wrote {train_encoder(cfg)}")
 
 
 @main.command("embed")
-@click.option("--model", required=True, type=click.Path(file_okay=False), help="Encoder folder (train-encoder output).")
-@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False), help="JSON lines (.gz ok).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (embeddings.npy, ids.jsonl).")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--title-field", default="title", show_default=True, help="Prepended to the text when present ('' = none).")
+@click.option("--model", type=click.Path(file_okay=False), default=None, help="Encoder folder (train-encoder output).")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None, help="JSON lines (.gz ok).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (embeddings.npy, ids.jsonl).")
+@click.option("--text-field", default=None, help="JSON key of the text (default: text).")
+@click.option("--title-field", default=None, help="Prepended to the text when present ('' = none; default: title).")
 @click.option("--id-field", default=None, help="Record id field (default: _id, then id, then the row number).")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--window", type=int, default=16384, show_default=True, help="Texts sorted by length together; the checkpoint unit.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--max-seq-len", type=int, default=None, help="Truncation length (may exceed the training length: ALiBi).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available).")
-@click.option("--max-tokens", type=int, default=None,
-              help="Real tokens per packed batch (default: 32768 on GPU; --batch-size texts on CPU).")
-@click.option("--compile/--no-compile", "compile_", default=None,
-              help="torch.compile the MosaicBERT layers (default: on GPU; a few seconds at start).")
-def embed_cmd(model, input_path, out, text_field, title_field, id_field, batch_size, window, dtype, max_seq_len, device,
-              max_tokens, compile_):
+@click.option("--window", type=int, default=None, help="Texts sorted by length together; the checkpoint unit (default 16384).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="Stored vectors (default: float16).")
+@encode_options
+@recipe_options
+def embed_cmd(model, input_path, out, text_field, title_field, id_field, window, dtype, max_seq_len, batch_size,
+              max_tokens, device, compile_, recipe, overrides):
     """Embed a JSON-lines file into memory-mapped .npy + ids; resumable; multi-GPU under torchrun."""
+    from .config import EmbedConfig, load_config
     from .encode import embed_file
 
-    path = embed_file(model, input_path, out, text_field=text_field, title_field=title_field or None,
-                      id_field=id_field, batch_size=batch_size, window=window, dtype=dtype,
-                      max_seq_len=max_seq_len, device=device, max_tokens=max_tokens or "auto",
-                      compile="auto" if compile_ is None else compile_)
-    click.echo(f"wrote {path}")
+    cfg = load_config(EmbedConfig, recipe, overrides, model=_path(model), input=_path(input_path), out=_path(out),
+                      text_field=text_field, title_field=title_field, id_field=id_field, window=window, dtype=dtype,
+                      encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_))
+    click.echo(f"wrote {embed_file(cfg)}")
 
 
 @main.command("eval-retrieval")
-@click.option("--model", required=True, type=click.Path(file_okay=False), help="Encoder folder.")
-@click.option("--beir", "beir_dir", required=True, type=click.Path(file_okay=False), help="BEIR folder.")
-@click.option("--split", default="test", show_default=True)
-@click.option("--max-seq-len", type=int, default=None, help="Truncation length at embedding time.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--model", type=click.Path(file_okay=False), default=None, help="Encoder folder.")
+@click.option("--beir", "beir_dir", type=click.Path(file_okay=False), default=None, help="BEIR folder.")
+@click.option("--split", default=None, help="qrels split (default: test).")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON.")
-def eval_retrieval_cmd(model, beir_dir, split, max_seq_len, batch_size, out_json):
+@encode_options
+@recipe_options
+def eval_retrieval_cmd(model, beir_dir, split, out_json, max_seq_len, batch_size, max_tokens, device, compile_,
+                       recipe, overrides):
     """nDCG@10, recall@10/100 and MRR@10 of an encoder on a BEIR split (exact search)."""
     from .artifacts import atomic_write_json
+    from .config import RetrievalEvalConfig, load_config
     from .index.evaluate import evaluate_encoder
 
-    result = evaluate_encoder(model, beir_dir, split=split, max_seq_len=max_seq_len, batch_size=batch_size)
+    cfg = load_config(RetrievalEvalConfig, recipe, overrides, model=_path(model), beir=_path(beir_dir), split=split,
+                      out=_path(out_json), encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_))
+    result = evaluate_encoder(cfg.model, cfg.beir, split=cfg.split, settings=cfg.encode)
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         click.echo(f"{key:>10s}  {result[key]:.4f}")
     click.echo(f"({result['n_queries']} queries, {result['n_docs']} documents, max_seq_len {result['max_seq_len']})")
-    if out_json:
-        atomic_write_json(out_json, result)
+    if cfg.out:
+        atomic_write_json(cfg.out, result)
 
 
 # ---- index: embeddings -> FAISS vector store -> search (index/store.py) -----------------------------------
@@ -310,7 +367,7 @@ def index_build_cmd(embeddings, out, no_texts, recipe, overrides):
     from .config import IndexConfig, load_config
     from .index.store import VectorStore, build_store_from_embeddings
 
-    cfg = load_config(IndexConfig, recipe, overrides, stage="index")
+    cfg = load_config(IndexConfig, recipe, overrides)
     path = build_store_from_embeddings(embeddings, out, cfg, with_texts=not no_texts)
     store = VectorStore(path)
     t = store.manifest["timings"]
@@ -319,25 +376,27 @@ def index_build_cmd(embeddings, out, no_texts, recipe, overrides):
 
 
 @index.command("search")
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False), help="Store folder.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None, help="Store folder.")
 @click.option("--query", "queries", required=True, multiple=True, help="Query text (repeatable).")
-@click.option("-k", "--top-k", "k", type=int, default=5, show_default=True)
+@click.option("-k", "--top-k", "k", type=int, default=None, help="Hits per query (default: 5).")
 @click.option("--model", type=click.Path(file_okay=False), default=None,
-              help="Query encoder (default: the one the store's embeddings were made with).")
+              help="A copy of the store's encoder, if it moved (its identity is checked).")
+@click.option("--force", is_flag=True, help="Use --model even if it is not the encoder that built the store.")
+@click.option("--device", default=None, help="auto, cpu, cuda (default: auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON lines.")
-def index_search_cmd(store_dir, queries, k, model, as_json):
-    """Embed queries with the store's encoder and print the top-k documents."""
+@recipe_options
+def index_search_cmd(store_dir, queries, k, model, force, device, as_json, recipe, overrides):
+    """Embed queries with the store's encoder (the settings it was built with) and print the top-k documents."""
     import json
 
+    from .config import SearchConfig, load_config
     from .index.store import VectorStore
 
-    store = VectorStore(store_dir)
-    encoder = None
-    if model is not None:
-        from sentence_transformers import SentenceTransformer
-
-        encoder = SentenceTransformer(model)
-    for query, hits in zip(queries, store.search_texts(list(queries), k=k, encoder=encoder), strict=True):
+    cfg = load_config(SearchConfig, recipe, overrides, store=_path(store_dir), k=k, model=_path(model),
+                      force=_flag(force), device=device)
+    store = VectorStore(cfg.store)
+    encoder = store.encoder(cfg.model, force=cfg.force, device=cfg.device)
+    for query, hits in zip(queries, store.search_texts(list(queries), k=cfg.k, encoder=encoder), strict=True):
         if as_json:
             click.echo(json.dumps({"query": query, "hits": [h.__dict__ for h in hits]}, ensure_ascii=False))
             continue
@@ -345,43 +404,6 @@ def index_search_cmd(store_dir, queries, k, model, as_json):
         for rank, h in enumerate(hits, 1):
             snippet = (h.text or "").replace("\n", " ")[:100]
             click.echo(f"  {rank}. {h.score:.3f}  {h.id}  {snippet}")
-
-
-# ---- pretrain: shards -> MLM pretraining (train/pretrain.py) ---------------------------------------------
-
-
-@main.command("pretrain")
-@click.option("--corpus", type=click.Path(), default=None,
-              help="Corpus file or folder; default: the bundled sample corpus (and the 'tiny' recipe).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder (runs/NAME).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
-@recipe_options
-def pretrain_cmd(corpus, out, resume, recipe, overrides):
-    """MLM-pretrain an encoder: corpus -> shards -> training -> OUT/final (save_pretrained + manifest).
-
-    Recipes: mosaic-bert-base (default with --corpus), mosaic-bert-large, bert-base (the HF BERT baseline),
-    mosaic-bert-small, mosaic-bert-mini, tiny (default without --corpus). Multi-GPU: launch with
-    ``torchrun --nproc_per_node N -m mosaic_embed.cli pretrain ...`` (same global batch).
-    """
-    import os
-
-    from .config import PretrainConfig, load_config
-    from .train.pretrain import NonFiniteLossError, pretrain
-
-    if recipe is None:
-        recipe = "mosaic-bert-base" if corpus else "tiny"
-    extra = [f"out={out}"] + ([f"data.corpus={corpus}"] if corpus else [])
-    cfg = load_config(PretrainConfig, recipe, [*overrides, *extra], stage="pretrain")
-    try:
-        run_dir = pretrain(cfg, resume=resume)
-    except NonFiniteLossError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(3)
-    except FileExistsError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(f"pretrained: {run_dir / 'final'}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Typed configs: dataclasses validated on construction, written as YAML recipes, overridden by dotted keys.
 
 Every stage's knobs are a dataclass here (one place to see them all). A recipe is one of these written
-out as YAML; ``--set train.lr=3e-4`` overrides a leaf. An unknown key or a value of the wrong type is a
+out as YAML (package data under ``mosaic_embed/recipes/<stage>/``); ``--set train.lr=3e-4`` overrides a
+leaf; typed command-line flags arrive as values. An unknown key or a value of the wrong type is a
 ``ConfigError`` that names the key and the file it came from: a typo never silently falls back to a
 default (torchtitan's job-config rule).
+
+This module imports no torch or transformers: the command line parses and validates configs before any
+heavy import.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -21,8 +27,11 @@ from .artifacts import atomic_write_text
 
 T = TypeVar("T")
 
-#: Where the YAML recipes live (``recipes/<stage>/<name>.yaml`` at the repository root).
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def recipes_root() -> Traversable:
+    """The recipes shipped inside the package (``mosaic_embed/recipes/<stage>/<name>.yaml``), read through
+    ``importlib.resources`` so an installed wheel finds them from any working directory."""
+    return resources.files("mosaic_embed") / "recipes"
 
 
 class ConfigError(ValueError):
@@ -167,9 +176,11 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], cls: type | 
     out = _deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
-        node, node_cls = out, cls
+        node, node_cls, values_cls = out, cls, None
         for i, part in enumerate(path):
-            if node_cls is not None:
+            if values_cls is not None:  # a free key of a mapping whose values are dataclasses (GLUE hparams)
+                node_cls, values_cls = values_cls, None
+            elif node_cls is not None:
                 names = {f.name for f in dataclasses.fields(node_cls)}
                 if part not in names:
                     raise ConfigError(
@@ -178,6 +189,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], cls: type | 
                     )
                 hint = typing.get_type_hints(node_cls)[part]
                 node_cls = _dataclass_in(hint)
+                if node_cls is not None and get_origin(hint) in (dict, Mapping):
+                    node_cls, values_cls = None, node_cls
             if i == len(path) - 1:
                 node[part] = value
             else:
@@ -206,23 +219,35 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
-def resolve_recipe(recipe: str | Path, stage: str) -> Path:
-    """A recipe given as a path, or as a name under ``recipes/<stage>/`` (``tiny`` -> recipes/pretrain/tiny.yaml)."""
+def resolve_recipe(recipe: str | Path, stage: str) -> Path | Traversable:
+    """A recipe given as a path, or as a name under the package's ``recipes/<stage>/``
+    (``tiny`` -> ``mosaic_embed/recipes/pretrain/tiny.yaml``)."""
     path = Path(recipe)
     # A bare name is a recipe name even if a folder of that name happens to sit in the working directory.
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         return path
-    candidate = RECIPES_DIR / stage / f"{recipe}.yaml"
+    folder = recipes_root() / stage
+    candidate = folder / f"{recipe}.yaml"
     if candidate.is_file():
         return candidate
-    available = sorted(p.stem for p in (RECIPES_DIR / stage).glob("*.yaml"))
+    available = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")) \
+        if folder.is_dir() else []
     raise ConfigError(f"no recipe '{recipe}' for stage '{stage}' (looked for {candidate}); available: {available}")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def list_recipes(stage: str) -> list[str]:
+    """Names of the recipes shipped for ``stage``."""
+    folder = recipes_root() / stage
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")) \
+        if folder.is_dir() else []
+
+
+def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
+    """A YAML mapping from a file (or a packaged recipe); errors name the file."""
+    if isinstance(path, str):
+        path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -240,25 +265,80 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(
-    cls: type[T],
-    recipe: str | Path | None = None,
-    overrides: Iterable[str] = (),
-    stage: str | None = None,
-    base: Mapping[str, Any] | None = None,
-) -> T:
-    """Recipe (name or path) -> ``--set`` overrides -> validated dataclass. Errors name the key and the file."""
-    data: dict[str, Any] = dict(base or {})
+def defaults_dict(cls: type) -> dict[str, Any]:
+    """The defaults of dataclass ``cls`` as plain data, without constructing ``cls`` itself (so a class whose
+    ``__post_init__`` demands a field, e.g. ``GlueConfig.model``, still has defaults to merge into)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default_factory())
+    return out
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, mappings merged key by key (lists and scalars replaced)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _drop_unset(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Command-line flags that were given: None (not given) is dropped, at any depth."""
+    out = {}
+    for k, v in flags.items():
+        if isinstance(v, Mapping):
+            v = _drop_unset(v)
+            if not v:
+                continue
+        elif v is None:
+            continue
+        out[k] = v
+    return out
+
+
+def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Iterable[str] = (), **flags: Any) -> T:
+    """The one way from a command line to a config: defaults <- recipe <- ``--set`` overrides <- typed flags.
+
+    ``recipe``: a name under ``recipes/<cls.RECIPE_STAGE>/`` or a YAML path. Every layer is merged key by
+    key into the one below, so a recipe that sets only ``hparams.rte.epochs`` keeps RTE's other values.
+    ``flags`` are typed values from the command line (a flag not given is None and changes nothing); a
+    nested field is given as a mapping (``data={"corpus": Path("2024")}``), never as a ``key=value``
+    string, so a path named ``2024`` or ``null`` stays a path. Errors name the key and the source.
+    """
+    stage = getattr(cls, "RECIPE_STAGE", None)
+    data: dict[str, Any] = defaults_dict(cls)
     source = "<defaults>"
     if recipe is not None:
         path = resolve_recipe(recipe, stage) if stage else Path(recipe)
-        data.update(load_yaml(path))
+        data = deep_merge(data, load_yaml(path))
         source = str(path)
     overrides = list(overrides)
     if overrides:
         data = apply_overrides(data, overrides, cls)
         source += " with --set " + " ".join(overrides)
+    given = _drop_unset(flags)
+    if given:
+        _check_keys(cls, given, "command-line flag")
+        data = deep_merge(data, given)
+        source += " with flags " + ", ".join(sorted(given))
     return from_dict(cls, data, source=source)
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], what: str, prefix: str = "") -> None:
+    """Every key of ``data`` names a field of dataclass ``cls`` (recursing into dataclass-typed fields)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(f"{what} '{prefix}{k}': {cls.__name__} takes {', '.join(sorted(names))}")
+        sub = _dataclass_in(hints[k])
+        if sub is not None and isinstance(v, Mapping):
+            _check_keys(sub, v, what, f"{prefix}{k}.")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -277,6 +357,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 class IndexConfig:
     """How a vector store indexes its embeddings (``mosaic-embed index build``)."""
 
+    RECIPE_STAGE: ClassVar[str] = "index"
+
     factory: str = "Flat"  # FAISS index_factory string: Flat (exact), HNSW32,Flat, IVF1024,Flat, IVF1024,PQ32
     metric: Literal["ip", "l2"] = "ip"
     normalize: bool = True  # L2-normalise vectors (and queries): inner product becomes cosine similarity
@@ -290,6 +372,112 @@ class IndexConfig:
             raise ValueError("factory must be a FAISS index_factory string, e.g. 'Flat' or 'HNSW32,Flat'")
         if self.train_size < 1 or self.add_batch_size < 1:
             raise ValueError("train_size and add_batch_size must be positive")
+
+
+# --- encode: an encoder folder -> embeddings (encode/), and what reads them back (eval-retrieval, index search)
+
+
+@dataclasses.dataclass
+class EncodeConfig:
+    """How the one :class:`~mosaic_embed.encode.Encoder` runs; documents and queries share these settings.
+
+    ``max_seq_len``: truncation length (None = the encoder folder's own). ``precision``: "auto" = bf16 on
+    CUDA, fp32 elsewhere (``runtime.resolve_precision``). ``max_tokens``: real tokens per packed batch
+    (None = 32768 on GPU, ``batch_size`` texts per batch on CPU). ``compile``: torch.compile the layers
+    (None = on GPU only). ``device``: "auto" = ``cuda:LOCAL_RANK`` when CUDA is present, else CPU.
+    """
+
+    max_seq_len: int | None = None
+    batch_size: int = 128
+    max_tokens: int | None = None
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.max_seq_len is not None and self.max_seq_len < 3:
+            raise ValueError(f"max_seq_len must be >= 3 ([CLS] + a token + [SEP]) or null, got {self.max_seq_len}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or null, got {self.max_tokens}")
+        if not self.device:
+            raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    """``mosaic-embed embed``: every record of a JSON-lines file -> ``out/embeddings.npy`` + ``out/ids.jsonl``.
+
+    ``title_field`` is prepended to the text when a record has one ("" or null = never). ``id_field``: None
+    = ``_id``, then ``id``, then the row number. ``window``: texts sorted by length together, the unit of
+    resumption. ``dtype``: how vectors are stored.
+    """
+
+    RECIPE_STAGE: ClassVar[str] = "embed"
+
+    model: Path | None = None
+    input: Path | None = None
+    out: Path | None = None
+    text_field: str = "text"
+    title_field: str | None = "title"
+    id_field: str | None = None
+    window: int = 16384
+    dtype: Literal["float16", "float32"] = "float16"
+    encode: EncodeConfig = dataclasses.field(default_factory=EncodeConfig)
+
+    def __post_init__(self):
+        for name in ("model", "input", "out"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name}: required (--{name})")
+            setattr(self, name, Path(getattr(self, name)))  # a str from Python callers
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if not self.text_field:
+            raise ValueError("text_field must name a JSON key")
+        self.title_field = self.title_field or None
+
+
+@dataclasses.dataclass
+class RetrievalEvalConfig:
+    """``mosaic-embed eval-retrieval``: an encoder on a BEIR split, exact search, nDCG@10 / recall@k / MRR@10."""
+
+    RECIPE_STAGE: ClassVar[str] = "eval-retrieval"
+
+    model: Path | None = None
+    beir: Path | None = None
+    split: str = "test"
+    out: Path | None = None  # also write the metrics as JSON here
+    encode: EncodeConfig = dataclasses.field(default_factory=EncodeConfig)
+
+    def __post_init__(self):
+        for name in ("model", "beir"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name}: required (--{name})")
+            setattr(self, name, Path(getattr(self, name)))
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """``mosaic-embed index search``: queries against a store, embedded by the store's own encoder.
+
+    ``model`` replaces the store's encoder (it must be the same model: its identity is checked unless
+    ``force``); the encoding settings always come from the store's manifest.
+    """
+
+    RECIPE_STAGE: ClassVar[str] = "search"
+
+    store: Path | None = None
+    k: int = 5
+    model: Path | None = None
+    force: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.store is None:
+            raise ValueError("store: required (--store)")
+        if self.k < 1:
+            raise ValueError(f"k (--top-k) must be >= 1, got {self.k}")
 
 
 # --- data: corpus -> tokenizer -> shards (data/corpus.py, data/tokenizer.py, data/shards.py) ---------------
@@ -307,6 +495,8 @@ class DataConfig:
     sizes, mtimes), tokenizer and settings, so identical inputs reuse the shards and any change rebuilds
     them. ``num_proc``: tokenizer processes (None = all cores). ``force``: rebuild even when cached.
     """
+
+    RECIPE_STAGE: ClassVar[str] = "data"
 
     corpus: Path | None = None
     text_field: str = "text"
@@ -341,6 +531,8 @@ class TokenizerTrainConfig:
     The learned vocabulary holds at most ``vocab_size`` entries; ``[unusedN]`` tokens pad it to a multiple
     of ``pad_multiple``. ``strip_accents``: None = strip exactly when lowercasing (BERT uncased).
     """
+
+    RECIPE_STAGE: ClassVar[str] = "tokenizer"
 
     corpus: Path | None = None
     out: Path | None = None
@@ -403,27 +595,23 @@ class GlueTaskHParams:
             raise ValueError("seeds must name at least one seed")
 
 
-def _hp(**kw):
-    return dataclasses.field(default_factory=lambda: GlueTaskHParams(**kw))
+def _hp(lr: float, epochs: float, batch_size: int, weight_decay: float, seeds: list[int]) -> GlueTaskHParams:
+    return GlueTaskHParams(lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, seeds=seeds)
 
 
-@dataclasses.dataclass
-class GlueHParams:
-    """Per-task recipes; defaults = the MosaicBERT reference values (see recipes/glue/mosaicbert.yaml)."""
-
-    mnli: GlueTaskHParams = _hp(lr=5.0e-5, epochs=3, batch_size=48, weight_decay=5.0e-6, seeds=[19])
-    qnli: GlueTaskHParams = _hp(lr=1.0e-5, epochs=10, batch_size=16, weight_decay=1.0e-6, seeds=[19])
-    qqp: GlueTaskHParams = _hp(lr=3.0e-5, epochs=5, batch_size=16, weight_decay=3.0e-6, seeds=[19])
-    sst2: GlueTaskHParams = _hp(lr=3.0e-5, epochs=3, batch_size=16, weight_decay=3.0e-6, seeds=[19, 8364, 717])
-    cola: GlueTaskHParams = _hp(lr=5.0e-5, epochs=10, batch_size=32, weight_decay=5.0e-6,
-                                seeds=[19, 8364, 717, 10536])
-    rte: GlueTaskHParams = _hp(lr=1.0e-5, epochs=3, batch_size=16, weight_decay=1.0e-5,
-                               seeds=[19, 8364, 717, 10536, 90166])
-    mrpc: GlueTaskHParams = _hp(lr=8.0e-5, epochs=10, batch_size=32, weight_decay=8.0e-6,
-                                seeds=[19, 8364, 717, 10536, 90166])
-    stsb: GlueTaskHParams = _hp(lr=3.0e-5, epochs=10, batch_size=32, weight_decay=3.0e-6,
-                                seeds=[19, 8364, 717, 10536, 90166])
-    custom: GlueTaskHParams = _hp(lr=3.0e-5, epochs=3, batch_size=16, weight_decay=3.0e-6, seeds=[19, 8364, 717])
+#: The MosaicBERT reference values per task (recipes/glue/mosaicbert.yaml writes the same out). ``custom`` is
+#: what a task without an entry of its own gets: a new task needs a mapping entry, not a new field.
+GLUE_REFERENCE_HPARAMS: dict[str, GlueTaskHParams] = {
+    "mnli": _hp(5.0e-5, 3, 48, 5.0e-6, [19]),
+    "qnli": _hp(1.0e-5, 10, 16, 1.0e-6, [19]),
+    "qqp": _hp(3.0e-5, 5, 16, 3.0e-6, [19]),
+    "sst2": _hp(3.0e-5, 3, 16, 3.0e-6, [19, 8364, 717]),
+    "cola": _hp(5.0e-5, 10, 32, 5.0e-6, [19, 8364, 717, 10536]),
+    "rte": _hp(1.0e-5, 3, 16, 1.0e-5, [19, 8364, 717, 10536, 90166]),
+    "mrpc": _hp(8.0e-5, 10, 32, 8.0e-6, [19, 8364, 717, 10536, 90166]),
+    "stsb": _hp(3.0e-5, 10, 32, 3.0e-6, [19, 8364, 717, 10536, 90166]),
+    "custom": _hp(3.0e-5, 3, 16, 3.0e-6, [19, 8364, 717]),
+}
 
 
 @dataclasses.dataclass
@@ -451,6 +639,8 @@ class GlueConfig:
     ``max_train_examples`` / ``max_eval_examples`` cut each split (smoke runs; not for reported numbers).
     """
 
+    RECIPE_STAGE: ClassVar[str] = "glue"
+
     model: Path | None = None
     checkpoints: str | None = None
     out: Path = Path("runs/glue")
@@ -459,7 +649,10 @@ class GlueConfig:
     custom_tasks: list[CustomTaskConfig] = dataclasses.field(default_factory=list)
     seeds: list[int] | None = None
     max_seq_len: int = 256
-    hparams: GlueHParams = dataclasses.field(default_factory=GlueHParams)
+    # task name -> its recipe; tasks without an entry use "custom" (see GLUE_REFERENCE_HPARAMS)
+    hparams: dict[str, GlueTaskHParams] = dataclasses.field(
+        default_factory=lambda: {k: dataclasses.replace(v, seeds=list(v.seeds)) for k, v in GLUE_REFERENCE_HPARAMS.items()}
+    )
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1.0e-6
     eval_batch_size: int = 128
@@ -490,6 +683,19 @@ class GlueConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if "custom" not in self.hparams:
+            raise ValueError("hparams: needs a 'custom' entry (the recipe of tasks without one of their own)")
+        from .data.glue import GLUE_TASKS  # the task registry (a light module)
+
+        known = {*GLUE_TASKS, "custom", *(ct.name or Path(ct.path).name for ct in self.custom_tasks)}
+        unknown = sorted(set(self.hparams) - known)
+        if unknown:  # a misspelt task would otherwise silently keep the generic recipe
+            raise ValueError(f"hparams.{unknown[0]}: no GLUE or custom task of that name; tasks: {sorted(known)}")
+
+    def task_hparams(self, task: str) -> GlueTaskHParams:
+        """The recipe of ``task`` (its own entry, else ``custom``), with ``seeds`` applied when given."""
+        hp = self.hparams.get(task, self.hparams["custom"])
+        return dataclasses.replace(hp, seeds=list(self.seeds)) if self.seeds is not None else hp
 
 
 # --- pretrain: token shards -> MLM pretraining (data/mlm.py, train/pretrain.py, train/callbacks.py) -------
@@ -595,6 +801,8 @@ class PretrainTrainConfig:
 class PretrainConfig:
     """``mosaic-embed pretrain``: corpus -> shards (``data``) -> MLM pretraining of ``model`` -> ``out/final``."""
 
+    RECIPE_STAGE: ClassVar[str] = "pretrain"
+
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig())  # noqa: F821 (defined above)
     model: PretrainModelConfig = dataclasses.field(default_factory=PretrainModelConfig)
     train: PretrainTrainConfig = dataclasses.field(default_factory=PretrainTrainConfig)
@@ -614,6 +822,8 @@ class ContrastiveConfig:
     memory, in chunks of ``mini_batch_size``). Under DDP, ``gather_across_devices`` makes every rank's
     in-batch negatives include all ranks' documents.
     """
+
+    RECIPE_STAGE: ClassVar[str] = "contrastive"
 
     model: str = ""  # backbone folder (runs/NAME/final) or any AutoModel folder
     pairs: str = ""

@@ -26,8 +26,7 @@ def run_demo(out: str | Path = "runs/demo", log: Callable[[str], None] = print) 
 
     # 1. data: bundled Moby-Dick -> bert-base-uncased token shards (reused while the inputs are unchanged).
     log("== data: corpus -> token shards")
-    # DataConfig() is recipes/data/default.yaml (a test checks they agree); building it directly keeps the demo
-    # working from an installed wheel, which carries no recipes/ folder.
+    # DataConfig() is recipes/data/default.yaml (a test checks they agree).
     data_cfg = DataConfig(out=out / "shards")
     results["shards"] = prepare_shards(data_cfg, log=log)
     log(format_shards_summary(read_manifest(results["shards"], expect_stage="data")))
@@ -38,7 +37,7 @@ def run_demo(out: str | Path = "runs/demo", log: Callable[[str], None] = print) 
 
     log("== pretrain: MLM on the shards -> a backbone in pretrain/final")
     pre_dir = out / "pretrain"
-    pre_cfg = load_config(PretrainConfig, "tiny", [f"out={pre_dir}", f"data.out={out / 'shards'}"], stage="pretrain")
+    pre_cfg = load_config(PretrainConfig, "tiny", out=pre_dir, data={"out": out / "shards"})
     if (pre_dir / "final" / "manifest.json").is_file():
         log(f"reusing {pre_dir / 'final'} (delete it to pretrain again)")
     else:  # a demo interrupted mid-way continues from its last checkpoint
@@ -55,15 +54,12 @@ def run_demo(out: str | Path = "runs/demo", log: Callable[[str], None] = print) 
 
     log("== train-encoder: pairs mined from the corpus -> a sentence-transformers model in encoder/")
     enc_dir = out / "encoder"
-    enc_cfg = load_config(
-        ContrastiveConfig, "tiny", stage="contrastive",
-        overrides=[f"model={pre_dir / 'final'}", "pairs=auto", f"corpus={bundled_corpus_path()}",
-                   f"out={enc_dir}", "max_steps=20", "batch_size=16", "max_pairs=2000"],
-    )
+    enc_cfg = load_config(ContrastiveConfig, "tiny", model=str(pre_dir / "final"), pairs="auto",
+                          corpus=str(bundled_corpus_path()), out=enc_dir, max_steps=20, batch_size=16, max_pairs=2000)
     results["encoder"] = train_encoder(enc_cfg)
 
     # 4. embeddings of ~100-word passages of the corpus, then 5. a FAISS store over them, then 6. search.
-    from .config import IndexConfig
+    from .config import EmbedConfig, EncodeConfig, IndexConfig
     from .encode import embed_file
     from .index.store import VectorStore, build_store_from_embeddings
 
@@ -72,8 +68,9 @@ def run_demo(out: str | Path = "runs/demo", log: Callable[[str], None] = print) 
     # The encoder was just retrained: embeddings of an earlier demo are stale (embed_file would refuse them).
     shutil.rmtree(out / "embeddings", ignore_errors=True)
     # 128 tokens at embedding time although the encoder trained on 32: ALiBi extrapolates, nothing to resize.
-    results["embeddings"] = embed_file(results["encoder"], passages, out / "embeddings", max_seq_len=128,
-                                       show_progress=False)
+    embed_cfg = EmbedConfig(model=results["encoder"], input=passages, out=out / "embeddings",
+                            encode=EncodeConfig(max_seq_len=128))
+    results["embeddings"] = embed_file(embed_cfg, show_progress=False)
     log("== index build: embeddings -> store/ (exact inner-product search)")
     results["store"] = build_store_from_embeddings(results["embeddings"], out / "store", IndexConfig())
     store = VectorStore(results["store"])

@@ -23,17 +23,22 @@ from mosaic_embed.artifacts import (
 )
 from mosaic_embed.cli import main
 from mosaic_embed.config import (
-    RECIPES_DIR,
     ConfigError,
     DataConfig,
+    EmbedConfig,
+    PretrainConfig,
     TokenizerTrainConfig,
     from_dict,
+    list_recipes,
     load_config,
     parse_override,
+    recipes_root,
     resolve_recipe,
     save_config,
     to_dict,
 )
+
+RECIPES_DIR = recipes_root()
 
 
 @dataclasses.dataclass
@@ -104,7 +109,7 @@ def test_load_config_errors_name_the_file(tmp_path):
         load_config(DataConfig, bad_key)
     bad_type = write_yaml(tmp_path / "bad_type.yaml", {"max_seq_len": "long"})
     with pytest.raises(ConfigError, match=rf"{bad_type}: 'max_seq_len' must be an integer, got 'long'"):
-        load_config(DataConfig, bad_type, stage="data")
+        load_config(DataConfig, bad_type)
     bad_value = write_yaml(tmp_path / "bad_value.yaml", {"validation_fraction": 1.5})
     with pytest.raises(ConfigError, match=rf"{bad_value}: DataConfig: validation_fraction must be in \[0, 1\)"):
         load_config(DataConfig, bad_value)
@@ -118,7 +123,7 @@ def test_load_config_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="latin.yaml: not UTF-8"):
         load_config(DataConfig, tmp_path / "latin.yaml")
     with pytest.raises(ConfigError, match="recipe file not found: .*nope.yaml"):
-        load_config(DataConfig, tmp_path / "nope.yaml", stage="data")
+        load_config(DataConfig, tmp_path / "nope.yaml")
     (tmp_path / "empty.yaml").write_text("")
     assert load_config(DataConfig, tmp_path / "empty.yaml") == DataConfig()
 
@@ -172,10 +177,38 @@ def test_save_config_round_trips(tmp_path):
 
 
 def test_data_recipes_load_and_default_matches_the_dataclass():
-    assert load_config(DataConfig, "default", stage="data") == DataConfig()
-    tiny = load_config(DataConfig, "tiny", stage="data")
+    assert load_config(DataConfig, "default") == DataConfig()
+    tiny = load_config(DataConfig, "tiny")
     assert tiny.max_seq_len == 64 and tiny.num_proc == 1
-    assert load_config(TokenizerTrainConfig, "default", stage="tokenizer") == TokenizerTrainConfig()
+    assert load_config(TokenizerTrainConfig, "default") == TokenizerTrainConfig()
+
+
+@pytest.mark.parametrize("corpus", ["2024", "1e5", "null", "true", "[a]"])
+def test_typed_flags_stay_values(corpus):
+    """A path given as a flag is a path, whatever YAML would make of it (it never becomes a --set string)."""
+    cfg = load_config(PretrainConfig, "tiny", out=Path("runs/x"), data={"corpus": Path(corpus)})
+    assert cfg.data.corpus == Path(corpus) and cfg.out == Path("runs/x")
+    assert cfg.data.max_seq_len == load_config(PretrainConfig, "tiny").data.max_seq_len  # recipe kept
+    assert load_config(PretrainConfig, "tiny", data={"corpus": None}).data.corpus is None  # not given: unchanged
+
+
+def test_flags_and_overrides_merge_key_by_key_and_unknown_flags_fail(tmp_path):
+    cfg = load_config(PretrainConfig, "tiny", ["train.lr=1e-3"], train={"max_steps": 5})
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 5
+    with pytest.raises(ConfigError, match="command-line flag 'train.max_stepz'"):
+        load_config(PretrainConfig, "tiny", train={"max_stepz": 5})
+    with pytest.raises(ConfigError, match="command-line flag 'bogus'"):
+        load_config(DataConfig, bogus=1)
+    emb = load_config(EmbedConfig, model=Path("m"), input=Path("i"), out=Path("o"), encode={"max_seq_len": 64})
+    assert emb.encode.max_seq_len == 64 and emb.encode.batch_size == 128  # defaults written once, in the dataclass
+    with pytest.raises(ConfigError, match="max_seq_len must be >= 3"):
+        load_config(EmbedConfig, model=Path("m"), input=Path("i"), out=Path("o"), encode={"max_seq_len": 0})
+
+
+def test_every_stage_has_its_recipes_in_the_package():
+    for stage in ("pretrain", "glue", "contrastive", "index", "data", "tokenizer"):
+        assert "tiny" in list_recipes(stage) or stage == "tokenizer", stage
+    assert set(list_recipes("pretrain")) >= {"tiny", "mosaic-bert-base", "bert-base"}
 
 
 @pytest.mark.parametrize(
@@ -314,3 +347,29 @@ def test_cli_tokenizer_train(small_corpus, tmp_path):
                                        "--tokenizer", str(out), "--out", str(tmp_path / "s"), "--num-proc", "1"])
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / "s")["tokenizer_info"]["special_token_ids"]["cls"] == 2
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_finds_its_recipes_from_any_directory(tmp_path):
+    """Recipes are package data: a non-editable install resolves ``--recipe tiny`` from another directory."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheel_dir)], check=True, capture_output=True)
+    (wheel,) = wheel_dir.glob("mosaic_embed-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import mosaic_embed.config as c; from mosaic_embed.config import PretrainConfig, load_config; "
+            "cfg = load_config(PretrainConfig, 'tiny'); print(c.__file__); print(cfg.train.max_steps)")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env={**env, "PYTHONPATH": str(site)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    module_file, steps = proc.stdout.split()
+    assert module_file.startswith(str(site))  # the installed copy, not the checkout
+    assert int(steps) == load_config(PretrainConfig, "tiny").train.max_steps

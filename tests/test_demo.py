@@ -22,7 +22,7 @@ def test_demo_runs_every_stage_and_reuses_its_pretraining(tmp_path):
     assert len({p["text"] for p in passages}) == len(passages)  # repeated passages kept once
     store = VectorStore(out / "store")
     assert len(store) == len(passages)
-    assert read_manifest(out / "embeddings", expect_stage="embed")["settings"]["max_seq_len"] == 128
+    assert read_manifest(out / "embeddings", expect_stage="embed")["encoder"]["max_seq_len"] == 128
     for query in ("the white whale", "Queequeg and his harpoon"):
         assert f"query: {query}" in result.output
 

@@ -13,41 +13,11 @@ query or document that does not exist is an error too (silently dropping it woul
 
 from __future__ import annotations
 
-import gzip
-import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-
-def open_text(path: str | Path) -> IO[str]:
-    """Open a UTF-8 text file, transparently gunzipping ``*.gz``."""
-    path = Path(path)
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for every non-blank line of a JSON-lines file (``.gz`` allowed).
-
-    A line that is not a JSON object raises ``ValueError("FILE:LINE: ...")``.
-    """
-    with open_text(path) as f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as err:
-            raise ValueError(f"{path}: cannot be read as UTF-8 JSON lines ({err})") from None
+from .corpus import iter_jsonl, iter_tsv
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -95,20 +65,6 @@ def load_queries(path: str | Path) -> dict[str, str]:
             raise ValueError(f"{path}:{lineno}: duplicate _id {qid!r}")
         queries[qid] = _string_field(obj, "text", path, lineno)
     return queries
-
-
-def iter_tsv(path: str | Path, is_header: Callable[[list[str]], bool]) -> Iterator[tuple[int, list[str]]]:
-    """(line number, tab-separated fields) of every non-blank line; a first line ``is_header`` accepts is skipped."""
-    path = Path(path)
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if lineno == 1 and is_header([p.strip().lower() for p in parts]):
-                continue
-            yield lineno, parts
 
 
 def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:

@@ -47,10 +47,10 @@ import json
 import os
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..artifacts import atomic_write_json
 
@@ -234,6 +234,68 @@ def iter_documents(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# strict line readers: JSON lines and TSV files whose every line must be right (BEIR sets, pairs, embed input)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """Open a UTF-8 text file (a leading BOM is dropped), transparently gunzipping ``*.gz``."""
+    path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, raw line) of every non-blank line of a text file (``.gz`` allowed).
+
+    A file that is not UTF-8 text, or a ``.gz`` that is corrupt or cut short, is a ``ValueError`` naming it.
+    """
+    path = Path(path)
+    with open_text(path) as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    yield lineno, line
+        except UnicodeDecodeError as err:  # decoded in blocks: no line number to give
+            bad = err.object[err.start:err.start + 1].hex()
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{bad}: {err.reason})") from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+
+
+def parse_json_object(line: str, path: str | Path, lineno: int) -> dict[str, Any]:
+    """One JSON-lines record; anything but a JSON object is a ``ValueError("FILE:LINE: ...")``."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSON-lines file (``.gz`` allowed).
+
+    The one strict JSON-lines reader (BEIR folders, training pairs, embedding input): every line must be a
+    JSON object, and the first that is not is an error naming the file and line. (Corpus reading, above,
+    is the tolerant kind: it skips and counts bad records instead.)
+    """
+    for lineno, line in iter_lines(path):
+        yield lineno, parse_json_object(line, path, lineno)
+
+
+def iter_tsv(path: str | Path, is_header: Callable[[list[str]], bool]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, tab-separated fields) of every non-blank line; a first line ``is_header`` accepts is skipped."""
+    for lineno, line in iter_lines(path):
+        parts = line.rstrip("\n\r").split("\t")
+        if lineno == 1 and is_header([p.strip().lower() for p in parts]):
+            continue
+        yield lineno, parts
+
+
+# ----------------------------------------------------------------------------------------------------------
 # one file
 # ----------------------------------------------------------------------------------------------------------
 
@@ -339,8 +401,7 @@ def _read_text(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str 
 
 
 def _read_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str | None]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import packing
+
 IGNORE_INDEX = -100
 #: Validation masking ratio, fixed so that runs pretrained with different ratios are compared alike.
 VALIDATION_MASK_PROB = 0.15
@@ -121,7 +123,7 @@ class MLMMasker:
 
 
 def _flatten(features: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Features -> (ids (T,), keys (T,), positions (T,), lengths (B,))."""
+    """Features -> (ids (T,), mask keys (T,), positions (T,), lengths (B,)); every example is checked."""
     if not features:
         raise ValueError("cannot collate an empty batch")
     seqs, keys = [], []
@@ -132,25 +134,14 @@ def _flatten(features: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray
             raise ValueError(
                 f"batch example {i} has no 'mask_key'; wrap the dataset in KeyedDataset so masks are reproducible"
             )
-        ids = np.asarray(f["input_ids"], dtype=np.int64)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"batch example {i}: input_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+        ids = f["input_ids"]
+        if np.ndim(ids) != 1 or len(ids) == 0:
+            raise ValueError(f"batch example {i}: input_ids must be a non-empty 1-D sequence, got shape {np.shape(ids)}")
         seqs.append(ids)
         keys.append(int(f["mask_key"]))
-    lengths = np.array([s.size for s in seqs], dtype=np.int64)
-    flat = np.concatenate(seqs)
+    flat, lengths = packing.flatten(seqs)
     token_keys = np.repeat(np.array(keys, dtype=np.int64), lengths)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    positions = np.arange(flat.size, dtype=np.int64) - starts
-    return flat, token_keys, positions, lengths
-
-
-def cu_seqlens_from_lengths(lengths: Sequence[int] | np.ndarray) -> torch.Tensor:
-    """Sequence lengths (B,) -> cumulative offsets (B+1,) int32 starting at 0 (FlashAttention's varlen layout)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    out = np.zeros(lengths.size + 1, dtype=np.int32)
-    np.cumsum(lengths, out=out[1:])
-    return torch.from_numpy(out)
+    return flat, token_keys, packing.positions(lengths), lengths
 
 
 @dataclass
@@ -171,7 +162,7 @@ class UnpaddedMLMCollator:
         return {
             "input_ids": torch.from_numpy(ids),
             "labels": torch.from_numpy(labels),
-            "cu_seqlens": cu_seqlens_from_lengths(lengths),
+            "cu_seqlens": torch.from_numpy(packing.cu_seqlens(lengths)),
             "max_seqlen": int(lengths.max()),
             "num_tokens": int(flat.size),
         }
@@ -193,15 +184,8 @@ class PaddedMLMCollator:
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         flat, keys, positions, lengths = _flatten(features)
         ids, labels = self.masker.mask(flat, keys, positions)
-        b, s = lengths.size, int(lengths.max())
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            s = (s + m - 1) // m * m
-        valid = np.arange(s)[None, :] < lengths[:, None]  # (B, S)
-        out_ids = np.full((b, s), self.pad_token_id, dtype=np.int64)
-        out_labels = np.full((b, s), IGNORE_INDEX, dtype=np.int64)
-        out_ids[valid] = ids  # row-major fill matches the concatenation order
-        out_labels[valid] = labels
+        out_ids, valid = packing.pad(ids, lengths, self.pad_token_id, self.pad_to_multiple_of)
+        out_labels, _ = packing.pad(labels, lengths, IGNORE_INDEX, self.pad_to_multiple_of)
         return {
             "input_ids": torch.from_numpy(out_ids),
             "attention_mask": torch.from_numpy(valid.astype(np.int64)),

@@ -23,15 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .beir import (
-    doc_text,
-    iter_jsonl,
-    iter_tsv,
-    load_corpus,
-    load_qrels,
-    load_queries,
-    qrels_splits,
-)
+from .beir import load_beir
+from .corpus import iter_jsonl, iter_tsv
 
 
 @dataclass(frozen=True)
@@ -79,27 +72,11 @@ def iter_tsv_pairs(path: str | Path) -> Iterator[Pair]:
 
 def iter_beir_pairs(folder: str | Path, split: str = "train") -> Iterator[Pair]:
     """(query text, document text) for every qrel with a positive score in ``qrels/<split>.tsv``."""
-    folder = Path(folder)
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        raise FileNotFoundError(
-            f"{folder}: no qrels/{split}.tsv to take training pairs from "
-            f"(splits present: {', '.join(qrels_splits(folder)) or 'none'}); never train on the split you evaluate on"
-        )
-    corpus_path = next((folder / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (folder / n).is_file()), None)
-    queries_path = next((folder / n for n in ("queries.jsonl", "queries.jsonl.gz") if (folder / n).is_file()), None)
-    if corpus_path is None or queries_path is None:
-        raise FileNotFoundError(f"{folder}: a BEIR folder needs corpus.jsonl and queries.jsonl")
-    corpus, queries = load_corpus(corpus_path), load_queries(queries_path)
-    for qid, docs in load_qrels(qrels_path).items():
-        if qid not in queries:
-            raise ValueError(f"{qrels_path}: query-id {qid!r} is not in {queries_path.name}")
+    data = load_beir(folder, split)
+    for qid, docs in data.qrels.items():
         for did, score in docs.items():
-            if score <= 0:
-                continue
-            if did not in corpus:
-                raise ValueError(f"{qrels_path}: corpus-id {did!r} is not in {corpus_path.name}")
-            yield Pair(queries[qid], doc_text(corpus[did]))
+            if score > 0:
+                yield Pair(data.queries[qid], data.doc_text(did))
 
 
 def iter_pairs(path: str | Path, beir_split: str = "train") -> Iterator[Pair]:

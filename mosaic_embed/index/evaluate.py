@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..config import EncodeConfig
+
 
 def ndcg_at_k(ranked: Sequence[str], qrels: Mapping[str, int], k: int) -> float:
     dcg = sum(qrels.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]) if qrels.get(doc, 0) > 0)
@@ -86,27 +88,25 @@ def evaluate_encoder(
     model: str | Path | Any,
     beir_dir: str | Path,
     split: str = "test",
-    max_seq_len: int | None = None,
-    batch_size: int = 128,
-    device: str | None = None,
+    settings: EncodeConfig | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Embed a BEIR split's corpus and queries with an encoder folder (or a loaded ``Encoder``), search
-    exactly, and score. Returns the metrics plus counts and timings."""
+    """Embed a BEIR split's corpus and queries with one :class:`~mosaic_embed.encode.Encoder` (an encoder
+    folder opened with ``settings``, or a loaded one), search exactly, and score. Returns the metrics plus
+    counts, timings and the encoder's description."""
     import time
 
-    from ..data.beir import doc_text, load_beir
+    from ..data.beir import load_beir
     from ..encode import Encoder
 
     data = load_beir(beir_dir, split)
-    encoder = model if isinstance(model, Encoder) else Encoder.load(model, device=device, max_seq_len=max_seq_len)
+    encoder = model if isinstance(model, Encoder) else Encoder.load(model, settings)
     doc_ids = list(data.corpus)
     t0 = time.perf_counter()
-    doc_emb = encoder.encode([doc_text(data.corpus[d]) for d in doc_ids], batch_size=batch_size,
-                             show_progress=show_progress)
+    doc_emb = encoder.encode([data.doc_text(d) for d in doc_ids], show_progress=show_progress)
     t1 = time.perf_counter()
     query_ids = list(data.queries)
-    query_emb = encoder.encode([data.queries[q] for q in query_ids], batch_size=batch_size)
+    query_emb = encoder.encode([data.queries[q] for q in query_ids])
     t2 = time.perf_counter()
     run = rank_with_embeddings(query_ids, query_emb, doc_ids, doc_emb, k=100)
     metrics = evaluate_run(run, data.qrels)
@@ -118,4 +118,5 @@ def evaluate_encoder(
         "encode_docs_s": t1 - t0,
         "encode_queries_s": t2 - t1,
         "path": encoder.path_used,
+        "encoder": encoder.describe(),
     }

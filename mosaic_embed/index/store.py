@@ -99,7 +99,12 @@ def build_store(
             ) from None
     t_train = time.perf_counter() - t0
     for start in range(0, n, cfg.add_batch_size):
-        index.add(_as_float32(vectors[start : start + cfg.add_batch_size], cfg.normalize))
+        block = _as_float32(vectors[start : start + cfg.add_batch_size], cfg.normalize)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            raise ValueError(f"embedding row {row} (id {ids[row]!r}) is not finite (NaN/inf): refusing to index it")
+        index.add(block)
     t_add = time.perf_counter() - t0 - t_train
 
     with atomic_directory(out_dir) as tmp:
@@ -125,14 +130,17 @@ def build_store_from_embeddings(
     """Index the output of ``mosaic-embed embed`` (its manifest names the encoder and the input file).
 
     With ``with_texts`` the documents' texts are re-read from the embedded input, in row order, and stored
-    beside the index, so a search returns what a RAG prompt needs without another lookup.
+    beside the index, so a search returns what a RAG prompt needs without another lookup. The input must
+    be the very file that was embedded (its content hash is checked): texts from a changed file would be
+    attached to the wrong vectors.
     """
+    from ..artifacts import sha256_file
     from ..encode import iter_texts, load_embeddings
 
     embeddings_dir = Path(embeddings_dir)
     manifest = read_manifest(embeddings_dir, expect_stage="embed")
     vectors, ids = load_embeddings(embeddings_dir)
-    settings = manifest.get("settings", {})
+    ecfg = manifest.get("config") or {}
     texts = None
     if with_texts:
         source = Path(manifest["inputs"]["input"])
@@ -140,12 +148,16 @@ def build_store_from_embeddings(
             raise FileNotFoundError(
                 f"{embeddings_dir}: the embedded input {source} is gone; build with --no-texts or restore it"
             )
-        texts = iter_texts(source, settings.get("text_field", "text"), settings.get("title_field", "title"))
+        if sha256_file(source) != manifest["inputs"].get("input_sha256"):
+            raise ValueError(
+                f"{source} changed after it was embedded into {embeddings_dir} (content hash differs): its texts "
+                "would be attached to the wrong vectors; embed it again, or build with --no-texts"
+            )
+        texts = iter_texts(source, ecfg.get("text_field", "text"), ecfg.get("title_field", "title"))
     source_info = {
-        "embeddings": str(embeddings_dir),
-        "encoder": manifest["inputs"].get("model"),
+        "embeddings": str(embeddings_dir.resolve()),
         "input": manifest["inputs"].get("input"),
-        "max_seq_len": settings.get("max_seq_len"),
+        "encoder": manifest.get("encoder"),
     }
     return build_store(vectors, [str(i) for i in ids], out_dir, cfg, texts=texts, source=source_info)
 
@@ -221,19 +233,40 @@ class VectorStore:
         ]
 
     def search_texts(self, queries: Sequence[str], k: int = 10, encoder=None) -> list[list[Hit]]:
-        """Embed ``queries`` with ``encoder`` (default: the encoder recorded in the manifest) and search."""
+        """Embed ``queries`` with ``encoder`` (default: the store's own, see :meth:`encoder`) and search."""
         _check_k(k)  # before loading the encoder
-        if encoder is None:
-            encoder = self._load_encoder()
-        vectors = encoder.encode(list(queries), convert_to_numpy=True, normalize_embeddings=self.config.normalize)
-        return self.search(np.asarray(vectors), k)
+        encoder = encoder or self.encoder()
+        return self.search(encoder.encode(list(queries)), k)
 
-    def _load_encoder(self):
-        if self._encoder is None:
-            model = self.manifest.get("inputs", {}).get("encoder")
-            if not model:
-                raise ValueError(f"{self.path}: the manifest names no encoder; pass --model ENCODER")
-            from sentence_transformers import SentenceTransformer
+    def encoder(self, model: str | Path | None = None, force: bool = False, device: str = "auto"):
+        """The :class:`~mosaic_embed.encode.Encoder` that made the store's vectors, opened with the settings
+        its manifest records (``max_seq_len``, precision), so queries are embedded exactly as the documents.
 
-            self._encoder = SentenceTransformer(str(model))
-        return self._encoder
+        ``model`` replaces the recorded folder (moved or copied); its identity (weights and configuration
+        hash) must match the recorded one unless ``force``.
+        """
+        from ..config import EncodeConfig
+        from ..encode import Encoder
+
+        if self._encoder is not None and model is None:
+            return self._encoder
+        info = self.manifest.get("inputs", {}).get("encoder") or {}
+        path = model or info.get("path")
+        if not path:
+            raise ValueError(f"{self.path}: the manifest names no encoder; pass --model ENCODER")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{self.path}: its encoder {path} is gone; pass --model with a copy of it")
+        settings = EncodeConfig(max_seq_len=info.get("max_seq_len"), precision=info.get("precision", "auto"),
+                                device=device)
+        encoder = Encoder.load(path, settings)
+        recorded = info.get("identity")
+        if recorded and not force:
+            actual = encoder.describe()["identity"]
+            if actual != recorded:
+                raise ValueError(
+                    f"{path} is not the encoder that built {self.path} (weights or configuration differ from the "
+                    "recorded hash): its queries would not match the stored vectors; use the original encoder, "
+                    "rebuild the store, or pass --force"
+                )
+        self._encoder = encoder
+        return encoder

@@ -1,21 +1,15 @@
-"""The one attention dispatch point of MosaicBERT: bidirectional ALiBi attention over unpadded batches.
+"""Pure-torch reference attention of MosaicBERT: ALiBi slopes and biases, varlen and padded attention.
 
-``varlen_alibi_attention(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, impl)`` computes, for every
-sequence b (rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of the packed q, k, v) and head h,
+``varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes)`` computes, for every sequence b
+(rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of the packed q, k, v) and head h,
 
     softmax(scale * q_i . k_j - slope_h * |i - j|) over keys j of the same sequence, times v_j
 
-- ``impl="torch"``: exact reference, CPU or GPU. The packed batch is padded once to
-  ``(B, H, max_seqlen, D)``; ``F.scaled_dot_product_attention`` runs with one additive float mask
-  (ALiBi bias plus the most negative finite value on padding keys), then the real rows are gathered back.
-  Supports attention dropout (finetuning ablation).
-- ``impl="triton"``: the fused FlashAttention-style kernel of ``kernels/flash_attn_alibi.py`` (fp16/bf16,
-  CUDA, no dropout), imported lazily so this module works without it.
-- ``impl="auto"``: triton for fp16/bf16 CUDA tensors when Triton is installed and no attention dropout is
-  asked for, otherwise torch.
-
-The path that runs is logged once per (request, choice) as a warning; asking for triton where it cannot
-run raises instead of falling back.
+exactly: the packed batch is padded once to ``(B, H, max_seqlen, D)``; ``F.scaled_dot_product_attention``
+runs with one additive float mask (ALiBi bias plus the most negative finite value on padding keys), then
+the real rows are gathered back. It supports attention dropout (finetuning ablation). This is what the
+Triton kernel (``flash_attn_alibi.py``) is tested against; which of the two runs is decided in
+``kernels/dispatch.py`` alone.
 
 ALiBi slopes follow Press et al. (2022): for n a power of two, the geometric sequence starting at
 ``2^(-8/n)`` with that same ratio; otherwise the slopes of the closest lower power of two followed by every
@@ -24,20 +18,12 @@ other slope of the next power of two.
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ..model.padding import cu_seqlens_to_indices
-
-logger = logging.getLogger(__name__)
-
-IMPLS = ("auto", "torch", "triton")
-_announced: set[tuple[str, str, str]] = set()
+from ..data.packing import cu_seqlens_to_indices
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -81,105 +67,8 @@ def alibi_bias(
     return (-slopes.float()[:, None, None] * distance).to(dtype)  # (H, q_len, k_len)
 
 
-# Looked up once: find_spec cannot be traced by torch.compile, and the answer never changes in a process.
-_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
-
-
-def _triton_importable() -> bool:
-    return _TRITON_IMPORTABLE
-
-
-def _kernel_head_dims() -> tuple[int, ...] | None:
-    """Head dims the Triton kernel supports (None if it does not say)."""
-    from . import flash_attn_alibi
-
-    return getattr(flash_attn_alibi, "_SUPPORTED_HEAD_DIMS", None)
-
-
-def resolve_attn_impl(
-    impl: str, device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int | None = None
-) -> str:
-    """Turn ``impl`` ("auto" | "torch" | "triton") into the path that will run; announce it once.
-
-    "auto" picks triton only for fp16/bf16 CUDA inputs, no attention dropout, a head dim the kernel
-    supports and Triton installed. An explicit "triton" also accepts fp32 (the kernel takes it, for tests).
-
-    Raises:
-        ValueError / RuntimeError when "triton" is asked for where it cannot run (no silent fallback).
-    """
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    key = (impl, device.type, dtype, dropout_p, head_dim, interpret)
-    choice = _resolved.get(key)
-    if choice is None:  # every layer of every step asks the same question: answer it once per process
-        choice = _resolve_attn_impl(impl, device, dtype, dropout_p, head_dim, interpret)
-        _resolved[key] = choice
-    return choice
-
-
-_resolved: dict[tuple, str] = {}
-
-
-@torch.compiler.disable
-def _resolve_attn_impl(
-    impl: str, device: torch.device, dtype: torch.dtype, dropout_p: float, head_dim: int | None, interpret: bool
-) -> str:
-    # Outside torch.compile's graph (imports, logging); resolve_attn_impl caches the answer.
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
-        choice, why = "torch", "attn_impl='torch'"
-    elif impl == "triton":
-        if dropout_p > 0:
-            raise ValueError(
-                f"attn_impl='triton' has no attention dropout (dropout_p={dropout_p}); use attn_impl='torch'"
-            )
-        if not _triton_importable():
-            raise RuntimeError("attn_impl='triton' but the triton package is not installed; use 'torch'")
-        if device.type != "cuda" and not interpret:
-            raise RuntimeError(
-                f"attn_impl='triton' needs CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs the "
-                "kernel in Triton's CPU interpreter for tests); use attn_impl='torch' or 'auto'"
-            )
-        supported = _kernel_head_dims()
-        if head_dim is not None and supported is not None and head_dim not in supported:
-            raise ValueError(f"attn_impl='triton' supports head dims {supported}, got {head_dim}; use 'torch'")
-        choice, why = "triton", "attn_impl='triton'"
-    elif device.type != "cuda":
-        choice, why = "torch", f"attn_impl='auto' on {device.type}"
-    elif not _triton_importable():
-        choice, why = "torch", "attn_impl='auto' on CUDA without the triton package"
-    elif dtype not in (torch.float16, torch.bfloat16):
-        choice, why = "torch", f"attn_impl='auto' with {dtype} inputs (the Triton kernel takes fp16/bf16)"
-    elif dropout_p > 0:
-        choice, why = "torch", f"attn_impl='auto' with attention dropout {dropout_p} (the kernel has none)"
-    elif head_dim is not None and (supported := _kernel_head_dims()) is not None and head_dim not in supported:
-        choice, why = "torch", f"attn_impl='auto' with head dim {head_dim} (the kernel takes {supported})"
-    else:
-        choice, why = "triton", "attn_impl='auto' on CUDA with fp16/bf16 inputs"
-    if (impl, choice, why) not in _announced:
-        _announce(impl, choice, why)
-    return choice
-
-
-@torch.compiler.disable
-def _announce(impl: str, choice: str, why: str) -> None:
-    # Outside torch.compile's graph: a logging call inside it would break the graph at every layer.
-    _announced.add((impl, choice, why))
-    logger.warning("MosaicBERT attention runs the %s path (%s)", choice.upper(), why)
-
-
-def padded_alibi_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
+def padded_attention_torch(q, k, v, key_padding_mask, alibi_slopes, dropout_p=0.0, softmax_scale=None):
     """Torch attention on a padded batch with an additive ALiBi bias and a key-padding mask.
-
-    The attention of the ``unpad=False`` ablation (announced once, like the varlen paths).
 
     Args:
         q, k, v: (B, H, S, D).
@@ -189,13 +78,6 @@ def padded_alibi_attention(
     Returns:
         (B, H, S, D). Query rows whose every key is padding get the mean of v (finite, to be discarded).
     """
-    if ("padded", "torch", "unpad=False") not in _announced:
-        _announce("padded", "torch", "unpad=False")
-    return _padded_sdpa(q, k, v, key_padding_mask, alibi_slopes, dropout_p, softmax_scale)
-
-
-def _padded_sdpa(q, k, v, key_padding_mask, alibi_slopes, dropout_p, softmax_scale):
-    """See :func:`padded_alibi_attention`; shared with the varlen torch path."""
     batch, n_heads, seqlen, _ = q.shape
     bias = None
     if alibi_slopes is not None:
@@ -210,7 +92,8 @@ def _padded_sdpa(q, k, v, key_padding_mask, alibi_slopes, dropout_p, softmax_sca
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=softmax_scale)
 
 
-def _varlen_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropout_p, softmax_scale):
+def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropout_p=0.0, softmax_scale=None):
+    """Exact varlen attention: q, k, v (T, H, D), cu_seqlens (B+1,) int32 -> (T, H, D) (see the module doc)."""
     total, n_heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     indices, _ = cu_seqlens_to_indices(cu_seqlens, max_seqlen, total)  # (T,) into (B*S)
@@ -221,7 +104,7 @@ def _varlen_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropout_p, soft
 
     key_mask = torch.zeros(batch * max_seqlen, dtype=torch.bool, device=q.device)
     key_mask[indices] = True
-    out = _padded_sdpa(
+    out = padded_attention_torch(
         to_padded(q), to_padded(k), to_padded(v), key_mask.view(batch, max_seqlen), alibi_slopes,
         dropout_p, softmax_scale,
     )  # (B, H, S, D)
@@ -229,57 +112,4 @@ def _varlen_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropout_p, soft
     return out.index_select(0, indices)  # (T, H, D)
 
 
-def varlen_alibi_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    alibi_slopes: torch.Tensor | None,
-    impl: str = "torch",
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
-    """Bidirectional ALiBi attention over a packed batch of variable-length sequences.
-
-    Args:
-        q, k, v: (T, H, D), T = total tokens of all sequences.
-        cu_seqlens: (B+1,) int32 cumulative sequence lengths, cu_seqlens[-1] == T.
-        max_seqlen: the longest sequence (python int).
-        alibi_slopes: (H,) float32; None means no position bias (zero slopes).
-        impl: "torch" | "triton" | "auto" (see the module docstring); the choice is logged once.
-        dropout_p: attention-probability dropout (torch path only); pass 0 in eval.
-        softmax_scale: default 1/sqrt(D).
-
-    Returns:
-        (T, H, D) in q's dtype.
-    """
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"varlen_alibi_attention: q, k, v must share one (T, H, D) shape; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"varlen_alibi_attention: cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")
-    if alibi_slopes is not None and alibi_slopes.shape != (q.shape[1],):
-        raise ValueError(f"varlen_alibi_attention: alibi_slopes must be ({q.shape[1]},), got "
-                         f"{tuple(alibi_slopes.shape)}")
-    choice = resolve_attn_impl(impl, q.device, q.dtype, dropout_p, head_dim=q.shape[-1])
-    if choice == "triton":
-        from .flash_attn_alibi import flash_attn_varlen_alibi
-
-        if alibi_slopes is None:
-            alibi_slopes = torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
-        return flash_attn_varlen_alibi(
-            q, k, v, cu_seqlens, max_seqlen, alibi_slopes.to(device=q.device, dtype=torch.float32),
-            softmax_scale=softmax_scale,
-        )
-    return _varlen_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropout_p, softmax_scale)
-
-
-__all__ = [
-    "varlen_alibi_attention",
-    "padded_alibi_attention",
-    "alibi_slopes",
-    "alibi_bias",
-    "resolve_attn_impl",
-]
+__all__ = ["alibi_bias", "alibi_slopes", "padded_attention_torch", "varlen_attention_torch"]

@@ -15,26 +15,20 @@ of HBM bandwidth, 12 % of a MosaicBERT-Base step). Here one program owns a (row,
 the I-space and writes both halves, so every byte is read once.
 
 File order (DESIGN.md): pure-torch reference -> ``@triton.jit`` kernels -> launchers -> torch custom
-op (what torch.compile traces, backward registered) and an ``autograd.Function`` for eager -> public
-functions :func:`geglu` (dispatch, announced once) and :func:`geglu_triton`.
+op (what torch.compile traces, backward registered) and an ``autograd.Function`` for eager -> the public
+:func:`geglu_triton`. Which of reference and kernel runs is decided in ``kernels/dispatch.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
 from .launch import cdiv
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["geglu_reference", "geglu_triton", "geglu", "resolve_geglu_impl"]
-
-IMPLS = ("auto", "torch", "triton")
+__all__ = ["geglu_reference", "geglu_triton"]
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once (compile cannot trace it)
 
 if _HAS_TRITON:
@@ -213,56 +207,3 @@ def geglu_triton(inner: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.mosaic_embed.geglu_fwd(inner)
     return _GeGLU.apply(inner)
-
-
-_announced: set[tuple[str, str]] = set()
-_resolved: dict[tuple, str] = {}
-
-
-def resolve_geglu_impl(impl: str, device: torch.device) -> str:
-    """"auto" | "torch" | "triton" -> the path that runs for tensors on ``device`` (cached; announced once).
-
-    "auto" = triton on CUDA when Triton is installed, torch otherwise. "triton" where it cannot run raises.
-    """
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    key = (impl, device.type, interpret)
-    choice = _resolved.get(key)
-    if choice is None:
-        choice = _resolve(impl, device.type, interpret)
-        _resolved[key] = choice
-    return choice
-
-
-@torch.compiler.disable
-def _resolve(impl: str, device_type: str, interpret: bool) -> str:
-    # Outside torch.compile's graph (logging); resolve_geglu_impl caches the answer per process.
-    if impl not in IMPLS:
-        raise ValueError(f"geglu impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton":
-        if not _HAS_TRITON:
-            raise RuntimeError("geglu impl='triton' but the triton package is not installed; use 'torch'")
-        if device_type != "cuda" and not interpret:
-            raise RuntimeError(f"geglu impl='triton' needs CUDA tensors (got {device_type}); TRITON_INTERPRET=1 "
-                               "runs it on CPU for tests")
-        choice, why = "triton", "impl='triton'"
-    elif impl == "torch":
-        choice, why = "torch", "impl='torch'"
-    elif device_type == "cuda" and _HAS_TRITON:
-        choice, why = "triton", "impl='auto' on CUDA"
-    else:
-        choice, why = "torch", f"impl='auto' on {device_type}" + ("" if _HAS_TRITON else " without triton")
-    if (choice, why) not in _announced:
-        _announced.add((choice, why))
-        logger.warning("MosaicBERT GeGLU runs the %s path (%s)", choice.upper(), why)
-    return choice
-
-
-def geglu(inner: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """The GeGLU dispatch point: ``inner`` (..., 2I) = [gate | value] -> ``GELU(gate) * value`` (..., I).
-
-    impl: "triton" (fused kernel, :func:`geglu_triton`), "torch" (:func:`geglu_reference`, which
-    torch.compile fuses itself), or "auto" (triton on CUDA). The chosen path is logged once.
-    """
-    if resolve_geglu_impl(impl, inner.device) == "triton":
-        return geglu_triton(inner)
-    return geglu_reference(inner)

@@ -35,6 +35,9 @@ class MosaicBertConfig(PretrainedConfig):
             ``"triton"`` (the fused varlen ALiBi kernel; CUDA only, fp16/bf16, no attention dropout) or
             ``"auto"`` (triton for fp16/bf16 CUDA inputs when Triton is installed, otherwise torch).
             The path that runs is logged once; asking for triton where it cannot run is an error.
+        geglu_impl: the same choice for the fused GeGLU kernel; ``None`` (default) follows ``attn_impl``,
+            so ``attn_impl="torch"`` is the exact reference path end to end. Both are resolved by
+            ``kernels/dispatch.py``.
     """
 
     model_type = "mosaic_bert"
@@ -59,6 +62,7 @@ class MosaicBertConfig(PretrainedConfig):
     unpad: bool = True
     low_precision_layernorm: bool = True
     attn_impl: str = "auto"
+    geglu_impl: str | None = None
 
     def __post_init__(self, **kwargs):
         self._validate()
@@ -92,6 +96,8 @@ class MosaicBertConfig(PretrainedConfig):
             fail("mlp", f"must be one of {MLPS}")
         if self.attn_impl not in ATTN_IMPLS:
             fail("attn_impl", f"must be one of {ATTN_IMPLS}")
+        if self.geglu_impl is not None and self.geglu_impl not in ATTN_IMPLS:
+            fail("geglu_impl", f"must be None (follow attn_impl) or one of {ATTN_IMPLS}")
         for field in ("unpad", "low_precision_layernorm"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "must be true or false")

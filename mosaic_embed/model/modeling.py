@@ -11,7 +11,8 @@ it, and cheaper); the whole encoder runs on (T, H) with ``cu_seqlens``; the outp
 (B, S, H) only where the caller passed a padded batch and needs that shape. Packed callers pass
 ``input_ids`` (T,) with ``cu_seqlens`` and ``max_seqlen`` and get (T, H) back.
 
-Every attention call goes through ``kernels/attention.py``, the one dispatch point (``attn_impl``).
+Every attention and GeGLU call goes through ``kernels/dispatch.py``, the one dispatch point (``attn_impl``,
+``geglu_impl``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
-from ..kernels.attention import alibi_slopes, padded_alibi_attention, varlen_alibi_attention
-from ..kernels.geglu import geglu
+from ..data.packing import cu_seqlens_to_indices, pad_input, unpad_input
+from ..kernels.attention import alibi_slopes
+from ..kernels.dispatch import geglu, padded_attention, varlen_attention
 from .configuration import MosaicBertConfig
-from .padding import cu_seqlens_to_indices, pad_input, unpad_input
 
 
 class MosaicBertLayerNorm(nn.LayerNorm):
@@ -92,7 +93,7 @@ class MosaicBertAttention(nn.Module):
     """Self-attention with one fused Wqkv projection, output projection, dropout, residual, post-LN.
 
     Runs on packed (T, H) rows with ``cu_seqlens`` (the unpadded model) or on (B, S, H) with a key-padding
-    mask (the ``unpad=False`` ablation); both go through kernels/attention.py.
+    mask (the ``unpad=False`` ablation); both go through kernels/dispatch.py.
     """
 
     def __init__(self, config: MosaicBertConfig):
@@ -120,14 +121,14 @@ class MosaicBertAttention(nn.Module):
         if cu_seqlens is not None:
             qkv = qkv.view(-1, 3, self.n_heads, self.head_dim)  # (T, 3, nh, hd)
             q, k, v = qkv.unbind(dim=1)  # each (T, nh, hd)
-            context = varlen_alibi_attention(
+            context = varlen_attention(
                 q, k, v, cu_seqlens, max_seqlen, slopes, impl=self.attn_impl, dropout_p=dropout_p
             )  # (T, nh, hd)
             context = context.reshape(hidden.shape)  # (T, H)
         else:
             batch, seqlen, _ = hidden.shape
             qkv = qkv.view(batch, seqlen, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, S, hd)
-            context = padded_alibi_attention(qkv[0], qkv[1], qkv[2], key_padding_mask, slopes, dropout_p)  # (B, nh, S, hd)
+            context = padded_attention(qkv[0], qkv[1], qkv[2], key_padding_mask, slopes, dropout_p)  # (B, nh, S, hd)
             context = context.transpose(1, 2).reshape(hidden.shape)  # (B, S, H)
         return self.norm(hidden + self.dropout(self.out(context)))
 
@@ -137,8 +138,8 @@ class MosaicBertMLP(nn.Module):
 
     ``mlp="geglu"``: ``(GELU(x W1) * (x V)) W2``; W1 and V are fused in one bias-free Linear ``wi``
     (H -> 2I, first half W1, second half V), as in the original MosaicBERT checkpoints. With exact GELU
-    (``hidden_act="gelu"``) the gating goes through ``kernels/geglu.py`` (a fused Triton kernel on CUDA
-    that reads each byte once in both directions; the torch expression elsewhere).
+    (``hidden_act="gelu"``) the gating goes through the dispatch (``geglu_impl``, which follows ``attn_impl``
+    unless set): a fused Triton kernel that reads each byte once in both directions, or the torch expression.
     ``mlp="gelu"``: BERT's ``GELU(x W1 + b1) W2 + b2`` with ``wi`` H -> I.
     """
 
@@ -146,6 +147,7 @@ class MosaicBertMLP(nn.Module):
         super().__init__()
         self.gated = config.mlp == "geglu"
         self.fused_geglu = self.gated and config.hidden_act == "gelu"
+        self.geglu_impl = config.geglu_impl or config.attn_impl
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
         self.wi = nn.Linear(config.hidden_size, width, bias=not self.gated)
         self.act = ACT2FN[config.hidden_act]
@@ -157,7 +159,7 @@ class MosaicBertMLP(nn.Module):
         """hidden (..., H) -> (..., H)."""
         inner = self.wi(hidden)  # (..., 2I) or (..., I)
         if self.fused_geglu:
-            inner = geglu(inner)  # (..., I)
+            inner = geglu(inner, self.geglu_impl)  # (..., I)
         elif self.gated:
             gate, value = inner.chunk(2, dim=-1)  # each (..., I)
             inner = self.act(gate) * value

@@ -38,19 +38,10 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_directory, atomic_write_json, atomic_write_text, read_json, write_manifest
-from ..config import (
-    ConfigError,
-    CustomTaskConfig,
-    GlueConfig,
-    GlueTaskHParams,
-    apply_overrides,
-    from_dict,
-    load_yaml,
-    resolve_recipe,
-    save_config,
-    to_dict,
-)
+from ..config import ConfigError, CustomTaskConfig, GlueConfig, GlueTaskHParams, save_config, to_dict
+from ..data import packing
 from ..data.glue import GLUE_TASKS, Examples, TaskData, load_custom_task, load_glue_task, resolve_tasks
+from ..runtime import WarmupLinearDecay, autocast, resolve_device, resolve_precision
 from .glue_metrics import compute_metrics, glue_average, mean_std, task_score
 
 log = logging.getLogger(__name__)
@@ -63,34 +54,6 @@ READBACK_STEPS = 25  # losses are copied to the host (and checked for NaN/inf) t
 # ----------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_glue_config(recipe: str | Path | None = None, overrides: Sequence[str] = (), **fields: Any) -> GlueConfig:
-    """Defaults <- recipe (name under recipes/glue/ or a path) <- ``--set`` overrides <- explicit ``fields``.
-
-    The recipe is merged key by key into the defaults, so a recipe that sets only ``hparams.rte.epochs``
-    keeps RTE's other values (a plain dataclass load would reset them to the generic defaults).
-    """
-    defaults = to_dict(GlueConfig(model=Path(".")))
-    defaults.pop("model")
-    source = "<defaults>"
-    data = defaults
-    if recipe is not None:
-        path = resolve_recipe(recipe, "glue")
-        data = _deep_merge(data, load_yaml(path))
-        source = str(path)
-    if overrides:
-        data = apply_overrides(data, overrides, GlueConfig)
-        source += " with --set " + " ".join(overrides)
-    data = _deep_merge(data, {k: v for k, v in fields.items() if v is not None})
-    return from_dict(GlueConfig, data, source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,32 +172,13 @@ def encode(tokenizer, examples: Examples, max_seq_len: int, regression: bool) ->
 
 
 def collate(enc: Encoded, idx: Sequence[int], packed: bool, pad_id: int, device: torch.device) -> dict[str, Any]:
-    """Model inputs for the examples ``idx``.
-
-    packed: ``input_ids``/``token_type_ids`` (T,) = the examples concatenated, ``cu_seqlens`` (B+1,) int32
-    = their offsets, ``max_seqlen`` int. padded: (B, S) with S the longest example, ``attention_mask``.
-    """
+    """Model inputs for the examples ``idx``: packed (``input_ids``/``token_type_ids`` (T,), ``cu_seqlens``,
+    ``max_seqlen``) or padded to the longest example ((B, S) with ``attention_mask``); see ``data/packing.py``."""
     seqs = [enc.input_ids[i] for i in idx]
     types = [enc.token_type_ids[i] for i in idx]
-    lens = [len(s) for s in seqs]
     if packed:
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
-        return {
-            "input_ids": torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device),
-            "token_type_ids": torch.tensor([t for s in types for t in s], dtype=torch.long, device=device),
-            "cu_seqlens": cu.to(device),
-            "max_seqlen": max(lens),
-        }
-    S = max(lens)
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    tts = torch.zeros((len(seqs), S), dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.long)
-    for r, (s, t) in enumerate(zip(seqs, types, strict=True)):
-        ids[r, : len(s)] = torch.tensor(s)
-        tts[r, : len(t)] = torch.tensor(t)
-        mask[r, : len(s)] = 1
-    return {"input_ids": ids.to(device), "token_type_ids": tts.to(device), "attention_mask": mask.to(device)}
+        return packing.packed_inputs(seqs, types, device=device)
+    return packing.padded_inputs(seqs, types, pad_id, device=device)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[list[int]]:
@@ -246,19 +190,6 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iter
 # ----------------------------------------------------------------------------------------------------------
 # one finetuning run
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -280,7 +211,7 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch
 
 @torch.no_grad()
 def evaluate(model, enc: Encoded, regression: bool, batch_size: int, packed: bool, pad_id: int,
-             device: torch.device, precision: str) -> tuple[np.ndarray, dict[str, float]]:
+             device: torch.device, dtype: torch.dtype) -> tuple[np.ndarray, dict[str, float]]:
     """Predictions for every example (class ids or scores, in input order) and the pass's throughput.
 
     Examples are batched in order of length: padded batches then waste little, and the order of the
@@ -295,7 +226,7 @@ def evaluate(model, enc: Encoded, regression: bool, batch_size: int, packed: boo
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         batch = collate(enc, idx, packed, pad_id, device)
-        with _autocast(device, precision):
+        with autocast(device, dtype):
             logits = _logits(model, batch)
         out = logits.view(-1) if regression else logits.argmax(-1)
         preds[idx] = out.cpu().numpy()
@@ -324,7 +255,8 @@ def finetune_one(
     linear warmup over ``warmup_fraction`` of the steps, then linear decay to 0.
     """
     spec = task.spec
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(seed)  # the new head's init
     model = load_classifier(model_dir, spec.num_labels, backbone_from).to(device)
     packed = not cfg.padded_batches and supports_packed(model)
@@ -335,9 +267,7 @@ def finetune_one(
     warmup = int(hp.warmup_fraction * total)
     opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                             weight_decay=hp.weight_decay / hp.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
+    sched = WarmupLinearDecay(warmup, total, final=0.0).scheduler(opt)
     gen = torch.Generator().manual_seed(seed)
     labels_t = torch.as_tensor(train.labels)
     model.train()
@@ -367,7 +297,7 @@ def finetune_one(
         for idx in _batches(len(train), hp.batch_size, gen):
             batch = collate(train, idx, packed, pad_id, device)
             y = labels_t[idx].to(device, non_blocking=True)
-            with _autocast(device, cfg.precision):
+            with autocast(device, dtype):
                 logits = _logits(model, batch)
             loss = _loss(logits, y, spec.is_regression)
             loss.backward()
@@ -413,8 +343,7 @@ def finetune_one(
     for split, enc in encoded.items():
         if split == "train":
             continue
-        preds, thr = evaluate(model, enc, spec.is_regression, cfg.eval_batch_size, packed, pad_id, device,
-                              cfg.precision)
+        preds, thr = evaluate(model, enc, spec.is_regression, cfg.eval_batch_size, packed, pad_id, device, dtype)
         result["metrics"][split] = compute_metrics(spec.metrics, preds, enc.labels)
         result["eval"][split] = thr
     result["score"] = task_score(result["metrics"], spec.score_metrics or spec.metrics)
@@ -451,13 +380,6 @@ def load_tasks(cfg: GlueConfig) -> list[TaskData]:
     return tasks
 
 
-def _hparams(cfg: GlueConfig, name: str) -> GlueTaskHParams:
-    hp = getattr(cfg.hparams, name) if name in GLUE_TASKS else cfg.hparams.custom
-    if cfg.seeds is not None:
-        hp = dataclasses.replace(hp, seeds=list(cfg.seeds))
-    return hp
-
-
 def evaluate_model(model_dir: str | Path, cfg: GlueConfig, out: Path, tasks: list[TaskData]) -> dict[str, Any]:
     """Finetune + evaluate ``model_dir`` on every task and seed; returns one result point (see module doc)."""
     from transformers import AutoTokenizer
@@ -468,7 +390,7 @@ def evaluate_model(model_dir: str | Path, cfg: GlueConfig, out: Path, tasks: lis
     mnli_model: Path | None = None
     for task in tasks:
         spec = task.spec
-        hp = _hparams(cfg, spec.name)
+        hp = cfg.task_hparams(spec.name)
         from_mnli = spec.from_mnli if hp.from_mnli is None else hp.from_mnli
         if from_mnli and mnli_model is None:
             log.warning("%s: MNLI is not part of this run: starting from the pretrained weights, not from "
@@ -574,6 +496,7 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     models = find_checkpoints(cfg.checkpoints) if cfg.checkpoints else [Path(cfg.model)]
     models = [check_model_dir(m) for m in models]
+    resolve_precision(cfg.precision, resolve_device(cfg.device))  # an impossible precision fails before any output
     tasks = load_tasks(cfg)  # load (and validate) every file before the first finetuning step
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -1,8 +1,9 @@
-"""GLUE metrics and the GLUE average, in plain numpy (no sklearn/scipy at run time).
+"""GLUE metrics and the GLUE average. The metrics themselves are scikit-learn's and SciPy's.
 
 Metrics take ``predictions`` and ``labels`` as 1-D arrays: class ids for accuracy/F1/Matthews, real
 values for Pearson/Spearman. All return floats in the metric's natural scale (accuracy in [0, 1]);
-tables multiply by 100.
+tables multiply by 100. A constant prediction gives a correlation of 0 (SciPy would return NaN), the
+value GLUE's scorer reports for it.
 
 The GLUE average (:func:`glue_average`) follows the MosaicBERT reference code (mosaicml/examples,
 ``examples/benchmarks/bert/glue.py``, which produced the paper's GLUE tables): a task's score is the
@@ -30,63 +31,46 @@ def _pair(predictions, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def accuracy(predictions, labels) -> float:
-    p, y = _pair(predictions, labels)
-    return float(np.mean(p == y))
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(*reversed(_pair(predictions, labels))))
 
 
 def f1(predictions, labels, positive: int = 1) -> float:
-    """Binary F1 of class ``positive``: 2 TP / (2 TP + FP + FN); 0 when there is no positive at all."""
+    """Binary F1 of class ``positive``; 0 when there is no positive at all."""
+    from sklearn.metrics import f1_score
+
     p, y = _pair(predictions, labels)
-    tp = np.sum((p == positive) & (y == positive))
-    fp = np.sum((p == positive) & (y != positive))
-    fn = np.sum((p != positive) & (y == positive))
-    denom = 2 * tp + fp + fn
-    return float(2 * tp / denom) if denom else 0.0
+    return float(f1_score(y, p, pos_label=positive, average="binary", labels=[positive], zero_division=0.0))
 
 
 def matthews(predictions, labels) -> float:
-    """Matthews correlation coefficient (multiclass form of Gorodkin 2004; the binary phi for 2 classes).
+    """Matthews correlation coefficient (multiclass form; 0 for a constant prediction)."""
+    from sklearn.metrics import matthews_corrcoef
 
-    MCC = (c*s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2)), with c correct predictions,
-    s examples, p_k / t_k the predicted / true counts of class k. 0 when a denominator is 0 (constant output).
-    """
     p, y = _pair(predictions, labels)
-    classes = np.union1d(p, y)
-    s = float(p.size)
-    c = float(np.sum(p == y))
-    pk = np.array([np.sum(p == k) for k in classes], dtype=np.float64)
-    tk = np.array([np.sum(y == k) for k in classes], dtype=np.float64)
-    denom = np.sqrt((s * s - pk @ pk) * (s * s - tk @ tk))
-    return float((c * s - pk @ tk) / denom) if denom > 0 else 0.0
+    return float(matthews_corrcoef(y, p))
+
+
+def _correlation(fn, predictions, labels) -> float:
+    p, y = _pair(predictions, labels)
+    p, y = p.astype(np.float64), y.astype(np.float64)
+    if p.size < 2 or np.all(p == p[0]) or np.all(y == y[0]):
+        return 0.0  # undefined for a constant series
+    return float(fn(p, y)[0])
 
 
 def pearson(predictions, labels) -> float:
-    p, y = _pair(predictions, labels)
-    p, y = p.astype(np.float64), y.astype(np.float64)
-    pc, yc = p - p.mean(), y - y.mean()
-    denom = np.sqrt((pc @ pc) * (yc @ yc))
-    return float(pc @ yc / denom) if denom > 0 else 0.0
+    from scipy.stats import pearsonr
 
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (what Spearman's rho needs)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size, dtype=np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < x.size:
-        j = i
-        while j + 1 < x.size and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
+    return _correlation(pearsonr, predictions, labels)
 
 
 def spearman(predictions, labels) -> float:
-    """Spearman's rho: Pearson correlation of the (tie-averaged) ranks."""
-    p, y = _pair(predictions, labels)
-    return pearson(_ranks(p.astype(np.float64)), _ranks(y.astype(np.float64)))
+    """Spearman's rho (ties get their average rank)."""
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, predictions, labels)
 
 
 METRIC_FNS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}

@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..artifacts import atomic_write_json, read_manifest, write_manifest
-from ..config import PretrainConfig, PretrainModelConfig, save_config
+from ..artifacts import atomic_write_json, read_manifest, write_manifest, writer_lock
+from ..config import ConfigError, PretrainConfig, PretrainModelConfig, save_config
 from ..data.mlm import (
     IGNORE_INDEX,
     VALIDATION_MASK_PROB,
@@ -56,6 +56,7 @@ from ..data.mlm import (
     PaddedMLMCollator,
     UnpaddedMLMCollator,
 )
+from ..runtime import WarmupLinearDecay, dist_state, resolve_device, resolve_precision
 from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback, device_peak_flops
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedModel:
-    """The masked-LM model a recipe asks for; vocabulary = the tokenizer's, padded to a multiple of 64."""
+    """The masked-LM model a recipe asks for; vocabulary = the tokenizer's, padded to a multiple of 64.
+
+    ``init_from`` continues from saved weights (domain-adaptive pretraining). A key of ``overrides`` that
+    is not a field of the model's config is a :class:`ConfigError` (it would otherwise be stored in
+    ``config.json`` and ignored).
+    """
     from ..data.tokenizer import padded_vocab_size
 
     if model_cfg.init_from is not None:
@@ -98,11 +104,13 @@ def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedMod
     if model_cfg.arch == "mosaic_bert":
         from ..model import MosaicBertForMaskedLM, preset_config
 
+        check_model_overrides(model_cfg)
         config = preset_config(model_cfg.preset, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
                                **model_cfg.overrides)
         return MosaicBertForMaskedLM(config)
     from transformers import BertConfig, BertForMaskedLM
 
+    check_model_overrides(model_cfg)
     fields = {**HF_BERT_PRESETS[model_cfg.preset], **model_cfg.overrides}
     try:
         config = BertConfig(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, **fields)
@@ -112,20 +120,17 @@ def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedMod
     return BertForMaskedLM(config)
 
 
-class WarmupLinearDecay:
-    """LR multiplier at scheduler step ``s`` (0-based): linear warmup to 1 over ``warmup`` steps, then linear
-    decay reaching ``final`` at the last step ``total - 1``. A callable object (not a lambda) so that
-    ``LambdaLR.state_dict`` stores its settings with the checkpoint."""
-
-    def __init__(self, warmup: int, total: int, final: float):
-        self.warmup, self.total, self.final = warmup, total, final
-
-    def __call__(self, s: int) -> float:
-        if s < self.warmup:
-            return (s + 1) / self.warmup
-        span = max(1, self.total - self.warmup)
-        frac = min(1.0, (s - self.warmup + 1) / span)
-        return 1.0 - (1.0 - self.final) * frac
+def check_model_overrides(model_cfg: PretrainModelConfig) -> None:
+    """Every key of ``model.overrides`` names a field of the model's config class (else a ConfigError)."""
+    if model_cfg.arch == "mosaic_bert":
+        from ..model import MosaicBertConfig as config_cls
+    else:
+        from transformers import BertConfig as config_cls
+    known = set(config_cls().to_dict())
+    unknown = sorted(set(model_cfg.overrides) - known)
+    if unknown:
+        raise ConfigError(f"model.overrides.{unknown[0]}: not a field of {config_cls.__name__}; it takes "
+                          + ", ".join(sorted(k for k in known if not k.startswith("_"))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,22 +439,6 @@ def rotate_checkpoints(ckpt_root: Path, keep_last: int, keep_steps: Sequence[int
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _use_bf16(precision: str) -> bool:
-    if precision == "bf16":
-        if not torch.cuda.is_available():
-            raise ValueError("train.precision: bf16 needs a CUDA device; use 'auto' or 'fp32' on CPU")
-        return True
-    return precision == "auto" and torch.cuda.is_available()
-
-
 def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
     """Resolve MosaicBERT's attention and GeGLU dispatch (cached per process) before torch.compile traces.
 
@@ -461,15 +450,14 @@ def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) 
     config = getattr(model, "config", None)
     if getattr(config, "model_type", "") != "mosaic_bert":
         return
-    from ..kernels.attention import resolve_attn_impl
-    from ..kernels.geglu import resolve_geglu_impl
+    from ..kernels.dispatch import resolve_impl
 
     device = torch.device(device_type)
     head_dim = config.hidden_size // config.num_attention_heads
     for dropout_p in {0.0, float(config.attention_probs_dropout_prob)}:  # eval, train
-        resolve_attn_impl(config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
+        resolve_impl("attention", config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
     if config.mlp == "geglu" and config.hidden_act == "gelu":
-        resolve_geglu_impl("auto", device)
+        resolve_impl("geglu", config.geglu_impl or config.attn_impl, device)
 
 
 def compile_in_place(model: torch.nn.Module, packed: bool, device_type: str | None = None,
@@ -513,7 +501,7 @@ def train_mlm(
     """
     tc = cfg.train
     run_dir = Path(cfg.out)
-    world = _world_size()
+    world = dist_state().num_processes
     per_step = tc.microbatch_size * world
     if tc.global_batch_size % per_step:
         raise ValueError(
@@ -546,7 +534,7 @@ def train_mlm(
                 + "; resuming would not continue the same run"
             )
 
-    use_bf16 = _use_bf16(tc.precision)
+    use_bf16 = resolve_precision(tc.precision, resolve_device("auto"), "train.precision") == torch.bfloat16
     if tc.compile:
         torch._dynamo.config.optimize_ddp = tc.compile_split_at_ddp_buckets
         compile_in_place(model, packed=arch == "mosaic_bert", dtype=torch.bfloat16 if use_bf16 else torch.float32)
@@ -619,24 +607,32 @@ def train_mlm(
 
 
 def pretrain(
-    cfg: PretrainConfig, *, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()
+    cfg: PretrainConfig, *, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Corpus -> shards (cached) -> MLM pretraining -> ``cfg.out/final`` (model + tokenizer + manifest).
 
     Returns the run folder. ``resume=True`` continues an interrupted run from its latest checkpoint.
+    ``log`` (the main process only) receives the corpus and shard summaries, and a warning when a GPU-sized
+    recipe is about to run on a CPU. One writer per run folder (``artifacts.writer_lock``).
     """
-    from ..data.shards import load_shards, prepare_shards
+    from ..data.shards import format_shards_summary, load_shards, prepare_shards
     from ..data.tokenizer import load_tokenizer
 
     run_dir = Path(cfg.out)
     t_start = time.perf_counter()
-    _guard_run_dir(run_dir, resume)  # before tokenizing: a wrong --out/--resume fails at once
-    from accelerate import PartialState
+    # before tokenizing: a wrong --out/--resume or an impossible precision fails at once
+    resolve_precision(cfg.train.precision, resolve_device("auto"), "train.precision")
+    check_model_overrides(cfg.model)
+    _guard_run_dir(run_dir, resume)
     from transformers import set_seed
 
+    state = dist_state()
+    say = log if (log is not None and state.is_main_process) else (lambda _msg: None)
     # under torchrun the main process tokenizes (or finds the cached shards) first; the others then reuse them
-    with PartialState().main_process_first():
-        shards = prepare_shards(cfg.data)
+    with state.main_process_first():
+        shards = prepare_shards(cfg.data, log=say)
+    say(format_shards_summary(read_manifest(shards, expect_stage="data")))
     dsd = load_shards(shards)
     for split in ("train", "validation"):
         if split not in dsd:
@@ -644,13 +640,41 @@ def pretrain(
     tokenizer = load_tokenizer(str(cfg.data.tokenizer) if cfg.data.tokenizer else None)
     set_seed(cfg.train.seed)  # model initialisation is part of the seeded run
     model = build_model(cfg.model, tokenizer)
-    if _is_main() and not resume:
-        # the run folder appears only once its inputs are known good: a bad corpus, tokenizer or model setting
-        # leaves nothing behind (a resumed run's folder exists already; train_mlm checks its checkpoints)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    t_setup = time.perf_counter() - t_start
+    _warn_if_cpu_sized_wrong(model, cfg, say)
+    with contextlib.ExitStack() as stack:
+        if state.is_main_process:
+            # the run folder appears only once its inputs are known good: a bad corpus, tokenizer or model
+            # setting leaves nothing behind; from here on it has one writer
+            stack.enter_context(writer_lock(run_dir, "mosaic-embed pretrain"))
+            if not resume:
+                save_config(cfg, run_dir / "config.yaml")
+        t_setup = time.perf_counter() - t_start
+        _train_and_save(model, tokenizer, dsd, shards, cfg, resume, callbacks, t_setup)
+    return run_dir
 
+
+#: A generous sustained fp32 rate for a CPU, for the "this recipe needs a GPU" estimate only.
+_CPU_FLOPS = 2e11
+
+
+def _warn_if_cpu_sized_wrong(model: PreTrainedModel, cfg: PretrainConfig, say: Callable[[str], None]) -> None:
+    """Tell a CPU user, before hours pass, that the recipe they picked is sized for a GPU."""
+    if resolve_device("auto").type != "cpu":
+        return
+    tc = cfg.train
+    flops = 6.0 * sum(p.numel() for p in model.parameters()) * tc.max_steps * tc.global_batch_size * cfg.data.max_seq_len
+    hours = flops / _CPU_FLOPS / 3600
+    if hours > 1.0:
+        say(f"warning: this recipe ({tc.max_steps:,} steps x {tc.global_batch_size} sequences of "
+            f"{cfg.data.max_seq_len} tokens) is sized for a GPU: on this CPU it would take roughly "
+            f"{hours:,.0f} hours or more. For a CPU try --recipe tiny or mosaic-bert-mini, or lower "
+            "--set train.max_steps=...")
+
+
+def _train_and_save(model, tokenizer, dsd, shards: Path, cfg: PretrainConfig, resume: bool,
+                    callbacks: Sequence[TrainerCallback], t_setup: float) -> None:
+    """Train, then write ``final/`` (model, tokenizer, manifest) under a temporary name and rename it."""
+    run_dir = Path(cfg.out)
     trainer = train_mlm(model, tokenizer, dsd["train"], dsd["validation"], cfg, resume=resume, callbacks=callbacks)
 
     # final/: every rank joins save_model (FSDP gathers the full state); rank 0 writes and renames.
@@ -668,8 +692,9 @@ def pretrain(
             staging,
             "pretrain",
             config=cfg,
-            inputs={"shards": str(shards), "shards_manifest": shards_manifest,
-                    "corpus": str(cfg.data.corpus) if cfg.data.corpus else "bundled"},
+            inputs={"shards": str(Path(shards).resolve()), "shards_manifest": shards_manifest,
+                    "corpus": str(Path(cfg.data.corpus).resolve()) if cfg.data.corpus else "bundled",
+                    "init_from": str(Path(cfg.model.init_from).resolve()) if cfg.model.init_from else None},
             outputs={"model_type": model.config.model_type, "parameters": trainer.n_params},
             timings={"setup_s": round(t_setup, 3), "wall_clock_s": meta["wall_clock_s"],
                      "elapsed_s": meta["elapsed_s"]},
@@ -683,7 +708,6 @@ def pretrain(
             shutil.rmtree(final)
         os.replace(staging, final)
     trainer.accelerator.wait_for_everyone()
-    return run_dir
 
 
 def _maybe_manifest(path: Path) -> dict[str, Any] | None:
@@ -697,7 +721,6 @@ __all__ = [
     "HF_BERT_PRESETS",
     "MLMTrainer",
     "NonFiniteLossError",
-    "WarmupLinearDecay",
     "build_model",
     "latest_checkpoint",
     "list_checkpoints",

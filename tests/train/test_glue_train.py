@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures" / "glue"
+from tests.helpers import tiny_bert, tiny_mosaic
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "glue"
 
 
 def _tiny_vocab() -> list[str]:
@@ -21,19 +23,8 @@ def _tiny_vocab() -> list[str]:
 
 
 def make_tiny_bert(path: Path, seed: int = 0) -> Path:
-    """A tiny transformers BERT MLM checkpoint + WordPiece tokenizer (hidden 32, 2 layers, 4 heads)."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = _tiny_vocab()
-    # transformers 5: the tokenizers-backed BERT tokenizer takes the vocabulary as a dict
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    tok.save_pretrained(path)
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
-    BertForMaskedLM(cfg).save_pretrained(path)
-    return path
+    """A tiny transformers BERT MLM checkpoint whose tokenizer knows the GLUE fixtures' words."""
+    return tiny_bert(path, seed, mlm=True, dropout=0.1, vocab=_tiny_vocab())
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +32,37 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _cfg(model, out, **kw):
-    from mosaic_embed.train.glue import load_glue_config
+def load_glue_config(recipe, overrides=(), **fields):
+    from mosaic_embed.config import GlueConfig, load_config
 
+    return load_config(GlueConfig, recipe, overrides, **fields)
+
+
+def _cfg(model, out, **kw):
     kw.setdefault("data_dir", str(FIXTURES))
     return load_glue_config("tiny", (), model=str(model), out=str(out), **kw)
 
 
-def test_config_recipe_merge_keeps_task_defaults():
+def test_config_recipe_merge_keeps_task_defaults(tmp_path):
     from mosaic_embed.config import ConfigError
-    from mosaic_embed.train.glue import load_glue_config
 
     cfg = load_glue_config(None, ["hparams.rte.epochs=7"], model="m")
-    assert cfg.hparams.rte.epochs == 7 and cfg.hparams.rte.lr == 1.0e-5 and cfg.hparams.rte.batch_size == 16
+    rte = cfg.task_hparams("rte")
+    assert rte.epochs == 7 and rte.lr == 1.0e-5 and rte.batch_size == 16
     paper = load_glue_config("mosaicbert", (), model="m")
-    assert paper.hparams.mnli.batch_size == 48 and paper.max_seq_len == 256
-    assert paper.hparams.mrpc.lr == 8.0e-5 and len(paper.hparams.stsb.seeds) == 5
-    with pytest.raises(ConfigError, match="unknown key 'hparams.wnli'"):
+    assert paper.hparams["mnli"].batch_size == 48 and paper.max_seq_len == 256
+    assert paper.hparams["mrpc"].lr == 8.0e-5 and len(paper.hparams["stsb"].seeds) == 5
+    assert load_glue_config(None, model="m", seeds=[4]).task_hparams("cola").seeds == [4]
+    # a new task is a mapping entry, not a dataclass field; a task without one gets the custom recipe
+    task = tmp_path / "reviews"
+    custom = load_glue_config(None, ["hparams.reviews.epochs=9"], model="m",
+                              custom_tasks=[{"path": str(task), "num_labels": 2}])
+    assert custom.task_hparams("reviews").epochs == 9 and custom.task_hparams("reviews").lr == 3.0e-5
+    assert custom.task_hparams("other") == custom.hparams["custom"]
+    with pytest.raises(ConfigError, match="hparams.wnli: no GLUE or custom task of that name"):
         load_glue_config(None, ["hparams.wnli.lr=1e-5"], model="m")
+    with pytest.raises(ConfigError, match="unknown key 'hparams.rte.epohcs'"):
+        load_glue_config(None, ["hparams.rte.epohcs=3"], model="m")
     with pytest.raises(ConfigError, match="lr must be > 0"):
         load_glue_config(None, ["hparams.rte.lr=0"], model="m")
     with pytest.raises(ConfigError, match="model"):
@@ -121,7 +125,7 @@ def test_end_to_end_all_tasks_outputs(tiny_model, tmp_path):
 
 def test_custom_task_learns_and_checkpoint_sweep(tmp_path):
     """A separable custom task is learnt; --checkpoints evaluates every checkpoint with its pretraining time."""
-    from mosaic_embed.train.glue import load_glue_config, run_glue
+    from mosaic_embed.train.glue import run_glue
 
     task = tmp_path / "polarity"
     task.mkdir()
@@ -218,21 +222,12 @@ def test_cli_glue_and_plot(tiny_model, tmp_path):
 
 
 def make_tiny_mosaic(path: Path, seed: int = 0) -> Path:
-    """A tiny MosaicBERT MLM checkpoint (preset mosaic-bert-tiny: hidden 32, 2 layers, 4 heads, vocab 128)."""
-    from transformers import BertTokenizerFast
-
-    from mosaic_embed.model import MosaicBertForMaskedLM, preset_config
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = _tiny_vocab()
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(path)
-    torch.manual_seed(seed)
-    MosaicBertForMaskedLM(preset_config("mosaic-bert-tiny", attn_impl="torch")).save_pretrained(path)
-    return path
+    """A tiny MosaicBERT MLM checkpoint (mosaic-bert-tiny) whose tokenizer knows the GLUE fixtures' words."""
+    return tiny_mosaic(path, seed, mlm=True, dropout=0.1, vocab=_tiny_vocab(), max_position_embeddings=128)
 
 
-@pytest.fixture(scope="module")
-def tiny_mosaic(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", name="tiny_mosaic")
+def tiny_mosaic_model(tmp_path_factory) -> Path:
     return make_tiny_mosaic(tmp_path_factory.mktemp("tiny_mosaic") / "model")
 
 
@@ -281,7 +276,7 @@ def test_non_finite_loss_names_the_step(tiny_model, tmp_path):
     from mosaic_embed.train.glue import run_glue
 
     cfg = _cfg(tiny_model, tmp_path / "o", tasks=["sst2"], seeds=[1])
-    cfg.hparams.sst2.lr = 1.0e30  # Adam's first step then moves every weight by ~1e30: inf/nan logits
+    cfg.hparams["sst2"].lr = 1.0e30  # Adam's first step then moves every weight by ~1e30: inf/nan logits
     with pytest.raises(FloatingPointError, match=r"sst2 seed 1: loss is nan at step \d+ of \d+"):
         run_glue(cfg)
 

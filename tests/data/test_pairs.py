@@ -4,9 +4,9 @@ import gzip
 import json
 
 import pytest
-from encoder_helpers import write_beir, write_pairs_jsonl
 
 from mosaic_embed.data.pairs import Pair, iter_pairs, load_pairs, mine_pair, mine_pairs, split_sentences
+from tests.helpers import write_beir, write_pairs_jsonl
 
 
 def test_jsonl_and_gz(tmp_path):

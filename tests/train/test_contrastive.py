@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed_helpers import run_cli_torchrun
-from encoder_helpers import TOPICS, tiny_mosaic, write_beir, write_pairs_jsonl
 
 import mosaic_embed  # noqa: F401
 from mosaic_embed.config import ContrastiveConfig, from_dict
-from mosaic_embed.train.contrastive import (
-    RemoteCodeError,
-    _rewrite_module,
-    build_encoder,
-    make_loss,
-    save_encoder,
-    train_encoder,
-)
+from mosaic_embed.encode import build_encoder, save_encoder
+from mosaic_embed.train.contrastive import make_loss, train_encoder
+from tests.helpers import TOPICS, run_cli_torchrun, tiny_mosaic, write_beir, write_pairs_jsonl
 
 ANCHORS = [f"{t} news {i}" for i, t in enumerate(TOPICS)] + ["cat dog", "the star"]
 DOCS = list(TOPICS.values()) + ["a cat and a dog", "a star in space"]
@@ -181,115 +171,6 @@ def test_config_validation():
         from_dict(ContrastiveConfig, {"bacth_size": 8})
     with pytest.raises(ValueError, match="--pairs"):
         train_encoder(ContrastiveConfig(model="x"))
-
-
-def test_remote_code_rewrites_package_imports():
-    import re
-
-    from transformers.dynamic_module_utils import get_imports
-
-    source, needs = _rewrite_module("mosaic_embed.model.modeling")
-    assert "from .kernels_attention import" in source and "from .model_configuration import" in source
-    assert "mosaic_embed.kernels.attention" in needs and "mosaic_embed.model.padding" in needs
-    # only "from .name import ..." remains: the one form transformers' loader follows and copies
-    assert not re.search(r"^\s*from\s+\.\.", source, flags=re.M)
-    compile(source, "model_modeling.py", "exec")
-    path = _module_file_for_test(source)
-    assert "mosaic_embed" not in get_imports(path)
-
-
-def _module_file_for_test(source):
-    import tempfile
-
-    f = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
-    f.write(source)
-    f.close()
-    return f.name
-
-
-def test_remote_code_rejects_unfollowable_imports(tmp_path, monkeypatch):
-    """A module reached only through 'from . import module' would be missing on the remote side."""
-    import mosaic_embed.train.contrastive as contrastive
-
-    pkg = tmp_path / "mosaic_embed_probe"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "cfg.py").write_text("from transformers import PretrainedConfig\nclass C(PretrainedConfig):\n    model_type = 'probe'\n")
-    (pkg / "mod.py").write_text("from . import helper\nfrom .cfg import C\nclass M:\n    pass\n")
-    (pkg / "helper.py").write_text("X = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(contrastive, "PACKAGE", "mosaic_embed_probe")
-    import importlib
-
-    mod, cfg = importlib.import_module("mosaic_embed_probe.mod"), importlib.import_module("mosaic_embed_probe.cfg")
-    source, needs = contrastive._rewrite_module("mosaic_embed_probe.mod")
-    assert "from . import helper as helper" in source and "mosaic_embed_probe.helper" in needs
-    out = tmp_path / "model"
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    with pytest.raises(RemoteCodeError, match="helper.py"):
-        contrastive.export_remote_code(out, {"AutoConfig": cfg.C, "AutoModel": mod.M})
-
-
-def test_loads_after_import_without_trust_remote_code(encoder_dir):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(encoder_dir / "encoder"), device="cpu")
-    assert type(model[0].auto_model).__module__ == "mosaic_embed.model.modeling"
-
-
-BLOCKED_LOAD = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "mosaic_embed" or name.startswith("mosaic_embed."):
-                raise ImportError("mosaic_embed is not installed here")
-    sys.meta_path.insert(0, Block())
-    try:
-        import mosaic_embed
-        raise SystemExit("mosaic_embed was importable")
-    except ImportError:
-        pass
-    import numpy as np
-    from sentence_transformers import SentenceTransformer
-    model = SentenceTransformer(sys.argv[1], trust_remote_code=True, device="cpu")
-    assert "mosaic_embed" not in sys.modules
-    emb = model.encode(sys.argv[3:])
-    np.save(sys.argv[1] + "/../remote.npy", emb)
-    print(type(model[0].auto_model).__module__)
-    # A second folder in the same process: its copy of the Triton kernel module registers its custom ops
-    # under its own namespace instead of colliding with the first copy's.
-    other = SentenceTransformer(sys.argv[2], trust_remote_code=True, device="cpu")
-    import importlib, torch
-    namespaces = set()
-    for m in (model, other):
-        pkg = type(m[0].auto_model).__module__.rsplit(".", 1)[0]
-        flash = importlib.import_module(pkg + ".kernels_flash_attn_alibi")
-        namespaces.add(flash._REMOTE_OP_NAMESPACE)
-        assert callable(getattr(torch.ops, flash._REMOTE_OP_NAMESPACE).flash_attn_varlen_alibi_fwd)
-    assert len(namespaces) == 2, namespaces
-    """
-)
-
-
-def test_loads_with_remote_code_where_mosaic_embed_is_absent(encoder_dir, tmp_path):
-    from sentence_transformers import SentenceTransformer
-
-    texts = ["the storm hit the city", "a cat"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    import shutil
-
-    shutil.copytree(encoder_dir / "encoder", tmp_path / "second-encoder")
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_LOAD, str(encoder_dir / "encoder"),
-                           str(tmp_path / "second-encoder"), *texts],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "model_modeling" in proc.stdout and "mosaic_embed" not in proc.stdout
-    remote = np.load(encoder_dir / "remote.npy")
-    local = SentenceTransformer(str(encoder_dir / "encoder"), device="cpu").encode(texts)
-    np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)
 
 
 def test_train_encoder_under_torchrun_gathers_negatives(encoder_dir, tmp_path):

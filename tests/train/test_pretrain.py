@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from distributed_helpers import run_cli_torchrun
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
 
 import mosaic_embed  # noqa: F401  (registers the Auto classes)
@@ -21,6 +20,7 @@ from mosaic_embed.train.pretrain import (
     list_checkpoints,
     train_mlm,
 )
+from tests.helpers import run_cli_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="unknown hf_bert preset"):
         build_model(PretrainModelConfig(arch="hf_bert", preset="bert-huge"), None)
     for name in ("mosaic-bert-base", "mosaic-bert-large", "bert-base", "mosaic-bert-small", "mosaic-bert-mini", "tiny"):
-        cfg = load_config(PretrainConfig, name, stage="pretrain")
+        cfg = load_config(PretrainConfig, name)
         assert cfg.train.global_batch_size % cfg.train.microbatch_size == 0
         assert cfg.train.mask_prob == (0.15 if name == "bert-base" else 0.30)
 
@@ -175,6 +175,7 @@ def test_cli_pretrain_bundled_corpus_end_to_end(tmp_path):
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["stage"] == "pretrain" and manifest["step"] == 2 and manifest["tokens_seen"] > 0
     assert manifest["config"]["model"]["preset"] == "mosaic-bert-tiny"
+    assert "documents" in result.output and "train" in result.output  # the corpus and shard summary is shown
     model = AutoModelForMaskedLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert model.config.vocab_size == 30528 and tokenizer.mask_token_id == 103
@@ -191,6 +192,14 @@ def test_cli_bad_input_leaves_no_run_folder(tmp_path):
     base = ["pretrain", "--out", str(out), "--set", "train.max_steps=1", "--set", f"data.cache_dir={tmp_path / 'c'}"]
     r = CliRunner().invoke(main, [*base, "--corpus", str(tmp_path / "missing.txt")])
     assert r.exit_code == 2 and "corpus not found" in r.output and "missing.txt" in r.output, r.output
+    assert not out.exists()
+    # corpus paths that YAML would read as a year, a float or null stay paths (and are missing here)
+    for name in ("2024", "1e5", "null"):
+        r = CliRunner().invoke(main, [*base, "--corpus", name])
+        assert r.exit_code == 2 and "corpus not found" in r.output and name in r.output, r.output
+        assert "ConfigError" not in r.output and not out.exists()
+    r = CliRunner().invoke(main, [*base, "--set", "model.overrides.hidden_sise=128"])
+    assert r.exit_code == 2 and "model.overrides.hidden_sise: not a field of MosaicBertConfig" in r.output, r.output
     assert not out.exists()
     r = CliRunner().invoke(main, [*base, "--resume"])
     assert r.exit_code == 2 and "no complete checkpoint" in r.output, r.output

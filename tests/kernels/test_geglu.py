@@ -10,7 +10,13 @@ import zlib
 import pytest
 import torch
 
-from mosaic_embed.kernels.geglu import geglu, geglu_reference, geglu_triton, resolve_geglu_impl
+from mosaic_embed.kernels import dispatch
+from mosaic_embed.kernels.dispatch import geglu
+from mosaic_embed.kernels.geglu import geglu_reference, geglu_triton
+
+
+def resolve_geglu_impl(impl, device):
+    return dispatch.resolve_impl("geglu", impl, device)
 
 # the small cases run where the kernel can: Triton's interpreter on a CPU machine, the GPU on a CUDA one
 SMALL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

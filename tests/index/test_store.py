@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mosaic_embed.config import ConfigError, IndexConfig, load_config
+from mosaic_embed.encode import load_embeddings
 from mosaic_embed.index.store import VectorStore, build_store
 
 
@@ -50,7 +51,7 @@ def test_round_trip_with_texts_and_memmap(tmp_path):
     emb = np.load(tmp_path / "emb.npy", mmap_mode="r")
     ids = [f"d{i}" for i in range(300)]
     texts = [f"text of document {i} ü" for i in range(300)]
-    cfg = load_config(IndexConfig, "tiny", stage="index")
+    cfg = load_config(IndexConfig, "tiny")
     path = build_store(emb, ids, tmp_path / "store", cfg, texts=texts, source={"encoder": "enc/"})
     store = VectorStore(path)
     assert len(store) == 300 and store.dim == 16
@@ -108,21 +109,23 @@ def test_index_config_errors_name_the_key():
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """A tiny MosaicBERT encoder, a BEIR-style corpus and its `embed` output."""
-    from encoder_helpers import tiny_mosaic, write_beir
-
-    from mosaic_embed.encode import embed_file
-    from mosaic_embed.train.contrastive import build_encoder, save_encoder
+    from mosaic_embed.config import EmbedConfig, EncodeConfig
+    from mosaic_embed.encode import build_encoder, embed_file, save_encoder
+    from tests.helpers import tiny_mosaic, write_beir
 
     root = tmp_path_factory.mktemp("embedded")
     encoder = root / "encoder"
     save_encoder(build_encoder(tiny_mosaic(root / "backbone"), "mean", True, max_seq_len=48, device="cpu"), encoder)
     beir = write_beir(root / "beir")
-    emb = embed_file(encoder, beir / "corpus.jsonl", root / "emb", dtype="float32", show_progress=False)
-    return {"encoder": encoder, "corpus": beir / "corpus.jsonl", "emb": emb}
+    # embedded at 40 tokens, shorter than the encoder's own 48: queries must be cut at 40 too
+    cfg = EmbedConfig(model=encoder, input=beir / "corpus.jsonl", out=root / "emb", dtype="float32",
+                      encode=EncodeConfig(max_seq_len=40))
+    emb = embed_file(cfg, show_progress=False)
+    return {"encoder": encoder, "corpus": beir / "corpus.jsonl", "emb": emb, "root": root}
 
 
 def test_store_from_embed_output_returns_the_embedded_texts(embedded, tmp_path):
-    from mosaic_embed.encode import iter_texts, load_embeddings
+    from mosaic_embed.encode import iter_texts
     from mosaic_embed.index.store import build_store_from_embeddings
 
     vectors, ids = load_embeddings(embedded["emb"])
@@ -132,10 +135,80 @@ def test_store_from_embed_output_returns_the_embedded_texts(embedded, tmp_path):
     for row in (0, 5, len(ids) - 1):
         (hit,) = store.search(np.asarray(vectors[row]), k=1)[0]
         assert (hit.row, hit.id, hit.text) == (row, ids[row], texts[row])  # title + text, as embedded
-    assert store.manifest["inputs"]["encoder"] == str(embedded["encoder"])
+    assert store.manifest["inputs"]["encoder"]["path"] == str(embedded["encoder"].resolve())
     # Text queries go through the encoder the store names: a document's own text finds that document first.
     (top,) = store.search_texts([texts[3]], k=1)[0]
     assert top.row == 3
+
+
+def test_queries_are_embedded_like_the_documents(embedded, tmp_path):
+    """One Encoder with the settings the manifest records (max_seq_len 40 here), not a plain ST at 48."""
+    from sentence_transformers import SentenceTransformer
+
+    from mosaic_embed.encode import Encoder
+    from mosaic_embed.index.store import build_store_from_embeddings
+
+    store = VectorStore(build_store_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig()))
+    encoder = store.encoder()
+    assert isinstance(encoder, Encoder) and encoder.max_seq_len == 40
+    long_query = "the storm brought rain and fire to the city road " * 4
+    doc_like = Encoder.load(embedded["encoder"], device="cpu", max_seq_len=40).encode([long_query])
+    np.testing.assert_allclose(encoder.encode([long_query]), doc_like, rtol=1e-5, atol=1e-6)
+    plain = SentenceTransformer(str(embedded["encoder"]), device="cpu").encode([long_query])  # 48 tokens
+    assert not np.allclose(plain, doc_like, atol=1e-3)
+    vectors, _ = load_embeddings(embedded["emb"])
+    (hit,) = store.search(doc_like, k=1)[0]
+    assert hit.score == pytest.approx(store.search_texts([long_query], k=1)[0][0].score, abs=1e-5)
+
+
+def test_store_works_from_another_directory_and_refuses_another_encoder(embedded, tmp_path, monkeypatch):
+    import shutil
+
+    from mosaic_embed.encode import build_encoder, save_encoder
+    from mosaic_embed.index.store import build_store_from_embeddings
+    from tests.helpers import tiny_mosaic
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    store_dir = build_store_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig())
+    assert VectorStore(store_dir).search_texts(["storm news"], k=1)[0]
+    # the encoder folder replaced by another model of the same dimension: refused, unless forced
+    moved = shutil.copytree(embedded["encoder"], tmp_path / "copy")
+    assert VectorStore(store_dir).encoder(moved) is not None  # a copy has the same identity
+    other = tmp_path / "other"
+    save_encoder(build_encoder(tiny_mosaic(tmp_path / "b", seed=3), "mean", True, max_seq_len=48, device="cpu"), other)
+    with pytest.raises(ValueError, match="is not the encoder that built"):
+        VectorStore(store_dir).encoder(other)
+    assert VectorStore(store_dir).encoder(other, force=True).dim == 32
+
+
+def test_build_refuses_an_input_changed_after_embedding(embedded, tmp_path):
+    """Shuffled input after embed: texts would land on other vectors. Build refuses (or stores ids only)."""
+    import shutil
+
+    from mosaic_embed.index.store import build_store_from_embeddings
+
+    emb = shutil.copytree(embedded["emb"], tmp_path / "emb")
+    corpus = embedded["corpus"]
+    original = corpus.read_text()
+    try:
+        corpus.write_text("\n".join(reversed(original.splitlines())) + "\n")
+        with pytest.raises(ValueError, match="changed after it was embedded"):
+            build_store_from_embeddings(emb, tmp_path / "store", IndexConfig())
+        assert not (tmp_path / "store").exists()
+        assert len(VectorStore(build_store_from_embeddings(emb, tmp_path / "ids", IndexConfig(), with_texts=False))) == 12
+    finally:
+        corpus.write_text(original)
+
+
+def test_non_finite_rows_are_refused_naming_the_row(tmp_path):
+    from mosaic_embed.index.store import build_store
+
+    vectors = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    vectors[4, 2] = np.nan
+    with pytest.raises(ValueError, match="embedding row 4 \\(id 'd4'\\) is not finite"):
+        build_store(vectors, [f"d{i}" for i in range(6)], tmp_path / "s", IndexConfig())
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_index_build_and_search(embedded, tmp_path):

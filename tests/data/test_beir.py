@@ -4,9 +4,9 @@ import gzip
 import json
 
 import pytest
-from encoder_helpers import write_beir
 
 from mosaic_embed.data.beir import doc_text, load_beir, load_qrels
+from tests.helpers import write_beir
 
 
 def test_load_beir_roundtrip(tmp_path):

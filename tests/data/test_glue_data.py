@@ -16,8 +16,8 @@ from mosaic_embed.data.glue import (
     resolve_tasks,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "glue"
-SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "glue"
+SHARED_TASKS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tasks"
 
 
 # Expected (size, first text_a, first text_b, first labels) of every split, read off the fixture files by eye.

@@ -6,8 +6,13 @@ import math
 import pytest
 import torch
 
-from mosaic_embed.kernels import attention as attn
-from mosaic_embed.kernels.attention import alibi_bias, alibi_slopes, resolve_attn_impl, varlen_alibi_attention
+from mosaic_embed.kernels import dispatch
+from mosaic_embed.kernels.attention import alibi_bias, alibi_slopes
+from mosaic_embed.kernels.dispatch import varlen_attention as varlen_alibi_attention
+
+
+def resolve_attn_impl(impl, device, dtype, dropout_p, head_dim=None):
+    return dispatch.resolve_impl("attention", impl, device, dtype, dropout_p, head_dim)
 
 
 def eager_reference(q, k, v, seqlens, slopes, scale):
@@ -100,15 +105,15 @@ def test_alibi_bias_by_hand():
 
 @pytest.fixture(autouse=True)
 def fresh_resolution():
-    """resolve_attn_impl caches its answer per process; each test here asks afresh."""
-    attn._resolved.clear()
+    """resolve_impl caches its answer per process; each test here asks afresh."""
+    dispatch._resolved.clear()
     yield
-    attn._resolved.clear()
+    dispatch._resolved.clear()
 
 
 def test_auto_resolves_to_torch_on_cpu_and_says_so_once(caplog):
-    attn._announced.clear()
-    with caplog.at_level(logging.WARNING, logger="mosaic_embed.kernels.attention"):
+    dispatch._announced.clear()
+    with caplog.at_level(logging.WARNING, logger="mosaic_embed.kernels.dispatch"):
         for _ in range(3):
             assert resolve_attn_impl("auto", torch.device("cpu"), torch.float32, 0.0) == "torch"
     assert sum("TORCH path" in r.message for r in caplog.records) == 1
@@ -118,7 +123,7 @@ def test_triton_where_it_cannot_run_is_an_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="CUDA"):
         resolve_attn_impl("triton", torch.device("cpu"), torch.bfloat16, 0.0)
-    monkeypatch.setattr(attn, "_triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)
     with pytest.raises(RuntimeError, match="not installed"):
         resolve_attn_impl("triton", torch.device("cuda"), torch.bfloat16, 0.0)
     assert resolve_attn_impl("auto", torch.device("cuda"), torch.bfloat16, 0.0) == "torch"

@@ -390,3 +390,27 @@ def test_packed_encoder_compiles_without_graph_breaks():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(ids, cu_seqlens=cu, max_seqlen=9).last_hidden_state, expected,
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_impl, geglu_impl, expected", [("torch", None, "torch"), ("auto", None, "auto"),
+                                                             ("torch", "auto", "auto")])
+def test_one_dispatch_decides_both_kernels(monkeypatch, attn_impl, geglu_impl, expected):
+    """attn_impl="torch" is the exact reference end to end: GeGLU follows it unless geglu_impl says otherwise."""
+    from mosaic_embed.kernels import dispatch
+    from mosaic_embed.model import MosaicBertModel, preset_config
+
+    asked = []
+    real = dispatch.resolve_impl
+
+    def spy(kernel, impl, *args, **kwargs):
+        asked.append((kernel, impl))
+        return real(kernel, impl, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "resolve_impl", spy)
+    model = MosaicBertModel(preset_config("mosaic-bert-tiny", attn_impl=attn_impl, geglu_impl=geglu_impl)).eval()
+    with torch.no_grad():
+        model(torch.randint(5, 128, (2, 7)))
+    assert ("geglu", expected) in asked and ("attention", attn_impl) in asked
+    assert {impl for kernel, impl in asked if kernel == "geglu"} == {expected}
+    with pytest.raises(ValueError, match="geglu_impl"):
+        preset_config("mosaic-bert-tiny", geglu_impl="cuda")

@@ -1,8 +1,8 @@
-"""Embedding at scale: a sentence-transformers encoder folder -> memory-mapped ``.npy`` embeddings on disk.
+"""The fast Encoder: a sentence-transformers encoder folder -> (N, D) embeddings, packed and bf16 on GPU.
 
 Why not just ``SentenceTransformer.encode``: for a BERT-Base-sized model on a modern GPU it spends most of
 its time on the host (tokenizing in the loop, padding every batch to its longest member, one small
-batch at a time), so the GPU idles. Here, for a MosaicBERT backbone:
+batch at a time), so the GPU idles. Here, for a MosaicBERT backbone (ALiBi or BERT mode):
 
 1. a background thread tokenizes the next window of texts (the Rust tokenizer releases the GIL and
    runs its own thread pool) while the GPU embeds the current one;
@@ -14,29 +14,20 @@ batch at a time), so the GPU idles. Here, for a MosaicBERT backbone:
    in a few copies; the batch loop then only launches device work (no per-batch copy or readback);
 3. pooling (mean / CLS) and normalisation run on the packed (T, H) output with segment sums, matching
    sentence-transformers' ``Pooling`` + ``Normalize`` exactly;
-4. the model runs in bf16 on GPU, and the results of a whole window come back to the host at once.
+4. the model runs in bf16 on GPU (``runtime.resolve_precision``), and the results of a whole window come
+   back to the host at once.
 
 Any other backbone (or a folder with modules we do not mirror, e.g. ``Dense``) falls back to plain
-``SentenceTransformer.encode``; ``Encoder.path_used`` says which path runs, and it is logged once.
-
-``embed_file`` streams a JSON-lines input of any size (one pass counts records and writes ids, one pass
-embeds), writes ``embeddings.npy`` through ``np.lib.format.open_memmap`` (rows in input order) and
-``ids.jsonl``, checkpoints progress per window (an interrupted run resumes where it stopped), and under
-``torchrun`` shards windows over ranks that all write into the one output file.
+``SentenceTransformer.encode``; ``Encoder.path_used`` says which path runs, and a fallback is logged.
+Documents and queries go through the same object with the same :class:`~mosaic_embed.config.EncodeConfig`.
 """
 
 from __future__ import annotations
 
-import gzip
-import itertools
-import json
+import dataclasses
 import logging
-import os
 import queue
-import shutil
 import threading
-import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .artifacts import atomic_write_json, sha256_json, write_manifest
-from .data.beir import open_text
+from ..config import ConfigError, EncodeConfig
+from ..data import packing
+from ..runtime import resolve_device, resolve_precision
+from .st import encoder_identity, load_sentence_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +63,23 @@ def _pooling_mode(module: Any) -> str | None:
 
 
 DEFAULT_MAX_TOKENS = 32768  # real tokens per packed batch on GPU (see Encoder)
+
+#: The longest input an ALiBi model is run at. ALiBi has no position table, so this is a bound on memory
+#: and on what was tested, not on the model: the kernels are tested to 8192 tokens.
+ALIBI_MAX_LEN = 8192
+
+
+def max_input_length(config: Any) -> int | None:
+    """The most tokens one input may have for a backbone config (None: unknown, leave it to the model)."""
+    if getattr(config, "model_type", None) == "mosaic_bert" and getattr(config, "position", "") == "alibi":
+        return ALIBI_MAX_LEN
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _limit_reason(config: Any) -> str:
+    if getattr(config, "position", "") == "alibi":
+        return "ALiBi needs no position table; the kernels are tested up to this length"
+    return "its learned position table has max_position_embeddings entries"
 
 
 @dataclass
@@ -98,13 +108,6 @@ class PackedWindow:
     @property
     def n_tokens(self) -> int:
         return int(self.tokens.shape[0])
-
-
-def _flatten(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (T,) int32 ids back to back and (N,) int64 lengths (two ``np.fromiter`` passes)."""
-    lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
-    flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32, count=int(lens.sum()))
-    return flat, lens
 
 
 def plan_window(flat: np.ndarray, lens: np.ndarray, batch_size: int, max_tokens: int | None) -> PackedWindow:
@@ -159,34 +162,36 @@ class Encoder:
     the first forward says so in a warning and the layers run eagerly.
     """
 
-    def __init__(self, st_model: Any, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
-                 path: str | None = None, max_tokens: int | str | None = "auto", compile: bool | str = "auto"):
+    def __init__(self, st_model: Any, settings: EncodeConfig | None = None, path: str | Path | None = None):
         from sentence_transformers import models
 
+        settings = settings or EncodeConfig()
         self.st = st_model
-        self.path = path
+        self.path = str(path) if path is not None else None
         self.device = torch.device(st_model.device)
         first = st_model[0]
-        if max_seq_len is not None:
-            st_model.max_seq_length = max_seq_len
+        backbone = getattr(first, "auto_model", None)
+        if settings.max_seq_len is not None:
+            limit = max_input_length(backbone.config) if backbone is not None else None
+            if limit is not None and settings.max_seq_len > limit:
+                raise ConfigError(f"max_seq_len {settings.max_seq_len}: this encoder takes at most {limit} tokens "
+                                  f"({_limit_reason(backbone.config)})")
+            st_model.max_seq_length = settings.max_seq_len
         self.max_seq_len = int(st_model.max_seq_length or 512)
         self.tokenizer = first.tokenizer
         get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        if max_tokens == "auto":
-            max_tokens = DEFAULT_MAX_TOKENS if self.device.type == "cuda" else None
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive int, None or 'auto', got {max_tokens!r}")
-        self.max_tokens = max_tokens
-        if compile == "auto":
-            compile = self.device.type == "cuda"
+        self.dtype = resolve_precision(settings.precision, self.device)
+        self.batch_size = settings.batch_size
+        self.max_tokens = settings.max_tokens
+        if self.max_tokens is None and self.device.type == "cuda":
+            self.max_tokens = DEFAULT_MAX_TOKENS
+        compile = self.device.type == "cuda" if settings.compile is None else settings.compile
         self._backend = self._truncating_backend()
 
         # The packed path mirrors exactly [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?].
         modules = list(st_model)
         self.pooling, self.normalize = None, False
-        backbone = getattr(first, "auto_model", None)
         if (
             isinstance(first, models.Transformer)
             and backbone is not None
@@ -206,28 +211,37 @@ class Encoder:
         else:
             self.backbone = None
             self.path_used = FALLBACK
+            st_model.to(self.dtype)
         self.compiled = bool(compile and self.backbone is not None)
         self._first_forward = True
-        logger.warning("Encoder(%s): %s path, %s, max_seq_len %d, pooling %s, max_tokens %s%s", path,
-                       self.path_used, str(self.dtype).replace("torch.", ""), self.max_seq_len,
-                       self.pooling or "ST modules", self.max_tokens, ", compiled layers" if self.compiled else "")
+        self.settings = dataclasses.replace(settings, max_seq_len=self.max_seq_len)
+        # The fast path is the expected one; a fallback is said loudly (its speed is sentence-transformers').
+        logger.log(logging.INFO if self.path_used == PACKED else logging.WARNING,
+                   "Encoder(%s): %s path, %s, max_seq_len %d, pooling %s, max_tokens %s%s", path,
+                   self.path_used, str(self.dtype).replace("torch.", ""), self.max_seq_len,
+                   self.pooling or "ST modules", self.max_tokens, ", compiled layers" if self.compiled else "")
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, max_seq_len: int | None = None,
-             dtype: torch.dtype | None = None, max_tokens: int | str | None = "auto",
-             compile: bool | str = "auto") -> Encoder:
-        from sentence_transformers import SentenceTransformer
+    def load(cls, path: str | Path, settings: EncodeConfig | None = None, **changes: Any) -> Encoder:
+        """Open an encoder folder with ``settings`` (an :class:`EncodeConfig`; ``changes`` replace its fields,
+        e.g. ``Encoder.load(path, device="cpu", max_seq_len=256)``)."""
+        settings = dataclasses.replace(settings or EncodeConfig(), **changes)
+        st = load_sentence_transformer(path, resolve_device(settings.device))
+        return cls(st, settings, path=path)
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"encoder folder not found: {path}")
-        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-            # else transformers says "Unrecognized model ... should have a `model_type` key", about a missing file
-            raise FileNotFoundError(f"{path}: not an encoder folder (no modules.json or config.json); give a "
-                                    "train-encoder output or a saved model folder")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        st = SentenceTransformer(str(path), device=device)
-        return cls(st, max_seq_len=max_seq_len, dtype=dtype, path=str(path), max_tokens=max_tokens, compile=compile)
+    def describe(self) -> dict[str, Any]:
+        """What a run folder or store records about the encoder that made its vectors, so that queries are
+        embedded alike: its identity (hash of weights and config), path, pooling, normalisation, length, dim."""
+        return {
+            "path": str(Path(self.path).resolve()) if self.path else None,
+            "identity": encoder_identity(self.path) if self.path else None,
+            "max_seq_len": self.max_seq_len,
+            "dim": self.dim,
+            "pooling": self.pooling or "sentence-transformers modules",
+            "normalize": self.normalize if self.path_used == PACKED else None,
+            "precision": self.settings.precision,
+            "path_used": self.path_used,
+        }
 
     # -- tokenization ---------------------------------------------------------------------------------------
 
@@ -266,7 +280,7 @@ class Encoder:
             ids = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
         else:
             ids = self.tokenize(texts)
-        return _flatten(ids)
+        return packing.flatten(ids, np.int32)
 
     # -- the packed forward -----------------------------------------------------------------------------------
 
@@ -328,16 +342,16 @@ class Encoder:
             self.compiled = False
             return self.backbone(**inputs)
 
-    def embed_tokenized(self, token_ids: Sequence[Sequence[int]], batch_size: int = 128,
+    def embed_tokenized(self, token_ids: Sequence[Sequence[int]], batch_size: int | None = None,
                         max_tokens: int | None = None, progress: Any = None) -> np.ndarray:
         """(N,) token lists -> (N, D) float32 in the given order; batches are length-sorted internally.
 
         ``max_tokens`` cuts batches by real tokens instead of ``batch_size`` sequences.
         """
-        win = plan_window(*_flatten(token_ids), batch_size, max_tokens)
+        win = plan_window(*packing.flatten(token_ids, np.int32), batch_size or self.batch_size, max_tokens)
         return self._embed_packed(win, progress).cpu().numpy()
 
-    def encode(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False,
+    def encode(self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False,
                window: int = 16384) -> np.ndarray:
         """(N,) strings -> (N, D) float32 embeddings, input order (tokenizing ahead, see ``iter_embed``).
 
@@ -359,7 +373,7 @@ class Encoder:
             bar.close()
         return np.concatenate(parts, axis=0)
 
-    def iter_embed(self, windows: Iterable[tuple[Any, Sequence[str]]], batch_size: int = 128,
+    def iter_embed(self, windows: Iterable[tuple[Any, Sequence[str]]], batch_size: int | None = None,
                    progress: Any = None) -> Iterator[tuple[Any, np.ndarray, int]]:
         """Embed ``(key, texts)`` windows in order, yielding ``(key, (n, D) float32, real tokens)``.
 
@@ -368,6 +382,7 @@ class Encoder:
         instead of adding to them. The thread does almost nothing under the GIL (the Rust tokenizer and
         large numpy operations release it), so it does not slow the thread that launches the GPU work.
         """
+        batch_size = batch_size or self.batch_size
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
@@ -419,251 +434,3 @@ class Encoder:
                 progress.update(len(texts))
             return emb
         return self._embed_packed(win, progress).cpu().numpy()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# streaming a file to disk
-# ----------------------------------------------------------------------------------------------------------
-
-EMBEDDINGS, IDS, STATE, PROGRESS_DIR = "embeddings.npy", "ids.jsonl", "embed_state.json", "progress"
-
-
-def _iter_records(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, raw line) of every non-blank line: record k is the k-th of these."""
-    with open_text(path) as f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    yield lineno, line
-        except UnicodeDecodeError as err:  # a binary or non-UTF-8 file (decoded in blocks: no line number)
-            bad = err.object[err.start:err.start + 1].hex()
-            raise ValueError(f"{path}: not UTF-8 text (byte 0x{bad}: {err.reason}); give a UTF-8 JSON-lines "
-                             "file") from None
-        except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a .gz that is corrupt or cut short
-            raise ValueError(f"{path}: not a readable gzip file ({err})") from None
-
-
-def _record_text(obj: Any, path: Path, lineno: int, text_field: str, title_field: str | None) -> str:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object")
-    text = obj.get(text_field)
-    if not isinstance(text, str):
-        raise ValueError(f"{path}:{lineno}: field '{text_field}' missing or not a string")
-    title = obj.get(title_field) if title_field else None
-    return f"{title} {text}" if isinstance(title, str) and title else text
-
-
-def _parse(line: str, path: Path, lineno: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-
-
-def _count_and_write_ids(path: Path, out: Path, text_field: str, title_field: str | None,
-                         id_field: str | None) -> int:
-    """Pass 1: validate every record, write ``ids.jsonl`` in input order, return the record count."""
-    n = 0
-    tmp = out / f".{IDS}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as ids:
-            for lineno, line in _iter_records(path):
-                obj = _parse(line, path, lineno)
-                _record_text(obj, path, lineno, text_field, title_field)
-                if id_field is not None:
-                    if id_field not in obj:
-                        raise ValueError(f"{path}:{lineno}: missing id field '{id_field}'")
-                    rid = obj[id_field]
-                else:
-                    rid = obj.get("_id", obj.get("id", n))
-                ids.write(json.dumps(str(rid)) + "\n")
-                n += 1
-        if n == 0:
-            raise ValueError(f"{path}: no records (the file is empty or blank)")
-        os.replace(tmp, out / IDS)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
-
-
-def _windows(path: Path, window: int, wanted: set[int], text_field: str,
-             title_field: str | None) -> Iterator[tuple[int, int, list[str]]]:
-    """(window index, first row, texts) for the windows in ``wanted``; others are skipped unparsed."""
-    buf: list[tuple[int, str]] = []
-    w = row0 = 0
-    for row, (lineno, line) in enumerate(_iter_records(path)):
-        if row and row % window == 0:
-            if w in wanted:
-                yield w, row0, [_record_text(_parse(ln, path, no), path, no, text_field, title_field) for no, ln in buf]
-            buf, w, row0 = [], w + 1, row
-        buf.append((lineno, line))
-    if buf and w in wanted:
-        yield w, row0, [_record_text(_parse(ln, path, no), path, no, text_field, title_field) for no, ln in buf]
-
-
-def _dist(device: str | None) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; a process group is set up if needed:
-    NCCL when the ranks run on GPUs (``device`` None or CUDA, and CUDA present), else gloo."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        on_gpu = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-        if on_gpu:
-            if local >= torch.cuda.device_count():
-                raise RuntimeError(
-                    f"LOCAL_RANK {local} but this machine shows {torch.cuda.device_count()} CUDA device(s): start at "
-                    "most one process per GPU (torchrun --nproc_per_node), or run CPU ranks (--device cpu)"
-                )
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _done_windows(out: Path) -> set[int]:
-    done: set[int] = set()
-    for p in sorted((out / PROGRESS_DIR).glob("rank-*.json")):
-        done.update(json.loads(p.read_text())["done"])
-    return done
-
-
-def embed_file(
-    model: str | Path,
-    input_path: str | Path,
-    out: str | Path,
-    text_field: str = "text",
-    title_field: str | None = "title",
-    id_field: str | None = None,
-    batch_size: int = 128,
-    window: int = 16384,
-    dtype: str = "float16",
-    max_seq_len: int | None = None,
-    device: str | None = None,
-    show_progress: bool = True,
-    max_tokens: int | str | None = "auto",
-    compile: bool | str = "auto",
-) -> Path:
-    """Embed every record of a JSON-lines file (``.gz`` allowed) into ``out/embeddings.npy`` + ``out/ids.jsonl``.
-
-    Rows of ``embeddings.npy`` (N, D) follow input order. Re-running with the same arguments after an
-    interruption skips the windows already written; different arguments on an existing ``out`` are an error.
-    Under ``torchrun`` window w goes to rank ``w % world_size``; all ranks write the same memmap.
-    ``max_tokens`` / ``compile``: packed-batch token budget and layer compilation (see :class:`Encoder`).
-    """
-    from tqdm.auto import tqdm
-
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
-    if batch_size < 1 or window < 1:
-        raise ValueError("batch_size and window must be >= 1")
-    input_path, out = Path(input_path), Path(out)
-    if not input_path.is_file():
-        raise FileNotFoundError(f"input not found: {input_path}")
-    rank, world, local = _dist(device)
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{local}"
-    t_start = time.perf_counter()
-    encoder = Encoder.load(model, device=device, max_seq_len=max_seq_len, max_tokens=max_tokens, compile=compile)
-
-    stat = input_path.stat()
-    settings = {
-        "input": str(input_path.resolve()), "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns,
-        "model": str(Path(model).resolve()), "max_seq_len": encoder.max_seq_len, "dtype": dtype,
-        "window": window, "text_field": text_field, "title_field": title_field, "id_field": id_field,
-        "dim": encoder.dim,
-    }
-    key = sha256_json(settings)
-    if rank == 0:
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        state_path = out / STATE
-        state = json.loads(state_path.read_text()) if state_path.is_file() else None
-        if state is not None and state.get("key") != key:
-            raise ValueError(
-                f"{out} holds embeddings made with other settings ({state_path}); use a new --out or delete it"
-            )
-        if state is None or not (out / EMBEDDINGS).is_file() or not (out / IDS).is_file():
-            try:
-                n = _count_and_write_ids(input_path, out, text_field, title_field, id_field)
-            except BaseException:
-                if created:  # a bad input file leaves no output folder behind
-                    shutil.rmtree(out, ignore_errors=True)
-                raise
-            np.lib.format.open_memmap(out / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, encoder.dim)).flush()
-            (out / PROGRESS_DIR).mkdir(exist_ok=True)
-            for stale in (out / PROGRESS_DIR).glob("rank-*.json"):
-                stale.unlink()
-            atomic_write_json(state_path, {"key": key, "n": n, "complete": False, **settings})
-    _barrier(world)
-    state = json.loads((out / STATE).read_text())
-    n = state["n"]
-    emb = np.lib.format.open_memmap(out / EMBEDDINGS, mode="r+")
-    n_windows = (n + window - 1) // window
-    done = _done_windows(out)
-    mine = {w for w in range(n_windows) if w % world == rank and w not in done}
-    my_progress = out / PROGRESS_DIR / f"rank-{rank}.json"
-    my_done = sorted(json.loads(my_progress.read_text())["done"]) if my_progress.is_file() else []
-    if done and rank == 0:
-        logger.warning("embed: resuming, %d of %d windows already written", len(done), n_windows)
-
-    rows_mine = sum(min(window, n - w * window) for w in mine)
-    bar = tqdm(total=rows_mine, desc=f"embed[{rank}]", disable=not show_progress or rank != 0, unit="doc")
-    windows = (((w, row0), texts) for w, row0, texts in _windows(input_path, window, mine, text_field, title_field))
-    real_tokens = 0
-    try:
-        for (w, row0), vectors, tokens in encoder.iter_embed(windows, batch_size, progress=bar):
-            emb[row0 : row0 + len(vectors)] = vectors.astype(dtype, copy=False)
-            emb.flush()  # rows on disk before the progress file says so
-            real_tokens += tokens
-            my_done.append(w)
-            atomic_write_json(my_progress, {"done": sorted(my_done)})
-    finally:
-        bar.close()
-    del emb
-    _barrier(world)
-    if rank == 0:
-        missing = set(range(n_windows)) - _done_windows(out)
-        if missing:
-            raise RuntimeError(f"embed: windows {sorted(missing)[:5]}... were not written; re-run to resume")
-        state["complete"] = True
-        atomic_write_json(out / STATE, state)
-        write_manifest(
-            out, "embed", config=None,
-            inputs={"input": str(input_path), "model": str(model)},
-            outputs={"embeddings": EMBEDDINGS, "ids": IDS, "shape": [n, encoder.dim], "dtype": dtype},
-            timings={"total_s": time.perf_counter() - t_start, "real_tokens_rank0": real_tokens},
-            settings=settings, path=encoder.path_used, world_size=world,
-        )
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    return out
-
-
-def load_embeddings(out: str | Path) -> tuple[np.ndarray, list[str]]:
-    """Open ``embed_file`` output: (N, D) memory-mapped array (read-only) and the N ids in input order."""
-    out = Path(out)
-    state = out / STATE
-    if not state.is_file() or not json.loads(state.read_text()).get("complete"):
-        raise ValueError(f"{out}: embeddings are incomplete (interrupted run?); re-run `mosaic-embed embed` to resume")
-    with open(out / IDS, encoding="utf-8") as f:
-        ids = [json.loads(line) for line in f]
-    return np.load(out / EMBEDDINGS, mmap_mode="r"), ids
-
-
-def iter_texts(input_path: str | Path, text_field: str = "text", title_field: str | None = "title") -> Iterator[str]:
-    """The texts ``embed_file`` embedded, streamed in input order (row r of ``embeddings.npy`` is text r)."""
-    path = Path(input_path)
-    for lineno, line in _iter_records(path):
-        yield _record_text(_parse(line, path, lineno), path, lineno, text_field, title_field)

@@ -1,0 +1,202 @@
+"""The one kernel dispatch point: which implementation of attention and GeGLU runs, decided in one place.
+
+Model code calls :func:`varlen_attention`, :func:`padded_attention` and :func:`geglu` only. Each asks
+:func:`resolve_impl`, the single resolver for every kernel, which turns a requested implementation
+(``"auto"`` | ``"torch"`` | ``"triton"``) into the path that will run:
+
+- ``"torch"``: the exact pure-torch reference (``kernels/attention.py``, ``kernels/geglu.py``), any device;
+- ``"triton"``: the fused Triton kernel (``kernels/flash_attn_alibi.py``, ``kernels/geglu.py``); CUDA
+  tensors, or any device under ``TRITON_INTERPRET=1`` (CPU tests). Asked for where it cannot run, it
+  raises: there is no silent fallback;
+- ``"auto"``: triton on CUDA when Triton is installed and the inputs suit the kernel (attention: fp16/bf16,
+  no attention dropout, a supported head dim), torch otherwise.
+
+The answer is cached per question and announced once per process (a warning naming the path and why), so
+a user always knows which path their numbers came from. Resolution runs outside torch.compile's graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from . import attention as _torch_attention
+from .geglu import geglu_reference
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "torch", "triton")
+KERNELS = ("attention", "geglu")
+
+# Looked up once: find_spec cannot be traced by torch.compile, and the answer never changes in a process.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+_resolved: dict[tuple, str] = {}
+_announced: set[tuple[str, str, str]] = set()
+
+
+def _triton_importable() -> bool:
+    return _TRITON_IMPORTABLE
+
+
+def _attention_head_dims() -> tuple[int, ...] | None:
+    """Head dims the Triton attention kernel supports (None if it does not say)."""
+    from . import flash_attn_alibi
+
+    return getattr(flash_attn_alibi, "_SUPPORTED_HEAD_DIMS", None)
+
+
+def resolve_impl(kernel: str, impl: str, device: torch.device, dtype: torch.dtype | None = None,
+                 dropout_p: float = 0.0, head_dim: int | None = None) -> str:
+    """``impl`` ("auto" | "torch" | "triton") for ``kernel`` ("attention" | "geglu") -> the path that runs.
+
+    ``dtype``, ``dropout_p`` and ``head_dim`` are the facts "auto" weighs for attention (the GeGLU kernel
+    takes any float dtype). Cached per question; the first answer of each kind is announced.
+
+    Raises:
+        ValueError / RuntimeError when "triton" is asked for where it cannot run.
+    """
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    key = (kernel, impl, device.type, dtype, dropout_p, head_dim, interpret)
+    choice = _resolved.get(key)
+    if choice is None:  # every layer of every step asks the same question: answer it once per process
+        choice = _resolve(kernel, impl, device.type, dtype, dropout_p, head_dim, interpret)
+        _resolved[key] = choice
+    return choice
+
+
+@torch.compiler.disable
+def _resolve(kernel: str, impl: str, device_type: str, dtype: torch.dtype | None, dropout_p: float,
+             head_dim: int | None, interpret: bool) -> str:
+    # Outside torch.compile's graph (imports, logging); resolve_impl caches the answer.
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; kernels: {KERNELS}")
+    if impl not in IMPLS:
+        raise ValueError(f"{kernel} impl must be one of {IMPLS}, got {impl!r}")
+    attention = kernel == "attention"
+    supported = _attention_head_dims() if attention and head_dim is not None else None
+    if impl == "torch":
+        choice, why = "torch", f"{kernel} impl='torch'"
+    elif impl == "triton":
+        if attention and dropout_p > 0:
+            raise ValueError(f"attn_impl='triton' has no attention dropout (dropout_p={dropout_p}); use 'torch'")
+        if not _triton_importable():
+            raise RuntimeError(f"{kernel} impl='triton' but the triton package is not installed; use 'torch'")
+        if device_type != "cuda" and not interpret:
+            raise RuntimeError(
+                f"{kernel} impl='triton' needs CUDA tensors (got {device_type}; TRITON_INTERPRET=1 runs the kernel "
+                "in Triton's CPU interpreter for tests); use 'torch' or 'auto'"
+            )
+        if supported is not None and head_dim not in supported:
+            raise ValueError(f"attn_impl='triton' supports head dims {supported}, got {head_dim}; use 'torch'")
+        choice, why = "triton", f"{kernel} impl='triton'"
+    elif device_type != "cuda":
+        choice, why = "torch", f"impl='auto' on {device_type}"
+    elif not _triton_importable():
+        choice, why = "torch", "impl='auto' on CUDA without the triton package"
+    elif attention and dtype not in (torch.float16, torch.bfloat16):
+        choice, why = "torch", f"impl='auto' with {dtype} inputs (the Triton kernel takes fp16/bf16)"
+    elif attention and dropout_p > 0:
+        choice, why = "torch", f"impl='auto' with attention dropout {dropout_p} (the kernel has none)"
+    elif supported is not None and head_dim not in supported:
+        choice, why = "torch", f"impl='auto' with head dim {head_dim} (the kernel takes {supported})"
+    else:
+        choice, why = "triton", "impl='auto' on CUDA"
+    if (kernel, choice, why) not in _announced:
+        _announce(kernel, choice, why)
+    return choice
+
+
+@torch.compiler.disable
+def _announce(kernel: str, choice: str, why: str) -> None:
+    # Outside torch.compile's graph: a logging call inside it would break the graph at every layer.
+    _announced.add((kernel, choice, why))
+    name = "attention" if kernel == "attention" else "GeGLU"
+    logger.warning("MosaicBERT %s runs the %s path (%s)", name, choice.upper(), why)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    alibi_slopes: torch.Tensor | None,
+    impl: str = "torch",
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Bidirectional (ALiBi) attention over a packed batch of variable-length sequences.
+
+    For every sequence b (rows ``cu_seqlens[b]:cu_seqlens[b+1]``) and head h:
+    ``softmax(scale * q_i . k_j - slope_h * |i - j|)`` over keys j of the same sequence, times v_j.
+
+    Args:
+        q, k, v: (T, H, D), T = total tokens of all sequences.
+        cu_seqlens: (B+1,) int32 cumulative sequence lengths, cu_seqlens[-1] == T.
+        max_seqlen: the longest sequence (python int).
+        alibi_slopes: (H,) float32; None means no position bias (BERT-style models with learned positions).
+        impl: "torch" | "triton" | "auto" (see :func:`resolve_impl`).
+        dropout_p: attention-probability dropout (torch path only); pass 0 in eval.
+        softmax_scale: default 1/sqrt(D).
+
+    Returns:
+        (T, H, D) in q's dtype.
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"varlen_attention: q, k, v must share one (T, H, D) shape; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"varlen_attention: cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if alibi_slopes is not None and alibi_slopes.shape != (q.shape[1],):
+        raise ValueError(f"varlen_attention: alibi_slopes must be ({q.shape[1]},), got {tuple(alibi_slopes.shape)}")
+    choice = resolve_impl("attention", impl, q.device, q.dtype, dropout_p, head_dim=q.shape[-1])
+    if choice == "triton":
+        from .flash_attn_alibi import flash_attn_varlen_alibi
+
+        if alibi_slopes is None:  # zero slopes: plain softmax attention, the same kernel
+            alibi_slopes = torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
+        return flash_attn_varlen_alibi(
+            q, k, v, cu_seqlens, max_seqlen, alibi_slopes.to(device=q.device, dtype=torch.float32),
+            softmax_scale=softmax_scale,
+        )
+    return _torch_attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropout_p,
+                                                   softmax_scale)
+
+
+def padded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention on a padded batch (the ``unpad=False`` ablation): always the torch path, announced once.
+
+    q, k, v: (B, H, S, D); key_padding_mask (B, S) bool, True for real keys -> (B, H, S, D).
+    """
+    if ("attention", "torch", "unpad=False") not in _announced:
+        _announce("attention", "torch", "unpad=False")
+    return _torch_attention.padded_attention_torch(q, k, v, key_padding_mask, alibi_slopes, dropout_p,
+                                                   softmax_scale)
+
+
+def geglu(inner: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``inner`` (..., 2I) = [gate | value] -> ``GELU(gate) * value`` (..., I), exact (erf) GELU.
+
+    impl: "triton" (the fused kernel), "torch" (the reference expression, which torch.compile fuses itself)
+    or "auto" (triton on CUDA); see :func:`resolve_impl`.
+    """
+    if resolve_impl("geglu", impl, inner.device) == "triton":
+        from .geglu import geglu_triton
+
+        return geglu_triton(inner)
+    return geglu_reference(inner)
+
+
+__all__ = ["IMPLS", "KERNELS", "geglu", "padded_attention", "resolve_impl", "varlen_attention"]

@@ -1,0 +1,149 @@
+"""Encoder folders (encode/st.py): the remote-code export, loading with and without mosaic_embed importable,
+and the encoder identity that stores and embedding runs check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from mosaic_embed.encode import build_encoder, encoder_identity, save_encoder, st
+from mosaic_embed.encode.st import RemoteCodeError, _rewrite_module
+from tests.helpers import tiny_mosaic
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    model = build_encoder(tiny_mosaic(root / "backbone"), "mean", True, max_seq_len=32, device="cpu")
+    save_encoder(model, root / "encoder")
+    return root
+
+
+def test_remote_code_rewrites_package_imports():
+    import re
+
+    from transformers.dynamic_module_utils import get_imports
+
+    source, needs = _rewrite_module("mosaic_embed.model.modeling")
+    assert "from .kernels_dispatch import" in source and "from .model_configuration import" in source
+    assert "mosaic_embed.kernels.dispatch" in needs and "mosaic_embed.data.packing" in needs
+    # only "from .name import ..." remains: the one form transformers' loader follows and copies
+    assert not re.search(r"^\s*from\s+\.\.", source, flags=re.M)
+    compile(source, "model_modeling.py", "exec")
+    path = _module_file_for_test(source)
+    assert "mosaic_embed" not in get_imports(path)
+
+
+def _module_file_for_test(source):
+    import tempfile
+
+    f = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
+    f.write(source)
+    f.close()
+    return f.name
+
+
+def test_remote_code_rejects_unfollowable_imports(tmp_path, monkeypatch):
+    """A module reached only through 'from . import module' would be missing on the remote side."""
+
+    pkg = tmp_path / "mosaic_embed_probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cfg.py").write_text("from transformers import PretrainedConfig\nclass C(PretrainedConfig):\n    model_type = 'probe'\n")
+    (pkg / "mod.py").write_text("from . import helper\nfrom .cfg import C\nclass M:\n    pass\n")
+    (pkg / "helper.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(st, "PACKAGE", "mosaic_embed_probe")
+    import importlib
+
+    mod, cfg = importlib.import_module("mosaic_embed_probe.mod"), importlib.import_module("mosaic_embed_probe.cfg")
+    source, needs = st._rewrite_module("mosaic_embed_probe.mod")
+    assert "from . import helper as helper" in source and "mosaic_embed_probe.helper" in needs
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(RemoteCodeError, match="helper.py"):
+        st.export_remote_code(out, {"AutoConfig": cfg.C, "AutoModel": mod.M})
+
+
+def test_loads_after_import_without_trust_remote_code(encoder_dir):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(encoder_dir / "encoder"), device="cpu")
+    assert type(model[0].auto_model).__module__ == "mosaic_embed.model.modeling"
+
+
+BLOCKED_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "mosaic_embed" or name.startswith("mosaic_embed."):
+                raise ImportError("mosaic_embed is not installed here")
+    sys.meta_path.insert(0, Block())
+    try:
+        import mosaic_embed
+        raise SystemExit("mosaic_embed was importable")
+    except ImportError:
+        pass
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(sys.argv[1], trust_remote_code=True, device="cpu")
+    assert "mosaic_embed" not in sys.modules
+    emb = model.encode(sys.argv[3:])
+    np.save(sys.argv[1] + "/../remote.npy", emb)
+    print(type(model[0].auto_model).__module__)
+    # A second folder in the same process: its copy of the Triton kernel module registers its custom ops
+    # under its own namespace instead of colliding with the first copy's.
+    other = SentenceTransformer(sys.argv[2], trust_remote_code=True, device="cpu")
+    import importlib, torch
+    namespaces = set()
+    for m in (model, other):
+        pkg = type(m[0].auto_model).__module__.rsplit(".", 1)[0]
+        flash = importlib.import_module(pkg + ".kernels_flash_attn_alibi")
+        namespaces.add(flash._REMOTE_OP_NAMESPACE)
+        assert callable(getattr(torch.ops, flash._REMOTE_OP_NAMESPACE).flash_attn_varlen_alibi_fwd)
+    assert len(namespaces) == 2, namespaces
+    """
+)
+
+
+def test_loads_with_remote_code_where_mosaic_embed_is_absent(encoder_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["the storm hit the city", "a cat"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    import shutil
+
+    shutil.copytree(encoder_dir / "encoder", tmp_path / "second-encoder")
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_LOAD, str(encoder_dir / "encoder"),
+                           str(tmp_path / "second-encoder"), *texts],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model_modeling" in proc.stdout and "mosaic_embed" not in proc.stdout
+    remote = np.load(encoder_dir / "remote.npy")
+    local = SentenceTransformer(str(encoder_dir / "encoder"), device="cpu").encode(texts)
+    np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)
+
+
+def test_identity_follows_weights_and_config_not_location(encoder_dir, tmp_path):
+    """A copy elsewhere has the same identity; another seed's weights, or another pooling, do not."""
+    ident = encoder_identity(encoder_dir / "encoder")
+    copy = shutil.copytree(encoder_dir / "encoder", tmp_path / "moved")
+    (copy / "manifest.json").write_text("{}")  # run metadata is not identity
+    assert encoder_identity(copy) == ident
+    other = build_encoder(tiny_mosaic(tmp_path / "b2", seed=1), "mean", True, max_seq_len=32, device="cpu")
+    save_encoder(other, tmp_path / "other")
+    assert encoder_identity(tmp_path / "other") != ident
+    cls = build_encoder(encoder_dir / "backbone", "cls", True, max_seq_len=32, device="cpu")
+    save_encoder(cls, tmp_path / "cls")
+    assert encoder_identity(tmp_path / "cls") != ident
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        encoder_identity(tmp_path / "missing")
