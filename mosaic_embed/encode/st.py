@@ -263,12 +263,3 @@ def export_remote_code(model_dir: str | Path, auto_classes: dict[str, type] | No
     cfg["auto_map"] = auto_map
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return auto_map
-
-
-def _transformer_dir(st_dir: Path) -> Path:
-    """The sub-folder of a saved SentenceTransformer that holds the Transformer module (often the root)."""
-    modules = json.loads((st_dir / "modules.json").read_text(encoding="utf-8"))
-    for m in modules:
-        if m.get("type", "").endswith("Transformer"):
-            return st_dir / m.get("path", "")
-    raise ValueError(f"{st_dir}/modules.json: no Transformer module")

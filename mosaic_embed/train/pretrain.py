@@ -426,7 +426,12 @@ def _guard_run_dir(run_dir: Path, resume: bool) -> Path | None:
 
 
 def rotate_checkpoints(ckpt_root: Path, keep_last: int, keep_steps: Sequence[int] = ()) -> None:
-    """Delete complete checkpoints except the newest ``keep_last`` and those whose step is in ``keep_steps``."""
+    """Delete complete checkpoints except the newest ``keep_last`` and those whose step is in ``keep_steps``.
+
+    Ours on purpose, not transformers' ``save_total_limit``: that rotation knows neither ``keep_steps``
+    (the checkpoints a Pareto sweep finetunes must never be deleted) nor our ``step-NNNNNN`` folders, which
+    appear only once complete (renamed from Trainer's staging folder) so a kill never leaves a torn one.
+    """
     ckpts = list_checkpoints(ckpt_root)
     keep = {s for s, _ in ckpts[-keep_last:]} | set(keep_steps)
     for step, path in ckpts:
