@@ -64,22 +64,6 @@ def make_texts(corpus: Path, n: int, seed: int = 0, min_words: int = 8, max_word
     return texts
 
 
-def matmul_peak(device, dtype, size: int, reps: int = 10) -> float:
-    """Measured FLOP/s of a ``size``^3 matmul (the MFU denominator)."""
-    import torch
-
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * size**3 * reps / (time.perf_counter() - t)
-
-
 def sync(device) -> None:
     import torch
 
@@ -123,7 +107,7 @@ def n_params(module) -> int:
 
 
 def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, device: str, warmup: int,
-             max_tokens: int | None = None, compile: bool | None = False, check: int = 0) -> dict:
+             max_tokens: int | None = None, compile: bool = False, check: int = 0) -> dict:
     """Time ``Encoder.encode`` (tokenization included) with the given packed-batch settings.
 
     Also times, outside the measured region, tokenization alone and the device part alone (the same
@@ -201,11 +185,10 @@ def main(argv=None) -> dict:
     p.add_argument("--corpus", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="mini-sized models (CPU smoke run)")
     p.add_argument("--device", default=None)
-    p.add_argument("--peak-size", type=int, default=8192, help="matmul size for the measured peak")
     p.add_argument("--warmup", type=int, default=2048)
     p.add_argument("--max-tokens", default="auto", help="ours: real tokens per packed batch ('auto': 32768 on GPU)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="ours: torch.compile the MosaicBERT layers ('auto': on GPU, the Encoder default)")
+    p.add_argument("--compile", choices=("on", "off"), default="off",
+                   help="ours: torch.compile the MosaicBERT layers (off: the Encoder default)")
     p.add_argument("--check", type=int, default=0, help="ours: cosine vs SentenceTransformer.encode on N texts")
     p.add_argument("--variants", default="",
                    help="extra ours-only runs after the main result is written, e.g. 'eager,none,eager:65536'")
@@ -223,15 +206,16 @@ def main(argv=None) -> dict:
         warmup = min(args.warmup, len(texts))
         # "auto" = the Encoder's default budget (None); "none" = batch_size texts per batch (a huge budget)
         max_tokens = _budget(args.max_tokens)
-        compile_ = {"auto": None, "on": True, "off": False}[args.compile]
+        compile_ = args.compile == "on"
         ours = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, max_tokens,
                         compile_, args.check)
         base = run_baseline(base_dir, texts, args.batch_size, args.max_seq_len, device, warmup)
-        peak_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        peak = matmul_peak(device, peak_dtype, args.peak_size)
+        from mosaic_embed.runtime import peak_flops
+
+        peak, peak_note = peak_flops(device)
         for r in (ours, base):
             _rates(r, len(texts), peak)
-        result = _write(args, ours, base, texts, peak, peak_dtype, device)
+        result = _write(args, ours, base, texts, peak, peak_note, device)
         variants = []
         for v in filter(None, args.variants.split(",")):
             # "16384" / "none" (batch_size texts per batch) / "eager" / "eager:16384" / "compile" / "compile:16384"
@@ -239,7 +223,7 @@ def main(argv=None) -> dict:
                                                                    else ("", "", v))
             budget = _budget(budget)
             run = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, budget,
-                           {"eager": False, "compile": True}.get(mode), min(args.check, 512))
+                           mode == "compile", min(args.check, 512))
             run["variant"] = v
             _rates(run, len(texts), peak)
             run["speedup"] = run["sentences_per_s"] / base["sentences_per_s"]
@@ -257,7 +241,7 @@ def _rates(r: dict, n_texts: int, peak: float) -> None:
     r["forward_mfu"] = 2 * r["params"] * r["tokens_per_s"] / peak
 
 
-def _write(args, ours: dict, base: dict, texts: list[str], peak: float, peak_dtype, device: str) -> dict:
+def _write(args, ours: dict, base: dict, texts: list[str], peak: float, peak_note: str, device: str) -> dict:
     """Assemble, save and print the main result (ours with the chosen settings vs the baseline)."""
     import torch
 
@@ -279,7 +263,7 @@ def _write(args, ours: dict, base: dict, texts: list[str], peak: float, peak_dty
         "max_seq_len": args.max_seq_len,
         "tiny": args.tiny,
         "matmul_peak_flops": peak,
-        "matmul_peak": f"{args.peak_size}^3 {str(peak_dtype).replace('torch.', '')}",
+        "mfu_peak": peak_note,
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "triton": triton_version,

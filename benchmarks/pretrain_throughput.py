@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from mosaic_embed.config import DataConfig, PretrainModelConfig  # noqa: E402
 from mosaic_embed.data.mlm import KeyedDataset, MLMMasker, PaddedMLMCollator, UnpaddedMLMCollator  # noqa: E402
 from mosaic_embed.data.shards import load_shards, prepare_shards  # noqa: E402
 from mosaic_embed.data.tokenizer import load_tokenizer  # noqa: E402
+from mosaic_embed.runtime import peak_flops  # noqa: E402
 from mosaic_embed.train.pretrain import build_model, compile_in_place  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain_throughput.json"
@@ -48,25 +48,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "pretrain_throughput.json"
 def default_corpus() -> Path:
     env = os.environ.get("MOSAIC_DATA")
     return Path(env) / "corpus" if env else ROOT.parent / "shared" / "data" / "corpus"
-
-
-def matmul_flops(n: int = 8192, reps: int = 30) -> float:
-    """bf16 FLOP/s of an n^3 product: median of CUDA-event-timed repeats on random (never zero) inputs."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n**3 / statistics.median(times)
 
 
 def geglu_kernel_times(rows: int = 30097, width: int = 3072) -> dict:
@@ -259,9 +240,9 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (use --smoke to check the script on CPU)")
     corpus = args.corpus or default_corpus()
-    args.flops = None if args.smoke else matmul_flops()
+    args.flops, args.peak_note = (None, None) if args.smoke else peak_flops(device)
     if args.flops:
-        print(f"matmul 8192^3 bf16: {args.flops / 1e12:.1f} TFLOP/s", flush=True)
+        print(f"MFU peak: {args.peak_note}", flush=True)
     if args.geglu and device.type == "cuda":
         geglu_times = geglu_kernel_times()
         print(f"geglu kernel: {json.dumps(geglu_times)}", flush=True)
@@ -282,6 +263,7 @@ def main() -> None:
         "triton": getattr(sys.modules.get("triton"), "__version__", None),
         "transformers": __import__("transformers").__version__,
         "matmul_tflops": args.flops / 1e12 if args.flops else None,
+        "mfu_peak": args.peak_note,
         "seq_len": 128,
         "global_batch": args.global_batch,
         "corpus": str(corpus),

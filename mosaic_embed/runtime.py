@@ -15,6 +15,7 @@ contrastive training, distillation, embedding and search all call these function
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -89,6 +90,66 @@ def is_main_process() -> bool:
     return dist_state().is_main_process
 
 
+#: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets: the MFU denominator only where no
+#: measurement can be made. Matched against ``torch.cuda.get_device_name()``; longest key first.
+NOMINAL_BF16_PEAKS = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
+    "RTX 4090": 165e12,
+}
+_peaks: dict[tuple, tuple[float | None, str]] = {}
+
+
+def peak_flops(device: torch.device | str, configured_tflops: float | None = None,
+               measure: bool = True) -> tuple[float | None, str]:
+    """The one MFU denominator of every stage and benchmark: ``(FLOP/s per device, what it is)``.
+
+    In order: a configured figure; else the measured rate of a large matmul in the compute dtype on this
+    device (bf16 8192^3 on CUDA, fp32 1024^3 on a CPU; ~0.1 s, once per process), the ceiling a model's
+    matmuls can reach here; else (``measure=False``) the datasheet's dense bf16 figure of a known GPU; else
+    None. MFU is then ``k x parameters x real tokens/s / peak`` (k = 6 training, 2 forward only).
+    """
+    device = torch.device(device)
+    key = (device.type, device.index, configured_tflops, measure)
+    if key in _peaks:
+        return _peaks[key]
+    if configured_tflops:
+        found = (configured_tflops * 1e12, f"the configured peak of {configured_tflops:.1f} TFLOP/s")
+    elif measure:
+        cuda = device.type == "cuda"
+        size, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        reps = 20 if cuda else 5
+        for _ in range(3):
+            a @ b
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        rate = 2 * size**3 * reps / (time.perf_counter() - t)
+        found = (rate, f"the measured {str(dtype).replace('torch.', '')} {size}^3 matmul rate on this "
+                       f"{'GPU' if cuda else 'CPU'} ({rate / 1e12:.1f} TFLOP/s)")
+        del a, b
+    elif device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        key_name = next((k for k in sorted(NOMINAL_BF16_PEAKS, key=len, reverse=True) if k in name), None)
+        found = ((NOMINAL_BF16_PEAKS[key_name], f"the nominal dense bf16 peak of the {key_name} "
+                  f"({NOMINAL_BF16_PEAKS[key_name] / 1e12:.0f} TFLOP/s, datasheet)") if key_name
+                 else (None, f"no known peak for {name}"))
+    else:
+        found = (None, "no peak (not measured)")
+    _peaks[key] = found
+    return found
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on CPU): for host clocks around device work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class WarmupLinearDecay:
     """LR multiplier at scheduler step ``s`` (0-based): linear warmup to 1 over ``warmup`` steps, then linear
     decay reaching ``final`` at the last step ``total - 1``. The one schedule of every stage that trains
@@ -112,5 +173,5 @@ class WarmupLinearDecay:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, self)
 
 
-__all__ = ["PRECISIONS", "WarmupLinearDecay", "autocast", "dist_state", "is_main_process", "resolve_device",
-           "resolve_precision"]
+__all__ = ["NOMINAL_BF16_PEAKS", "PRECISIONS", "WarmupLinearDecay", "autocast", "dist_state", "is_main_process",
+           "peak_flops", "resolve_device", "resolve_precision", "synchronize"]

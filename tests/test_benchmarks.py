@@ -31,7 +31,7 @@ def test_encode_throughput_benchmark_runs_at_tiny_size(tmp_path):
     texts = bench.make_texts(corpus, 40, seed=1)
     assert len(texts) == 40 and all(8 <= len(t.split()) <= 200 for t in texts)
     out = tmp_path / "r.json"
-    result = bench.main(["--tiny", "--n", "16", "--warmup", "4", "--peak-size", "64", "--device", "cpu",
+    result = bench.main(["--tiny", "--n", "16", "--warmup", "4", "--device", "cpu",
                          "--corpus", str(corpus), "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["speedup"] == pytest.approx(result["ours"]["sentences_per_s"] / result["baseline"]["sentences_per_s"])
@@ -53,3 +53,14 @@ def test_retrieval_news_benchmark_merges_systems(encoders, tmp_path):  # noqa: F
     assert set(doc["alibi_extrapolation"]["mosaic+pairs"]) == {"128", "256", "512"}
     assert [r["system"] for r in doc["runs"]] == ["bm25", "mosaic+pairs"]
     assert doc["gpu_minutes"]["bm25"] == 0.0
+
+
+def test_startup_benchmark_runs_the_real_cli(tmp_path):
+    bench = load_benchmark("startup")
+    beir = write_beir(tmp_path / "beir")
+    result = bench.main(["--beir", str(beir), "--tiny", "--device", "cpu", "--out", str(tmp_path / "s.json")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved == result and len(saved["rows"]) == 7
+    by = {r["what"]: r for r in saved["rows"]}
+    assert by["mosaic-embed --version"]["seconds"] < 5  # no torch import to print a version
+    assert all(r["seconds"] > 0 for r in saved["rows"])

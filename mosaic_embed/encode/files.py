@@ -130,6 +130,7 @@ def embed_file(cfg: EmbedConfig, show_progress: bool = True) -> Path:
     state_dist = dist_state(cfg.encode.device if cfg.encode.device != "auto" else None)
     rank, world = state_dist.process_index, state_dist.num_processes
     encoder = Encoder.load(cfg.model, cfg.encode)
+    t_loaded = time.perf_counter()
 
     created = not out.exists()
     lock = writer_lock(out, "mosaic-embed embed") if rank == 0 else None
@@ -153,7 +154,7 @@ def embed_file(cfg: EmbedConfig, show_progress: bool = True) -> Path:
                     stale.unlink()
                 atomic_write_json(state_path, {"key": key, "n": n, "complete": False, **settings})
         state_dist.wait_for_everyone()
-        n_tokens = _embed_windows(cfg, encoder, out, rank, world, show_progress, tqdm)
+        n_tokens, t_first = _embed_windows(cfg, encoder, out, rank, world, show_progress, tqdm)
         state_dist.wait_for_everyone()
         if rank == 0:
             state = read_json(out / STATE)
@@ -168,7 +169,9 @@ def embed_file(cfg: EmbedConfig, show_progress: bool = True) -> Path:
                 inputs={"input": str(Path(cfg.input).resolve()), "input_sha256": state["input_sha256"],
                         "model": str(Path(cfg.model).resolve())},
                 outputs={"embeddings": EMBEDDINGS, "ids": IDS, "shape": [n, encoder.dim], "dtype": cfg.dtype},
-                timings={"total_s": time.perf_counter() - t_start, "real_tokens_rank0": n_tokens},
+                timings={"total_s": time.perf_counter() - t_start, "load_s": t_loaded - t_start,
+                         "first_window_after_load_s": (t_first - t_loaded) if t_first else None,
+                         "real_tokens_rank0": n_tokens},
                 encoder=state["encoder"], path=encoder.path_used, world_size=world,
             )
     except BaseException:
@@ -194,8 +197,9 @@ def _difference(state: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 def _embed_windows(cfg: EmbedConfig, encoder: Encoder, out: Path, rank: int, world: int, show_progress: bool,
-                   tqdm: Any) -> int:
-    """Embed this rank's windows that are not done yet; returns the real tokens embedded."""
+                   tqdm: Any) -> tuple[int, float | None]:
+    """Embed this rank's windows that are not done yet; returns (real tokens embedded, the clock when the
+    first window was on disk: the start-up a user waits for)."""
     n = read_json(out / STATE)["n"]
     window = cfg.window
     emb = np.lib.format.open_memmap(out / EMBEDDINGS, mode="r+")
@@ -209,7 +213,7 @@ def _embed_windows(cfg: EmbedConfig, encoder: Encoder, out: Path, rank: int, wor
     rows_mine = sum(min(window, n - w * window) for w in mine)
     bar = tqdm(total=rows_mine, desc=f"embed[{rank}]", disable=not show_progress or rank != 0, unit="doc")
     windows = (((w, row0, lines), texts) for w, row0, lines, texts in _windows(cfg, mine))
-    real_tokens = 0
+    real_tokens, t_first = 0, None
     try:
         for (w, row0, lines), vectors, tokens in encoder.iter_embed(windows, progress=bar):
             _check_finite(vectors, lines, cfg)
@@ -218,10 +222,11 @@ def _embed_windows(cfg: EmbedConfig, encoder: Encoder, out: Path, rank: int, wor
             real_tokens += tokens
             my_done.append(w)
             atomic_write_json(my_progress, {"done": sorted(my_done)})
+            t_first = t_first or time.perf_counter()
     finally:
         bar.close()
         del emb
-    return real_tokens
+    return real_tokens, t_first
 
 
 def load_embeddings(out: str | Path) -> tuple[np.ndarray, list[str]]:

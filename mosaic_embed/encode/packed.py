@@ -154,11 +154,11 @@ class Encoder:
     ``encode(texts) -> (N, D) float32`` in input order. ``max_seq_len`` may exceed the length the model
     was trained at: MosaicBERT has no position table (ALiBi), so longer inputs simply extrapolate.
 
-    ``max_tokens``: the real-token budget of one packed batch ("auto": 32768 on GPU, where large forwards
-    are what keeps it busy, and ``batch_size`` sequences per batch on CPU). ``compile`` ("auto": on GPU)
-    compiles each MosaicBERT layer with ``torch.compile`` (dynamic shapes: one graph serves every batch
-    size; the 12 layers share it), fusing the residual adds into the LayerNorms: measured on an H100,
-    7 % less device time for a few seconds of compilation on the first call. Should compilation fail,
+    ``max_tokens``: the real-token budget of one packed batch (default 32768 on GPU, where large forwards
+    are what keeps it busy, and ``batch_size`` sequences per batch on CPU). ``compile`` compiles each
+    MosaicBERT layer with ``torch.compile`` (dynamic shapes: one graph serves every batch size; the layers
+    share it), fusing the residual adds into the LayerNorms: measured on an H100, 7 % less device time for
+    seconds of compilation before the first batch, so it is off unless asked for. Should compilation fail,
     the first forward says so in a warning and the layers run eagerly.
     """
 
@@ -186,7 +186,7 @@ class Encoder:
         self.max_tokens = settings.max_tokens
         if self.max_tokens is None and self.device.type == "cuda":
             self.max_tokens = DEFAULT_MAX_TOKENS
-        compile = self.device.type == "cuda" if settings.compile is None else settings.compile
+        compile = settings.compile
         self._backend = self._truncating_backend()
 
         # The packed path mirrors exactly [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?].

@@ -16,37 +16,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-#: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU when no figure is configured.
-#: Matched against ``torch.cuda.get_device_name()``; longest key first so "H100 PCIe" wins over "H100".
-_BF16_PEAKS = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-}
-
-
-def device_peak_flops(configured_tflops: float | None = None) -> float | None:
-    """The per-device bf16 peak in FLOP/s: the configured figure, else a datasheet value for known GPUs, else None."""
-    if configured_tflops:
-        return configured_tflops * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(_BF16_PEAKS, key=len, reverse=True):
-        if key in name:
-            return _BF16_PEAKS[key]
-    return None
-
 
 def _fmt_rate(x: float) -> str:
     for unit, div in (("M", 1e6), ("k", 1e3)):
@@ -58,11 +27,14 @@ def _fmt_rate(x: float) -> str:
 class ProgressCallback(TrainerCallback):
     """A tqdm bar over optimizer steps (tqdm's ETA) whose postfix shows loss, tokens/s and MFU of the last log."""
 
-    def __init__(self) -> None:
+    def __init__(self, peak_note: str | None = None) -> None:
         self.bar: tqdm | None = None
+        self.peak_note = peak_note  # what the MFU is measured against (runtime.peak_flops), said once
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
+            if self.peak_note:
+                tqdm.write(f"MFU = 6 x parameters x real tokens/s over {self.peak_note}")
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="pretrain", unit="step",
                             dynamic_ncols=True)
 
@@ -78,7 +50,7 @@ class ProgressCallback(TrainerCallback):
             if "tokens_per_s" in logs:
                 post["tok/s"] = _fmt_rate(logs["tokens_per_s"])
             if logs.get("mfu") is not None:
-                post["mfu"] = f"{logs['mfu']:.2f}"
+                post["mfu"] = f"{logs['mfu']:.2f}"  # over the peak named once at the start (runtime.peak_flops)
             self.bar.set_postfix(post, refresh=True)
         elif "eval_loss" in logs:
             self.bar.write(

@@ -56,8 +56,8 @@ from ..data.mlm import (
     PaddedMLMCollator,
     UnpaddedMLMCollator,
 )
-from ..runtime import WarmupLinearDecay, dist_state, resolve_device, resolve_precision
-from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback, device_peak_flops
+from ..runtime import WarmupLinearDecay, dist_state, peak_flops, resolve_device, resolve_precision
+from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class MLMTrainer(Trainer):
         self._wall_before = float(meta.get("wall_clock_s", 0.0))
         self._elapsed_before = float(meta.get("elapsed_s", 0.0))
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.peak_flops = device_peak_flops(train_cfg.peak_tflops)
+        self.peak_flops, self.peak_note = peak_flops(self.args.device, train_cfg.peak_tflops)
         self._local_tokens = 0  # this rank's real tokens since the last sync
         self._window_tokens = 0  # global tokens since the last training log
         self._loss_sum: torch.Tensor | None = None  # sum of per-step losses since the last training log
@@ -278,6 +278,7 @@ class MLMTrainer(Trainer):
             logs["tokens_per_s"] = self._window_tokens / dt
             logs["mfu"] = (6.0 * self.n_params * logs["tokens_per_s"] / (self.peak_flops * self.args.world_size)
                            if self.peak_flops else None)
+            logs["mfu_peak"] = self.peak_note
             self._window_tokens, self._window_start, self._window_excluded = 0, now, 0.0
             logs["tokens_seen"] = self.tokens_seen
             logs["wall_clock_s"] = round(self.wall_clock_s(), 3)
@@ -581,7 +582,7 @@ def train_mlm(
         fsdp="full_shard auto_wrap" if tc.fsdp else None,
     )
     cbs: list[TrainerCallback] = [
-        ProgressCallback(),
+        ProgressCallback(peak_flops(args.device, tc.peak_tflops)[1]),
         JsonlMetricsCallback(run_dir / "metrics.jsonl",
                              resume_step=int(resume_meta["step"]) if resume_meta else None),
     ]
