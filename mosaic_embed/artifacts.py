@@ -102,18 +102,37 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def folder_fingerprint(folder: str | Path, exclude: tuple[str, ...] = ()) -> str:
     """SHA-256 over a folder's files (relative path and content, in sorted order), hidden files and the
-    names in ``exclude`` left out: the identity of a saved model, wherever it is copied."""
+    names in ``exclude`` left out: the identity of a saved model, wherever it is copied.
+
+    Hashing a 500 MB model takes about a second, at every start-up that checks an identity; so the result is
+    kept in ``~/.cache/mosaic_embed/fingerprints/`` keyed by the folder's path, and reused while every
+    file's size and modification time are unchanged (git's index makes the same bet).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
-    h = hashlib.sha256()
+    files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or rel.name in exclude or "__pycache__" in rel.parts:
             continue
-        h.update(rel.as_posix().encode() + b"\0")
-        h.update(sha256_file(path).encode())
-    return h.hexdigest()
+        st = path.stat()
+        files.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
+    cache = Path(os.environ.get("MOSAIC_EMBED_CACHE", "~/.cache/mosaic_embed")).expanduser() / "fingerprints" / (
+        hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".json")
+    stats = [list(f) for f in files]
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached["files"] == stats:
+            return cached["sha256"]
+    h = hashlib.sha256()
+    for rel, _, _ in files:
+        h.update(rel.encode() + b"\0")
+        h.update(sha256_file(folder / rel).encode())
+    digest = h.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only home only costs the next start-up a re-hash
+        atomic_write_json(cache, {"folder": str(folder.resolve()), "files": stats, "sha256": digest})
+    return digest
 
 
 def sha256_json(obj: Any) -> str:

@@ -1,6 +1,7 @@
 """Test-wide setup: CPU runs use Triton's interpreter; GPU-only tests skip without CUDA."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -15,6 +16,9 @@ except ImportError:  # pragma: no cover
 # imported. On a machine without CUDA the interpreter is the only way Triton kernels run at all.
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Caches (model fingerprints) go to a throwaway folder, not the user's home.
+os.environ.setdefault("MOSAIC_EMBED_CACHE", tempfile.mkdtemp(prefix="mosaic-embed-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

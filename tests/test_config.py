@@ -373,3 +373,23 @@ def test_an_installed_wheel_finds_its_recipes_from_any_directory(tmp_path):
     module_file, steps = proc.stdout.split()
     assert module_file.startswith(str(site))  # the installed copy, not the checkout
     assert int(steps) == load_config(PretrainConfig, "tiny").train.max_steps
+
+
+def test_folder_fingerprint_is_cached_by_file_stats(tmp_path, monkeypatch):
+    import mosaic_embed.artifacts as artifacts
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"a" * 100)
+    (folder / "manifest.json").write_text("{}")
+    first = artifacts.folder_fingerprint(folder, exclude=("manifest.json",))
+    calls = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    assert artifacts.folder_fingerprint(folder, exclude=("manifest.json",)) == first and not calls  # from cache
+    (folder / "weights.bin").write_bytes(b"b" * 100)  # same size, new content and mtime
+    os.utime(folder / "weights.bin", ns=(1, 1))
+    second = artifacts.folder_fingerprint(folder, exclude=("manifest.json",))
+    assert second != first and calls
+    (folder / "manifest.json").write_text('{"run": 2}')  # excluded: not part of the identity
+    assert artifacts.folder_fingerprint(folder, exclude=("manifest.json",)) == second

@@ -40,26 +40,11 @@ import torch.nn.functional as F
 from ..config import ConfigError, EncodeConfig
 from ..data import packing
 from ..runtime import resolve_device, resolve_precision
-from .st import encoder_identity, load_sentence_transformer
+from .st import PackedParts, encoder_identity, load_sentence_transformer, packed_parts, read_packed_folder
 
 logger = logging.getLogger(__name__)
 
 PACKED, FALLBACK = "packed", "sentence-transformers"
-
-
-def _pooling_mode(module: Any) -> str | None:
-    """The single pooling mode of an ST ``Pooling`` module ('mean', 'cls', ...), across ST 6.x versions."""
-    cfg = module.get_config_dict()
-    mode = cfg.get("pooling_mode")
-    if isinstance(mode, list | tuple):
-        mode = mode[0] if len(mode) == 1 else None
-    if mode is None:  # older ST: one boolean key per mode
-        active = [k[len("pooling_mode_"):] for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
-        mode = active[0] if len(active) == 1 else None
-        mode = {"cls_token": "cls", "mean_tokens": "mean"}.get(mode, mode)
-    if cfg.get("include_prompt", True) is False:
-        return None  # prompt exclusion needs the prompt length: leave it to ST
-    return mode
 
 
 DEFAULT_MAX_TOKENS = 32768  # real tokens per packed batch on GPU (see Encoder)
@@ -162,58 +147,53 @@ class Encoder:
     the first forward says so in a warning and the layers run eagerly.
     """
 
-    def __init__(self, st_model: Any, settings: EncodeConfig | None = None, path: str | Path | None = None):
-        from sentence_transformers import models
-
+    def __init__(self, model: Any, settings: EncodeConfig | None = None, path: str | Path | None = None):
+        """``model``: a loaded ``SentenceTransformer``, or the :class:`~mosaic_embed.encode.st.PackedParts` of
+        a folder read without sentence-transformers (see :meth:`load`)."""
         settings = settings or EncodeConfig()
-        self.st = st_model
         self.path = str(path) if path is not None else None
-        self.device = torch.device(st_model.device)
-        first = st_model[0]
-        backbone = getattr(first, "auto_model", None)
+        if isinstance(model, PackedParts):
+            parts, self._st = model, None
+            self.device = resolve_device(settings.device)
+        else:
+            parts, self._st = packed_parts(model), model
+            self.device = torch.device(model.device)
+        config = parts.backbone.config if parts is not None else getattr(self._st[0], "auto_model", None)
+        config = getattr(config, "config", config)
         if settings.max_seq_len is not None:
-            limit = max_input_length(backbone.config) if backbone is not None else None
+            limit = max_input_length(config) if config is not None else None
             if limit is not None and settings.max_seq_len > limit:
                 raise ConfigError(f"max_seq_len {settings.max_seq_len}: this encoder takes at most {limit} tokens "
-                                  f"({_limit_reason(backbone.config)})")
-            st_model.max_seq_length = settings.max_seq_len
-        self.max_seq_len = int(st_model.max_seq_length or 512)
-        self.tokenizer = first.tokenizer
-        get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+                                  f"({_limit_reason(config)})")
         self.dtype = resolve_precision(settings.precision, self.device)
         self.batch_size = settings.batch_size
         self.max_tokens = settings.max_tokens
         if self.max_tokens is None and self.device.type == "cuda":
             self.max_tokens = DEFAULT_MAX_TOKENS
         compile = settings.compile
-        self._backend = self._truncating_backend()
-
-        # The packed path mirrors exactly [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?].
-        modules = list(st_model)
-        self.pooling, self.normalize = None, False
-        if (
-            isinstance(first, models.Transformer)
-            and backbone is not None
-            and getattr(backbone.config, "model_type", None) == "mosaic_bert"
-            and len(modules) in (2, 3)
-            and isinstance(modules[1], models.Pooling)
-            and _pooling_mode(modules[1]) in ("mean", "cls")
-            and (len(modules) == 2 or isinstance(modules[2], models.Normalize))
-        ):
-            self.pooling = _pooling_mode(modules[1])
-            self.normalize = len(modules) == 3
-            self.backbone = backbone.to(self.dtype).eval()
+        if parts is not None:  # [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?]: mirrored exactly
+            self.tokenizer, self.pooling, self.normalize, self.dim = parts.tokenizer, parts.pooling, parts.normalize, parts.dim
+            self.max_seq_len = settings.max_seq_len or parts.max_seq_len
+            self.backbone = parts.backbone.to(device=self.device, dtype=self.dtype).eval()
             self.path_used = PACKED
             if compile:
                 for layer in self.backbone.encoder.layers:
                     layer.compile(dynamic=True)  # in place: the module tree (and ST's view of it) is unchanged
         else:
-            self.backbone = None
+            st_model = self._st
+            if settings.max_seq_len is not None:
+                st_model.max_seq_length = settings.max_seq_len
+            self.max_seq_len = int(st_model.max_seq_length or 512)
+            self.tokenizer = st_model[0].tokenizer
+            get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+            self.dim = int(get_dim())
+            self.pooling, self.normalize, self.backbone = None, False, None
             self.path_used = FALLBACK
             st_model.to(self.dtype)
+        self._backend = self._truncating_backend()
         self.compiled = bool(compile and self.backbone is not None)
         self._first_forward = True
+        self._identity: str | None = None
         self.settings = dataclasses.replace(settings, max_seq_len=self.max_seq_len)
         # The fast path is the expected one; a fallback is said loudly (its speed is sentence-transformers').
         logger.log(logging.INFO if self.path_used == PACKED else logging.WARNING,
@@ -224,17 +204,37 @@ class Encoder:
     @classmethod
     def load(cls, path: str | Path, settings: EncodeConfig | None = None, **changes: Any) -> Encoder:
         """Open an encoder folder with ``settings`` (an :class:`EncodeConfig`; ``changes`` replace its fields,
-        e.g. ``Encoder.load(path, device="cpu", max_seq_len=256)``)."""
+        e.g. ``Encoder.load(path, device="cpu", max_seq_len=256)``).
+
+        A folder the packed path mirrors is read directly (backbone, tokenizer, pooling), without importing
+        sentence-transformers, which costs seconds of start-up; any other folder is opened by it.
+        """
         settings = dataclasses.replace(settings or EncodeConfig(), **changes)
+        parts = read_packed_folder(path)
+        if parts is not None:
+            return cls(parts, settings, path=path)
         st = load_sentence_transformer(path, resolve_device(settings.device))
         return cls(st, settings, path=path)
+
+    @property
+    def st(self) -> Any:
+        """The folder as a ``SentenceTransformer`` (loaded on first use when the packed path read it directly):
+        the reference the packed path is tested against, and the fallback path itself."""
+        if self._st is None:
+            if self.path is None:
+                raise ValueError("this Encoder was built from parts, not a folder: no SentenceTransformer to load")
+            self._st = load_sentence_transformer(self.path, self.device)
+            self._st.max_seq_length = self.max_seq_len
+        return self._st
 
     def describe(self) -> dict[str, Any]:
         """What a run folder or store records about the encoder that made its vectors, so that queries are
         embedded alike: its identity (hash of weights and config), path, pooling, normalisation, length, dim."""
+        if self._identity is None and self.path:
+            self._identity = encoder_identity(self.path)
         return {
             "path": str(Path(self.path).resolve()) if self.path else None,
-            "identity": encoder_identity(self.path) if self.path else None,
+            "identity": self._identity,
             "max_seq_len": self.max_seq_len,
             "dim": self.dim,
             "pooling": self.pooling or "sentence-transformers modules",

@@ -14,6 +14,7 @@ import ast
 import importlib
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,112 @@ def load_sentence_transformer(path: str | Path, device: torch.device | str = "cp
         raise FileNotFoundError(f"{path}: not an encoder folder (no modules.json or config.json); give a "
                                 "train-encoder output or a saved model folder")
     return SentenceTransformer(str(path), device=str(device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the packed path needs from a folder: [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?]
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedParts:
+    """The pieces of an encoder the packed path runs: backbone (a MosaicBertModel), its tokenizer, the
+    pooling ("mean" | "cls"), whether vectors are L2-normalised, the truncation length and the dimension."""
+
+    backbone: Any
+    tokenizer: Any
+    pooling: str
+    normalize: bool
+    max_seq_len: int
+    dim: int
+
+
+def pooling_mode(cfg: dict[str, Any]) -> str | None:
+    """The single pooling mode of a ``Pooling`` config ('mean', 'cls', ...) across ST 6.x layouts, or None
+    when it combines modes or excludes the prompt (which needs the prompt length: ST handles those)."""
+    mode = cfg.get("pooling_mode")
+    if isinstance(mode, list | tuple):
+        mode = mode[0] if len(mode) == 1 else None
+    if mode is None:  # older ST: one boolean key per mode
+        active = [k[len("pooling_mode_"):] for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+        mode = active[0] if len(active) == 1 else None
+        mode = {"cls_token": "cls", "mean_tokens": "mean"}.get(mode, mode)
+    if cfg.get("include_prompt", True) is False:
+        return None
+    return mode
+
+
+def packed_parts(st_model: Any) -> PackedParts | None:
+    """The :class:`PackedParts` of a loaded SentenceTransformer, or None when its modules are not exactly
+    [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?] (the packed path must mirror them exactly)."""
+    modules = list(st_model)
+    names = [type(m).__name__ for m in modules]
+    backbone = getattr(modules[0], "auto_model", None) if modules else None
+    if (names[:2] != ["Transformer", "Pooling"] or names[2:] not in ([], ["Normalize"]) or backbone is None
+            or getattr(backbone.config, "model_type", None) != "mosaic_bert"):
+        return None
+    mode = pooling_mode(modules[1].get_config_dict())
+    if mode not in ("mean", "cls") or _has_prompts(st_model):
+        return None
+    get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+    return PackedParts(backbone, modules[0].tokenizer, mode, len(modules) == 3, int(st_model.max_seq_length or 512),
+                       int(get_dim()))
+
+
+def _has_prompts(st_model: Any) -> bool:
+    prompts = getattr(st_model, "prompts", None) or {}
+    return any(prompts.values()) or bool(getattr(st_model, "default_prompt_name", None))
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+#: sentence_bert_config.json keys whose values the packed path reproduces; any other key, or another value
+#: of these, sends the folder to sentence-transformers.
+_PLAIN_TRANSFORMER = {"max_seq_length": None, "do_lower_case": False, "transformer_task": "feature-extraction",
+                      "module_output_name": "token_embeddings",
+                      "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}}
+
+
+def read_packed_folder(path: str | Path) -> PackedParts | None:
+    """Read an encoder folder for the packed path without sentence-transformers (seconds of imports saved).
+
+    Only a folder that is plainly [Transformer(MosaicBERT) at the root, Pooling(mean|cls), Normalize?] with
+    no prompts is read here; for anything else (other modules, lower-casing, prompts, an unfamiliar setting)
+    this returns None and the caller opens the folder with sentence-transformers itself. The truncation
+    length follows sentence-transformers: ``max_seq_length`` of sentence_bert_config.json when present, else
+    the tokenizer's ``model_max_length``. Tests check the result against ``SentenceTransformer`` itself.
+    """
+    path = Path(path)
+    modules = _read_json(path / "modules.json")
+    config = _read_json(path / "config.json")
+    if not isinstance(modules, list) or not isinstance(config, dict) or config.get("model_type") != "mosaic_bert":
+        return None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"]) or modules[0].get("path"):
+        return None
+    sbert = _read_json(path / "sentence_bert_config.json") or {}
+    if any(k not in _PLAIN_TRANSFORMER or (_PLAIN_TRANSFORMER[k] is not None and v != _PLAIN_TRANSFORMER[k])
+           for k, v in sbert.items()):
+        return None
+    st_config = _read_json(path / "config_sentence_transformers.json") or {}
+    if any((st_config.get("prompts") or {}).values()) or st_config.get("default_prompt_name"):
+        return None
+    pooling_cfg = _read_json(path / modules[1].get("path", "") / "config.json") or {}
+    mode = pooling_mode(pooling_cfg)
+    if mode not in ("mean", "cls"):
+        return None
+    from transformers import AutoTokenizer
+
+    from ..model import MosaicBertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    backbone = MosaicBertModel.from_pretrained(str(path))
+    max_len = sbert.get("max_seq_length") or tokenizer.model_max_length
+    if not isinstance(max_len, int) or max_len > 1_000_000:  # transformers' "no limit" sentinel
+        max_len = backbone.config.max_position_embeddings
+    return PackedParts(backbone, tokenizer, mode, len(modules) == 3, int(max_len), int(backbone.config.hidden_size))
 
 
 def encoder_identity(path: str | Path) -> str:

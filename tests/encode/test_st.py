@@ -147,3 +147,50 @@ def test_identity_follows_weights_and_config_not_location(encoder_dir, tmp_path)
     assert encoder_identity(tmp_path / "cls") != ident
     with pytest.raises(FileNotFoundError, match="not a folder"):
         encoder_identity(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("pooling, normalize, length", [("mean", True, 48), ("cls", True, 20), ("mean", False, 33)])
+def test_direct_read_agrees_with_sentence_transformers(tmp_path, pooling, normalize, length):
+    """The packed path reads plain folders without sentence-transformers: same length, pooling, vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    from mosaic_embed.encode import Encoder
+    from mosaic_embed.encode.st import read_packed_folder
+
+    folder = tmp_path / "enc"
+    save_encoder(build_encoder(tiny_mosaic(tmp_path / "b"), pooling, normalize, max_seq_len=length, device="cpu"),
+                 folder)
+    parts = read_packed_folder(folder)
+    ref = SentenceTransformer(str(folder), device="cpu")
+    assert (parts.pooling, parts.normalize, parts.max_seq_len, parts.dim) == (pooling, normalize,
+                                                                             ref.max_seq_length, 32)
+    texts = ["the storm brought rain " * 12, "a cat", "market price news"]
+    enc = Encoder.load(folder, device="cpu")
+    assert enc._st is None  # read directly
+    np.testing.assert_allclose(enc.encode(texts), ref.encode(texts), rtol=1e-4, atol=1e-5)
+
+
+def test_folders_the_direct_read_does_not_mirror_go_to_sentence_transformers(tmp_path):
+    import json
+
+    from mosaic_embed.encode.st import read_packed_folder
+
+    folder = tmp_path / "enc"
+    save_encoder(build_encoder(tiny_mosaic(tmp_path / "b"), "mean", True, max_seq_len=40, device="cpu"), folder)
+    assert read_packed_folder(folder) is not None
+    cases = {
+        "sentence_bert_config.json": lambda c: {**c, "do_lower_case": True},
+        "config_sentence_transformers.json": lambda c: {**c, "prompts": {"query": "query: "}},
+        "1_Pooling/config.json": lambda c: {**c, "pooling_mode": "max"},
+    }
+    for name, change in cases.items():
+        f = folder / name
+        original = f.read_text()
+        f.write_text(json.dumps(change(json.loads(original))))
+        assert read_packed_folder(folder) is None, name
+        f.write_text(original)
+    # the older layout's explicit max_seq_length is honoured, as sentence-transformers does
+    sb = folder / "sentence_bert_config.json"
+    sb.write_text(json.dumps({**json.loads(sb.read_text()), "max_seq_length": 24}))
+    assert read_packed_folder(folder).max_seq_len == 24
+    assert read_packed_folder(tmp_path / "b") is None  # a bare backbone folder: no modules.json
