@@ -129,8 +129,9 @@ def peak_flops(device: torch.device | str, configured_tflops: float | None = Non
             a @ b
         synchronize(device)
         rate = 2 * size**3 * reps / (time.perf_counter() - t)
+        shown = f"{rate / 1e12:.1f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"
         found = (rate, f"the measured {str(dtype).replace('torch.', '')} {size}^3 matmul rate on this "
-                       f"{'GPU' if cuda else 'CPU'} ({rate / 1e12:.1f} TFLOP/s)")
+                       f"{'GPU' if cuda else 'CPU'} ({shown})")
         del a, b
     elif device.type == "cuda":
         name = torch.cuda.get_device_name(device)
