@@ -116,3 +116,45 @@ def write_passages(corpus: Path, out: Path, words: int = 100) -> Path:
             emit(d, chunk)
     atomic_write_text(out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     return out
+
+
+def write_chapter_retrieval_set(corpus: Path, out: Path, chapters: int = 30, words: int = 100) -> Path:
+    """A small labelled retrieval set made mechanically from a book: query = a chapter's title, relevant =
+    every passage of that chapter (the heading line itself left out of the passages), in the BEIR layout.
+
+    From the bundled Moby-Dick (public domain) with the first ``chapters`` chapters: a few hundred passages,
+    small enough to embed on a laptop CPU in seconds, labelled without anyone's judgement.
+    """
+    import json
+    import re
+
+    from .artifacts import atomic_write_text
+    from .data.corpus import iter_documents
+
+    heading = re.compile(r"^CHAPTER (\d+)\.\s+(.+?)\s*$")
+    found: dict[int, tuple[str, str]] = {}
+    for doc in iter_documents(corpus):
+        first, _, body = doc.partition("\n")
+        m = heading.match(first.strip())
+        if m and body.strip():
+            found[int(m.group(1))] = (m.group(2).rstrip("."), body)
+    if not found:
+        raise ValueError(f"{corpus}: no 'CHAPTER N. Title' headings to build a retrieval set from")
+    docs, queries, qrels = [], [], []
+    for number in sorted(found)[:chapters]:
+        title, body = found[number]
+        queries.append({"_id": f"q{number}", "text": title})
+        chunk: list[str] = []
+        paragraphs = [p.split() for p in body.split("\n\n") if p.strip()]
+        for i, para in enumerate(paragraphs):
+            chunk.extend(para)
+            if len(chunk) >= words or i == len(paragraphs) - 1:
+                did = f"c{number}-p{len(docs)}"
+                docs.append({"_id": did, "title": "", "text": " ".join(chunk)})
+                qrels.append(f"q{number}\t{did}\t1")
+                chunk = []
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "corpus.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    atomic_write_text(out / "queries.jsonl", "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in queries))
+    atomic_write_text(out / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+    return out
