@@ -12,14 +12,18 @@ batch at a time), so the GPU idles. Here, for a MosaicBERT backbone (ALiBi or BE
    ``cu_seqlens`` (B+1,), so no padding token is ever computed (MosaicBERT's unpadded path, the same one
    used in pretraining). The window is laid out in numpy by the tokenizer thread and goes to the device
    in a few copies; the batch loop then only launches device work (no per-batch copy or readback);
-3. pooling (mean / CLS) and normalisation run on the packed (T, H) output with segment sums, matching
-   sentence-transformers' ``Pooling`` + ``Normalize`` exactly;
+3. pooling (mean / CLS) runs on the packed (T, H) output with segment sums, matching sentence-transformers'
+   ``Pooling`` exactly; the modules after it (``Dense`` projections, ``Normalize``) are the folder's own
+   modules, called on the pooled vectors;
 4. the model runs in bf16 on GPU (``runtime.resolve_precision``), and the results of a whole window come
    back to the host at once.
 
-Any other backbone (or a folder with modules we do not mirror, e.g. ``Dense``) falls back to plain
+Any other backbone (or a folder with modules we do not mirror) falls back to plain
 ``SentenceTransformer.encode``; ``Encoder.path_used`` says which path runs, and a fallback is logged.
-Documents and queries go through the same object with the same :class:`~mosaic_embed.config.EncodeConfig`.
+Documents and queries go through the same object with the same :class:`~mosaic_embed.config.EncodeConfig`;
+``prompt_name`` ("query" / "document") prepends the prompts stored in the folder exactly as
+``SentenceTransformer.encode_query`` / ``encode_document`` do, and ``truncate_dim`` keeps the first
+dimensions of a Matryoshka-trained encoder (re-normalised when the encoder normalises).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError, EncodeConfig
 from ..data import packing
@@ -45,6 +48,10 @@ from .st import encoder_identity, load_sentence_transformer
 logger = logging.getLogger(__name__)
 
 PACKED, FALLBACK = "packed", "sentence-transformers"
+
+
+#: ST's ``encode_document`` takes the first of these prompts the folder defines.
+DOCUMENT_PROMPTS = ("document", "passage", "corpus")
 
 
 def _pooling_mode(module: Any) -> str | None:
@@ -60,6 +67,16 @@ def _pooling_mode(module: Any) -> str | None:
     if cfg.get("include_prompt", True) is False:
         return None  # prompt exclusion needs the prompt length: leave it to ST
     return mode
+
+
+def _on_sentence_embedding(module: Any) -> bool:
+    """A module after pooling that only maps ``sentence_embedding`` to itself (``Dense``, ``Normalize``)."""
+    from sentence_transformers import models
+
+    if not isinstance(module, models.Dense | models.Normalize):
+        return False
+    return all(getattr(module, name, "sentence_embedding") == "sentence_embedding"
+               for name in ("module_input_name", "module_output_name"))
 
 
 DEFAULT_MAX_TOKENS = 32768  # real tokens per packed batch on GPU (see Encoder)
@@ -180,7 +197,13 @@ class Encoder:
         self.max_seq_len = int(st_model.max_seq_length or 512)
         self.tokenizer = first.tokenizer
         get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        self.full_dim = int(get_dim())
+        if settings.truncate_dim is not None and settings.truncate_dim > self.full_dim:
+            raise ConfigError(f"truncate_dim {settings.truncate_dim}: this encoder makes {self.full_dim}-d vectors")
+        self.dim = settings.truncate_dim or self.full_dim
+        # ST keeps a name whose prompt is None (its defaults, older folders) as "no prompt": so do we
+        self.prompts = {k: v or "" for k, v in (getattr(st_model, "prompts", None) or {}).items()}
+        self.default_prompt_name = getattr(st_model, "default_prompt_name", None)
         self.dtype = resolve_precision(settings.precision, self.device)
         self.batch_size = settings.batch_size
         self.max_tokens = settings.max_tokens
@@ -189,20 +212,23 @@ class Encoder:
         compile = self.device.type == "cuda" if settings.compile is None else settings.compile
         self._backend = self._truncating_backend()
 
-        # The packed path mirrors exactly [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?].
+        # The packed path runs [Transformer(MosaicBERT), Pooling(mean|cls)] itself, then the folder's own
+        # Dense / Normalize modules on the pooled vectors.
         modules = list(st_model)
-        self.pooling, self.normalize = None, False
+        self.pooling = None
+        self.normalize = isinstance(modules[-1], models.Normalize)
+        self.tail: list[Any] = []
         if (
             isinstance(first, models.Transformer)
             and backbone is not None
             and getattr(backbone.config, "model_type", None) == "mosaic_bert"
-            and len(modules) in (2, 3)
+            and len(modules) >= 2
             and isinstance(modules[1], models.Pooling)
             and _pooling_mode(modules[1]) in ("mean", "cls")
-            and (len(modules) == 2 or isinstance(modules[2], models.Normalize))
+            and all(_on_sentence_embedding(m) for m in modules[2:])
         ):
             self.pooling = _pooling_mode(modules[1])
-            self.normalize = len(modules) == 3
+            self.tail = modules[2:]
             self.backbone = backbone.to(self.dtype).eval()
             self.path_used = PACKED
             if compile:
@@ -231,17 +257,49 @@ class Encoder:
 
     def describe(self) -> dict[str, Any]:
         """What a run folder or store records about the encoder that made its vectors, so that queries are
-        embedded alike: its identity (hash of weights and config), path, pooling, normalisation, length, dim."""
+        embedded alike: its identity (hash of weights and config), path, pooling, normalisation, length, dim,
+        the prompts it applies and the truncation."""
         return {
             "path": str(Path(self.path).resolve()) if self.path else None,
             "identity": encoder_identity(self.path) if self.path else None,
             "max_seq_len": self.max_seq_len,
             "dim": self.dim,
+            "truncate_dim": self.settings.truncate_dim,
             "pooling": self.pooling or "sentence-transformers modules",
-            "normalize": self.normalize if self.path_used == PACKED else None,
+            "normalize": self.normalize,
+            "prompts": dict(self.prompts),
+            "default_prompt_name": self.default_prompt_name,
             "precision": self.settings.precision,
             "path_used": self.path_used,
         }
+
+    def prompt(self, prompt_name: str | None) -> str:
+        """The text prepended for ``prompt_name``, as sentence-transformers resolves it: "query" ->
+        ``prompts["query"]`` (``encode_query``), "document" -> the first of document/passage/corpus
+        (``encode_document``), falling back to the default prompt when the folder defines neither; any other
+        name must be one of the folder's prompts; None -> the default prompt, or nothing."""
+        if prompt_name == "query" and "query" in self.prompts:
+            return self.prompts["query"]
+        if prompt_name == "document":
+            for name in DOCUMENT_PROMPTS:
+                if name in self.prompts:
+                    return self.prompts[name]
+        if prompt_name in (None, "query", "document"):
+            default = self.default_prompt_name
+            return self.prompts.get(default, "") if default else ""
+        if prompt_name not in self.prompts:
+            raise ValueError(f"prompt_name {prompt_name!r}: the encoder {self.path} defines the prompts "
+                             f"{sorted(self.prompts) or 'none'}")
+        return self.prompts[prompt_name]
+
+    def _finish(self, emb: np.ndarray) -> np.ndarray:
+        """Matryoshka truncation (re-normalised when the encoder normalises, so cosine stays inner product)."""
+        if self.dim == self.full_dim:
+            return emb
+        emb = np.ascontiguousarray(emb[:, : self.dim])
+        if self.normalize:
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb
 
     # -- tokenization ---------------------------------------------------------------------------------------
 
@@ -300,7 +358,7 @@ class Encoder:
         no readback until the whole window is done.
         """
         n = int(win.lens.shape[0])
-        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+        out = torch.empty(n, self.full_dim, dtype=torch.float32, device=self.device)
         if n == 0:
             return out
         tokens, cu, order = self._to_device(win.tokens), self._to_device(win.cu), self._to_device(win.order)
@@ -320,8 +378,8 @@ class Encoder:
                 sums = torch.zeros(e - a, hidden.shape[-1], device=self.device, dtype=torch.float32)
                 sums.index_add_(0, seg[t0:t1], hidden.float())  # (B, H) per-sequence sums
                 pooled = sums / counts[a:e, None]
-            if self.normalize:
-                pooled = F.normalize(pooled, dim=-1)
+            for module in self.tail:  # the folder's Dense / Normalize modules, in fp32
+                pooled = module({"sentence_embedding": pooled})["sentence_embedding"]
             out.index_copy_(0, order[a:e], pooled)
             if progress is not None:
                 progress.update(e - a)
@@ -349,12 +407,14 @@ class Encoder:
         ``max_tokens`` cuts batches by real tokens instead of ``batch_size`` sequences.
         """
         win = plan_window(*packing.flatten(token_ids, np.int32), batch_size or self.batch_size, max_tokens)
-        return self._embed_packed(win, progress).cpu().numpy()
+        return self._finish(self._embed_packed(win, progress).cpu().numpy())
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False,
-               window: int = 16384) -> np.ndarray:
+               window: int = 16384, prompt_name: str | None = None) -> np.ndarray:
         """(N,) strings -> (N, D) float32 embeddings, input order (tokenizing ahead, see ``iter_embed``).
 
+        ``prompt_name``: "query" for queries, "document" for documents (see :meth:`prompt`); the same vectors
+        as ``SentenceTransformer.encode_query`` / ``encode_document`` of the folder.
         The first window is an eighth of ``window``: the device starts after tokenizing that much instead
         of a whole window, and the next (full) window is tokenized while it runs.
         """
@@ -368,14 +428,16 @@ class Encoder:
             cuts.append(min(len(texts), cuts[-1] + window))
         windows = ((a, texts[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
         try:
-            parts = [emb for _, emb, _ in self.iter_embed(windows, batch_size, progress=bar)]
+            parts = [emb for _, emb, _ in self.iter_embed(windows, batch_size, progress=bar, prompt_name=prompt_name)]
         finally:
             bar.close()
         return np.concatenate(parts, axis=0)
 
     def iter_embed(self, windows: Iterable[tuple[Any, Sequence[str]]], batch_size: int | None = None,
-                   progress: Any = None) -> Iterator[tuple[Any, np.ndarray, int]]:
+                   progress: Any = None, prompt_name: str | None = None) -> Iterator[tuple[Any, np.ndarray, int]]:
         """Embed ``(key, texts)`` windows in order, yielding ``(key, (n, D) float32, real tokens)``.
+
+        ``prompt_name`` as in :meth:`encode`.
 
         A background thread reads, tokenizes and lays out (:func:`plan_window`) window k+1 while the device
         embeds window k: the host work (JSON parsing, WordPiece, sorting) hides behind the forward passes
@@ -383,6 +445,7 @@ class Encoder:
         large numpy operations release it), so it does not slow the thread that launches the GPU work.
         """
         batch_size = batch_size or self.batch_size
+        prompt = self.prompt(prompt_name)  # an unknown name fails here, before any work
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
@@ -400,7 +463,7 @@ class Encoder:
                 for key, texts in windows:
                     win = None
                     if self.path_used == PACKED:
-                        flat, lens = self.tokenize_flat(texts)
+                        flat, lens = self.tokenize_flat([prompt + t for t in texts] if prompt else texts)
                         win = plan_window(flat, lens, batch_size, self.max_tokens)
                     if not put((key, texts, win)):
                         return
@@ -418,19 +481,22 @@ class Encoder:
                 if isinstance(item, BaseException):
                     raise item
                 key, texts, win = item
-                emb = self.embed_window(texts, win, batch_size, progress=progress)
+                emb = self.embed_window(texts, win, batch_size, progress=progress, prompt=prompt)
                 yield key, emb, (win.n_tokens if win is not None else 0)
         finally:
             stop.set()
             thread.join(timeout=5)
 
     def embed_window(self, texts: Sequence[str], win: PackedWindow | None, batch_size: int,
-                     progress: Any = None) -> np.ndarray:
-        """One window -> (n, D) float32 in input order (one device->host copy for the whole window)."""
+                     progress: Any = None, prompt: str = "") -> np.ndarray:
+        """One window -> (n, D) float32 in input order (one device->host copy for the whole window).
+
+        ``win`` is the window tokenized with ``prompt`` prepended (packed path); ST applies ``prompt`` itself
+        (an explicit prompt, so its default prompt is not applied a second time)."""
         if self.path_used == FALLBACK:  # ST sorts by length and pads per batch itself
             emb = np.asarray(self.st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                            show_progress_bar=False), dtype=np.float32)
+                                            show_progress_bar=False, prompt=prompt), dtype=np.float32)
             if progress is not None:
                 progress.update(len(texts))
-            return emb
-        return self._embed_packed(win, progress).cpu().numpy()
+            return self._finish(emb)
+        return self._finish(self._embed_packed(win, progress).cpu().numpy())

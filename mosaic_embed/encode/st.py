@@ -19,19 +19,29 @@ from typing import Any
 
 import torch
 
-from ..artifacts import folder_fingerprint
+from ..artifacts import folder_fingerprint, read_json
 
 PACKAGE = "mosaic_embed"
 
 
 def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool = True, max_seq_len: int = 128,
                   device: str | None = None):
-    """A ``SentenceTransformer`` = Transformer(backbone) -> Pooling(``pooling``) [-> Normalize]."""
+    """A ``SentenceTransformer`` = Transformer(backbone) -> Pooling(``pooling``) [-> Normalize].
+
+    A sentence-transformers folder (``modules.json``: an encoder to train further, e.g. a converted
+    all-MiniLM-L6-v2 or a distilled student) is opened as it is, with its own pooling, projection,
+    normalisation and prompts (``pooling`` and ``normalize`` apply to bare backbones only); ``max_seq_len``
+    applies to both.
+    """
     from sentence_transformers import SentenceTransformer, models
 
     import mosaic_embed.model  # noqa: F401  (registers MosaicBERT with the Auto classes)
 
     backbone = Path(backbone)
+    if (backbone / "modules.json").is_file():
+        model = load_sentence_transformer(backbone, device or "cpu")
+        model.max_seq_length = max_seq_len
+        return model
     if not (backbone / "config.json").is_file():
         raise FileNotFoundError(f"{backbone}: no config.json (expected a saved model folder such as runs/NAME/final)")
     transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
@@ -67,9 +77,11 @@ def encoder_identity(path: str | Path) -> str:
 
 def transformer_dir(st_dir: Path) -> Path:
     """The sub-folder of a saved SentenceTransformer that holds the Transformer module (often the root)."""
-    modules = json.loads((st_dir / "modules.json").read_text(encoding="utf-8"))
+    modules = read_json(st_dir / "modules.json", "a sentence-transformers modules.json")
+    if not isinstance(modules, list):
+        raise ValueError(f"{st_dir}/modules.json: not a sentence-transformers modules.json (expected a list)")
     for m in modules:
-        if m.get("type", "").endswith("Transformer"):
+        if isinstance(m, dict) and str(m.get("type", "")).endswith("Transformer"):
             return st_dir / m.get("path", "")
     raise ValueError(f"{st_dir}/modules.json: no Transformer module")
 
@@ -264,11 +276,3 @@ def export_remote_code(model_dir: str | Path, auto_classes: dict[str, type] | No
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return auto_map
 
-
-def _transformer_dir(st_dir: Path) -> Path:
-    """The sub-folder of a saved SentenceTransformer that holds the Transformer module (often the root)."""
-    modules = json.loads((st_dir / "modules.json").read_text(encoding="utf-8"))
-    for m in modules:
-        if m.get("type", "").endswith("Transformer"):
-            return st_dir / m.get("path", "")
-    raise ValueError(f"{st_dir}/modules.json: no Transformer module")
