@@ -722,7 +722,10 @@ class PretrainModelConfig:
     arch: Literal["mosaic_bert", "hf_bert"] = "mosaic_bert"
     preset: str = "mosaic-bert-base"
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    init_from: Path | None = None  # a save_pretrained folder to start from instead of random weights
+    # Continue from a checkpoint instead of random weights (domain-adaptive pretraining): a pretraining run's
+    # final/, a converted BERT (convert --from-hf), an encoder-only or sentence-transformers folder (a fresh
+    # MLM head, with a warning). Its tokenizer and architecture are kept (recipe: continue).
+    init_from: Path | None = None
 
     def __post_init__(self):
         if not self.preset:
