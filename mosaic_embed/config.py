@@ -836,10 +836,10 @@ class ContrastiveConfig:
     ``mini_batch_size``). Under DDP, ``gather_across_devices`` makes every rank's in-batch negatives include
     all ranks' documents.
 
-    Label-free adaptation with a ``teacher`` (any sentence-transformers folder, e.g. the model you start
-    from): ``teacher_filter`` > 0 keeps a pair only when the teacher ranks its positive within that top-k
-    among all positives (a consistency filter for mined pairs); ``hard_negatives`` > 0 mines that many hard
-    negatives per pair with the teacher (``negative_margin``: a candidate must score below
+    A ``teacher`` (any sentence-transformers folder; None = the encoder ``model`` when it is one) helps
+    without labels: ``teacher_filter`` > 0 keeps a pair only when the teacher ranks its positive within that
+    top-k among all positives (a consistency filter for mined pairs); ``hard_negatives`` > 0 mines that many
+    hard negatives per pair with the teacher (``negative_margin``: a candidate must score below
     ``(1 - margin) x`` the positive's score; replaces negatives from the file).
 
     ``matryoshka_dims``: also train the leading dimensions (MatryoshkaLoss; the full dimension is always
@@ -860,7 +860,7 @@ class ContrastiveConfig:
     mining: Literal["mixed", "first-sentence", "spans", "simcse"] = "mixed"
     max_pairs: int | None = None
     beir_split: str = "train"
-    teacher: str | None = None
+    teacher: str | None = None  # None: the starting encoder (when model is a sentence-transformers folder)
     teacher_filter: int = 0
     hard_negatives: int = 0
     negative_margin: float = 0.05
@@ -909,9 +909,6 @@ class ContrastiveConfig:
         for name in ("teacher_filter", "hard_negatives", "eval_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if (self.teacher_filter or self.hard_negatives) and not self.teacher:
-            raise ValueError("teacher_filter / hard_negatives need a teacher (a sentence-transformers folder; "
-                             "the encoder you start from works too)")
         if not 0.0 <= self.negative_margin < 1.0:
             raise ValueError(f"negative_margin must be in [0, 1), got {self.negative_margin}")
         if any(d < 1 for d in self.matryoshka_dims) or len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):

@@ -31,7 +31,7 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
     A sentence-transformers folder (``modules.json``: an encoder to train further, e.g. a converted
     all-MiniLM-L6-v2 or a distilled student) is opened as it is, with its own pooling, projection,
     normalisation and prompts (``pooling`` and ``normalize`` apply to bare backbones only); ``max_seq_len``
-    applies to both.
+    applies to both. The weights are fp32 (the master copy for training) whatever the folder stores.
     """
     from sentence_transformers import SentenceTransformer, models
 
@@ -41,7 +41,7 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
     if (backbone / "modules.json").is_file():
         model = load_sentence_transformer(backbone, device or "cpu")
         model.max_seq_length = max_seq_len
-        return model
+        return model.float()  # fp32 master weights (a folder saved in fp16, e.g. a teacher, loads as fp16)
     if not (backbone / "config.json").is_file():
         raise FileNotFoundError(f"{backbone}: no config.json (expected a saved model folder such as runs/NAME/final)")
     transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
@@ -49,7 +49,7 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
     modules = [transformer, models.Pooling(get_dim(), pooling_mode=pooling)]
     if normalize:
         modules.append(models.Normalize())
-    return SentenceTransformer(modules=modules, device=device)
+    return SentenceTransformer(modules=modules, device=device).float()
 
 
 def load_sentence_transformer(path: str | Path, device: torch.device | str = "cpu"):

@@ -553,7 +553,7 @@ def _write_st_folder(source: Path, backbone: Any, tokenizer: Any, out: Path) -> 
             modules=[transformer, *list(original)[1:]], device="cpu", prompts=dict(original.prompts),
             default_prompt_name=original.default_prompt_name, similarity_fn_name=original.similarity_fn_name,
         )
-        save_encoder(rebuilt, out)
+        save_encoder(rebuilt.float(), out)  # a Dense module of an fp16 folder is stored in fp32 like the rest
 
 
 __all__ = ["load_original_checkpoint", "convert_state_dict", "convert_checkpoint", "resolve_config",

@@ -100,6 +100,16 @@ def _ir_evaluator_from_beir(folder: str, split: str, cfg: ContrastiveConfig):
     return _ir_evaluator(data.queries, corpus, relevant, f"beir-{split}", cfg)
 
 
+def teacher_folder(cfg: ContrastiveConfig) -> str:
+    """``cfg.teacher``, or the encoder training starts from when it is a sentence-transformers folder."""
+    if cfg.teacher:
+        return cfg.teacher
+    if (Path(cfg.model) / "modules.json").is_file():
+        return cfg.model
+    raise ValueError(f"teacher_filter / hard_negatives need a teacher: {cfg.model} is a bare backbone, not an "
+                     "encoder; give --teacher (a sentence-transformers folder)")
+
+
 def _prepare_pairs(cfg: ContrastiveConfig) -> tuple[Any, Any, dict[str, Any]]:
     """(training pairs, evaluator or None, what was done to them) for ``cfg``: read or mine the pairs, hold out
     the evaluation slice, then apply the teacher (consistency filter, hard negatives)."""
@@ -116,11 +126,11 @@ def _prepare_pairs(cfg: ContrastiveConfig) -> tuple[Any, Any, dict[str, Any]]:
         info["n_pairs_held_out"] = len(split["test"])
     elif cfg.eval_beir:
         evaluator = _ir_evaluator_from_beir(cfg.eval_beir, cfg.eval_split, cfg)
-    if cfg.teacher and (cfg.teacher_filter or cfg.hard_negatives):
+    if cfg.teacher_filter or cfg.hard_negatives:
         from ..config import EncodeConfig
         from ..encode import Encoder
 
-        teacher = Encoder.load(cfg.teacher, EncodeConfig(max_seq_len=None))
+        teacher = Encoder.load(teacher_folder(cfg), EncodeConfig(max_seq_len=None))
         info["teacher"] = teacher.describe()
         if cfg.teacher_filter:
             dataset, info["teacher_filter"] = teacher_filter(dataset, teacher, cfg.teacher_filter)
@@ -224,7 +234,7 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
                 write_manifest(
                     tmp, "train-encoder", cfg,
                     inputs={"model": str(cfg.model), "pairs": str(cfg.pairs), "corpus": cfg.corpus,
-                            "teacher": cfg.teacher},
+                            "teacher": pair_info.get("teacher", {}).get("path")},
                     outputs={"n_pairs": len(dataset), "columns": dataset.column_names,
                              "train_loss": float(train_out.training_loss), "steps": int(train_out.global_step),
                              "prompts": dict(model.prompts), "pairs": pair_info,

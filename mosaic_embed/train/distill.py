@@ -189,7 +189,7 @@ def build_student(cfg: DistillConfig, teacher: Any, work: Path) -> tuple[Any, di
     if spec.exists() and cfg.student_overrides:
         raise ValueError("student_overrides apply to a preset student; a folder keeps its own config")
     if spec.is_dir() and (spec / "modules.json").is_file():
-        st = load_sentence_transformer(spec, "cpu")
+        st = load_sentence_transformer(spec, "cpu").float()
         backbone = getattr(st[0], "auto_model", None)
         _require_mosaic(getattr(getattr(backbone, "config", None), "model_type", None), spec)
         st[0].max_seq_length = cfg.max_seq_len

@@ -246,7 +246,7 @@ def test_train_encoder_from_an_encoder_folder_with_teacher_mined_pairs(encoder_d
             f.write(json.dumps({"text": f"The {topic} story number {i} is here. It says {text} about {topic}. " * 3}) + "\n")
     teacher = str(encoder_dir / "encoder")
     cfg = ContrastiveConfig(model=teacher, pairs="auto", corpus=str(corpus), mining="first-sentence",
-                            teacher=teacher, teacher_filter=3, hard_negatives=1, negative_margin=0.0,
+                            teacher_filter=3, hard_negatives=1, negative_margin=0.0,
                             out=tmp_path / "enc", batch_size=4, max_steps=2, max_seq_len=32)
     out = train_encoder(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -257,8 +257,9 @@ def test_train_encoder_from_an_encoder_folder_with_teacher_mined_pairs(encoder_d
     assert manifest["outputs"]["n_pairs"] == info["hard_negatives"]["with_negatives"]
     assert json.loads((out / "modules.json").read_text()) == json.loads(
         (encoder_dir / "encoder" / "modules.json").read_text())
-    with pytest.raises(ValueError, match="need a teacher"):
-        ContrastiveConfig(hard_negatives=2)
+    with pytest.raises(ValueError, match="is a bare backbone, not an encoder; give --teacher"):
+        train_encoder(ContrastiveConfig(model=str(encoder_dir / "backbone"), pairs="auto", corpus=str(corpus),
+                                        hard_negatives=2))
     with pytest.raises(ValueError, match="eval_steps needs something to evaluate on"):
         ContrastiveConfig(eval_steps=5)
 
