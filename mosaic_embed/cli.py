@@ -146,7 +146,8 @@ def pretrain_cmd(corpus, out, init_from, resume, recipe, overrides):
     """MLM-pretrain an encoder: corpus -> shards -> training -> OUT/final (save_pretrained + manifest).
 
     Recipes: mosaic-bert-base (default with --corpus; a GPU recipe), mosaic-bert-large, bert-base (the HF
-    BERT baseline), mosaic-bert-small, mosaic-bert-mini, tiny (default without --corpus; CPU-sized).
+    BERT baseline), mosaic-bert-small, mosaic-bert-mini, tiny (default without --corpus; CPU-sized),
+    continue (domain-adaptive pretraining with --init-from; its tokenizer and architecture are kept).
     Multi-GPU: ``torchrun --nproc_per_node N -m mosaic_embed.cli pretrain ...`` (same global batch).
     """
     from .config import PretrainConfig, load_config
@@ -238,22 +239,38 @@ def plot_pareto_cmd(results, out, labels, title):
         click.echo(f"wrote {path}")
 
 
-# ---- model: original MosaicBERT checkpoint conversion (model/convert.py) ---------------------------------
+# ---- model: checkpoint conversion (model/convert.py) -----------------------------------------------------
 
 
 @main.command("convert")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Original MosaicBERT weights (mosaicml/examples bert_layers.py names): .pt/.bin/.safetensors, "
                    "or a Composer checkpoint (state dict under ['state']['model'], 'model.' prefix).")
-@click.option("--config", "config", default="mosaic-bert-base", show_default=True,
-              help="A preset name (mosaic-bert-base|large|small|mini|tiny) or a config.json path.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model folder (save_pretrained).")
+@click.option("--from-hf", "from_hf", type=click.Path(file_okay=False), default=None,
+              help="A transformers BERT folder (BertModel, BertForMaskedLM) or a sentence-transformers folder "
+                   "around one (e.g. all-MiniLM-L6-v2): converted to MosaicBERT in BERT mode.")
+@click.option("--config", "config", default=None,
+              help="With --checkpoint: a preset name (mosaic-bert-base|large|small|mini|tiny; default base) or a "
+                   "config.json path.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model folder.")
 @click.option("--trust-pickle", is_flag=True, help="Unpickle arbitrary objects (Composer checkpoints); trusted files only.")
-def convert_cmd(checkpoint, config, out, trust_pickle):
-    """Convert an original MosaicBERT checkpoint into a folder AutoModel* loads."""
+def convert_cmd(checkpoint, from_hf, config, out, trust_pickle):
+    """Convert an original MosaicBERT checkpoint, or a transformers BERT / sentence-transformers folder, into
+    a folder AutoModel* (or SentenceTransformer) loads and our packed Encoder runs."""
+    if (checkpoint is None) == (from_hf is None):
+        raise click.UsageError("give one of --checkpoint FILE (original MosaicBERT) or --from-hf DIR (transformers BERT)")
+    if from_hf is not None:
+        if config is not None or trust_pickle:
+            raise click.UsageError("--config and --trust-pickle go with --checkpoint; --from-hf reads the folder's config")
+        from .model.convert import convert_hf
+
+        model = convert_hf(from_hf, out)
+        kind = "sentence-transformers folder, " if (Path(from_hf) / "modules.json").is_file() else ""
+        click.echo(f"wrote {out} ({kind}{type(model).__name__} in BERT mode, {model.num_parameters():,} parameters)")
+        return
     from .model.convert import convert_checkpoint
 
-    model = convert_checkpoint(checkpoint, config, out, trust_pickle=trust_pickle)
+    model = convert_checkpoint(checkpoint, config or "mosaic-bert-base", out, trust_pickle=trust_pickle)
     click.echo(f"wrote {out} ({type(model).__name__}, {model.num_parameters():,} parameters)")
 
 
@@ -272,35 +289,102 @@ def encode_options(func):
         click.option("--compile/--no-compile", "compile_", default=None,
                      help="torch.compile the MosaicBERT layers (default: off; ~7 %% faster on GPU after ~10 s of "
                           "compilation: for millions of texts)."),
+        click.option("--truncate-dim", type=int, default=None,
+                     help="Keep the first N dimensions (an encoder trained with Matryoshka dimensions)."),
     ]):
         func = decorator(func)
     return func
 
 
-def _encode_flags(max_seq_len, batch_size, max_tokens, device, compile_) -> dict:
+def _encode_flags(max_seq_len, batch_size, max_tokens, device, compile_, truncate_dim) -> dict:
     return {"max_seq_len": max_seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "device": device,
-            "compile": compile_}
+            "compile": compile_, "truncate_dim": truncate_dim}
+
+
+def _int_list(value: str | None, flag: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers", param_hint=flag) from None
 
 
 @main.command("train-encoder")
-@click.option("--model", type=click.Path(file_okay=False), default=None, help="Backbone folder, e.g. runs/NAME/final.")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="Backbone folder (runs/NAME/final, a converted BERT) or a sentence-transformers folder.")
 @click.option("--pairs", default=None, help="Pairs .jsonl[.gz] / .tsv, a BEIR folder, or 'auto' (mine from --corpus).")
 @click.option("--corpus", type=click.Path(), default=None, help="Corpus file/folder for --pairs auto.")
+@click.option("--mining", type=click.Choice(["mixed", "first-sentence", "spans", "simcse"]), default=None,
+              help="How --pairs auto mines pairs (default: mixed cropping; simcse = dropout views).")
+@click.option("--teacher", type=click.Path(file_okay=False), default=None,
+              help="A sentence-transformers folder that filters mined pairs and mines hard negatives.")
+@click.option("--teacher-filter", type=int, default=None,
+              help="Keep a pair only if the teacher ranks its positive within this top-k (0 = off).")
+@click.option("--hard-negatives", type=int, default=None, help="Hard negatives per pair mined by --teacher (0 = off).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (a sentence-transformers model).")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default=None, help="Pooling (default: mean).")
 @click.option("--loss", type=click.Choice(["mnrl", "cached_mnrl"]), default=None, help="Ranking loss (default: mnrl).")
+@click.option("--matryoshka-dims", default=None, help="Comma-separated leading dimensions to train too, e.g. 256,128,64.")
+@click.option("--query-prompt", default=None, help="Text prepended to queries (stored in the encoder folder).")
+@click.option("--document-prompt", default=None, help="Text prepended to documents (stored in the encoder folder).")
 @click.option("--batch-size", type=int, default=None, help="Pairs per device batch (in-batch negatives).")
+@click.option("--max-seq-len", type=int, default=None, help="Training truncation length (default: 128).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
+@click.option("--eval-fraction", type=float, default=None, help="Hold out this share of the pairs for an IR evaluation.")
+@click.option("--eval-steps", type=int, default=None, help="Evaluate every N steps during training (default: at the end).")
 @click.option("--eval-beir", type=click.Path(file_okay=False), default=None, help="BEIR folder to evaluate on.")
 @recipe_options
-def train_encoder_cmd(model, pairs, corpus, out, pooling, loss, batch_size, max_steps, eval_beir, recipe, overrides):
-    """Contrastive training (in-batch + hard negatives) of a backbone into a sentence encoder."""
+def train_encoder_cmd(model, pairs, corpus, mining, teacher, teacher_filter, hard_negatives, out, pooling, loss,
+                      matryoshka_dims, query_prompt, document_prompt, batch_size, max_seq_len, max_steps,
+                      eval_fraction, eval_steps, eval_beir, recipe, overrides):
+    """Contrastive training (in-batch + hard negatives) of a backbone or an encoder into a sentence encoder.
+
+    Recipes: default (labelled pairs), adapt (label-free: mined pairs filtered by --teacher, with hard
+    negatives), tiny (CI).
+    """
     from .config import ContrastiveConfig, load_config
     from .train.contrastive import train_encoder
 
-    cfg = load_config(ContrastiveConfig, recipe, overrides, model=model, pairs=pairs, corpus=corpus, out=_path(out),
-                      pooling=pooling, loss=loss, batch_size=batch_size, max_steps=max_steps, eval_beir=eval_beir)
+    cfg = load_config(ContrastiveConfig, recipe, overrides, model=model, pairs=pairs, corpus=corpus, mining=mining,
+                      teacher=teacher, teacher_filter=teacher_filter, hard_negatives=hard_negatives, out=_path(out),
+                      pooling=pooling, loss=loss, matryoshka_dims=_int_list(matryoshka_dims, "--matryoshka-dims"),
+                      query_prompt=query_prompt, document_prompt=document_prompt, batch_size=batch_size,
+                      max_seq_len=max_seq_len, max_steps=max_steps, eval_fraction=eval_fraction,
+                      eval_steps=eval_steps, eval_beir=eval_beir)
     click.echo(f"wrote {train_encoder(cfg)}")
+
+
+@main.command("distill")
+@click.option("--teacher", type=click.Path(file_okay=False), default=None,
+              help="The teacher: a sentence-transformers folder (e.g. all-MiniLM-L6-v2).")
+@click.option("--student", default=None,
+              help="A MosaicBERT folder (runs/NAME/final, a converted BERT, an encoder) or a preset name "
+                   "(mosaic-bert-small, ...: random weights with the teacher's tokenizer).")
+@click.option("--corpus", type=click.Path(), default=None, help="Your text: a corpus file or folder.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output encoder folder.")
+@click.option("--loss", type=click.Choice(["cosine", "mse"]), default=None, help="Distillation loss (default: cosine).")
+@click.option("--max-passages", type=int, default=None, help="Use at most this many passages (a seeded sample).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (default: one epoch).")
+@click.option("--batch-size", type=int, default=None, help="Passages per batch (default: 64).")
+@click.option("--pairs", default=None,
+              help="Then train-encoder on these pairs (a .jsonl/.tsv file or a BEIR folder); OUT.distilled keeps "
+                   "the student before it.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where passages and teacher embeddings are kept (default: OUT/../.distill-cache).")
+@click.option("--eval-beir", type=click.Path(file_okay=False), default=None, help="Evaluate the result on a BEIR folder.")
+@recipe_options
+def distill_cmd(teacher, student, corpus, out, loss, max_passages, max_steps, batch_size, pairs, cache_dir, eval_beir,
+                recipe, overrides):
+    """Distill a teacher encoder into a MosaicBERT student on your own text (teacher embeddings cached on disk)."""
+    from .config import DistillConfig, load_config
+    from .train.distill import distill
+
+    cfg = load_config(DistillConfig, recipe, overrides, teacher=_path(teacher), student=student,
+                      corpus=_path(corpus), out=_path(out), loss=loss, max_passages=max_passages,
+                      max_steps=max_steps, batch_size=batch_size, cache_dir=_path(cache_dir),
+                      eval_beir=_path(eval_beir), finetune={"pairs": pairs})
+    click.echo(f"wrote {distill(cfg)}")
 
 
 @main.command("embed")
@@ -312,17 +396,20 @@ def train_encoder_cmd(model, pairs, corpus, out, pooling, loss, batch_size, max_
 @click.option("--id-field", default=None, help="Record id field (default: _id, then id, then the row number).")
 @click.option("--window", type=int, default=None, help="Texts sorted by length together; the checkpoint unit (default 16384).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="Stored vectors (default: float16).")
+@click.option("--prompt-name", default=None,
+              help="The encoder's prompt for these texts: document (default) or query, or another name it defines.")
 @encode_options
 @recipe_options
-def embed_cmd(model, input_path, out, text_field, title_field, id_field, window, dtype, max_seq_len, batch_size,
-              max_tokens, device, compile_, recipe, overrides):
+def embed_cmd(model, input_path, out, text_field, title_field, id_field, window, dtype, prompt_name, max_seq_len,
+              batch_size, max_tokens, device, compile_, truncate_dim, recipe, overrides):
     """Embed a JSON-lines file into memory-mapped .npy + ids; resumable; multi-GPU under torchrun."""
     from .config import EmbedConfig, load_config
     from .encode import embed_file
 
     cfg = load_config(EmbedConfig, recipe, overrides, model=_path(model), input=_path(input_path), out=_path(out),
                       text_field=text_field, title_field=title_field, id_field=id_field, window=window, dtype=dtype,
-                      encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_))
+                      prompt_name=prompt_name,
+                      encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_, truncate_dim))
     click.echo(f"wrote {embed_file(cfg)}")
 
 
@@ -334,14 +421,15 @@ def embed_cmd(model, input_path, out, text_field, title_field, id_field, window,
 @encode_options
 @recipe_options
 def eval_retrieval_cmd(model, beir_dir, split, out_json, max_seq_len, batch_size, max_tokens, device, compile_,
-                       recipe, overrides):
+                       truncate_dim, recipe, overrides):
     """nDCG@10, recall@10/100 and MRR@10 of an encoder on a BEIR split (exact search)."""
     from .artifacts import atomic_write_json
     from .config import RetrievalEvalConfig, load_config
     from .index.evaluate import evaluate_encoder
 
     cfg = load_config(RetrievalEvalConfig, recipe, overrides, model=_path(model), beir=_path(beir_dir), split=split,
-                      out=_path(out_json), encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_))
+                      out=_path(out_json),
+                      encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_, truncate_dim))
     result = evaluate_encoder(cfg.model, cfg.beir, split=cfg.split, settings=cfg.encode)
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         click.echo(f"{key:>10s}  {result[key]:.4f}")

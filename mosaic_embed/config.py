@@ -386,10 +386,13 @@ class EncodeConfig:
     (None = 32768 on GPU, ``batch_size`` texts per batch on CPU). ``compile``: torch.compile the layers,
     off by default: measured on an H100 it saves ~7 % of device time for ~10 s of compilation before the
     first batch, which pays only beyond a few million texts (``--compile`` for those). ``device``: "auto" =
-    ``cuda:LOCAL_RANK`` when CUDA is present, else CPU.
+    ``cuda:LOCAL_RANK`` when CUDA is present, else CPU. ``truncate_dim``: keep the first dimensions of each
+    vector (an encoder trained with Matryoshka dimensions; re-normalised when the encoder normalises);
+    None = all.
     """
 
     max_seq_len: int | None = None
+    truncate_dim: int | None = None
     batch_size: int = 128
     max_tokens: int | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -403,6 +406,8 @@ class EncodeConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or null, got {self.max_tokens}")
+        if self.truncate_dim is not None and self.truncate_dim < 1:
+            raise ValueError(f"truncate_dim must be >= 1 or null, got {self.truncate_dim}")
         if not self.device:
             raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -413,7 +418,8 @@ class EmbedConfig:
 
     ``title_field`` is prepended to the text when a record has one ("" or null = never). ``id_field``: None
     = ``_id``, then ``id``, then the row number. ``window``: texts sorted by length together, the unit of
-    resumption. ``dtype``: how vectors are stored.
+    resumption. ``dtype``: how vectors are stored. ``prompt_name``: the encoder's prompt for these texts
+    ("document" for a corpus, "query" for queries; see ``Encoder.prompt``).
     """
 
     RECIPE_STAGE: ClassVar[str] = "embed"
@@ -426,6 +432,7 @@ class EmbedConfig:
     id_field: str | None = None
     window: int = 16384
     dtype: Literal["float16", "float32"] = "float16"
+    prompt_name: str | None = "document"
     encode: EncodeConfig = dataclasses.field(default_factory=EncodeConfig)
 
     def __post_init__(self):
@@ -717,7 +724,10 @@ class PretrainModelConfig:
     arch: Literal["mosaic_bert", "hf_bert"] = "mosaic_bert"
     preset: str = "mosaic-bert-base"
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    init_from: Path | None = None  # a save_pretrained folder to start from instead of random weights
+    # Continue from a checkpoint instead of random weights (domain-adaptive pretraining): a pretraining run's
+    # final/, a converted BERT (convert --from-hf), an encoder-only or sentence-transformers folder (a fresh
+    # MLM head, with a warning). Its tokenizer and architecture are kept (recipe: continue).
+    init_from: Path | None = None
 
     def __post_init__(self):
         if not self.preset:
@@ -816,28 +826,52 @@ class PretrainConfig:
 
 @dataclasses.dataclass
 class ContrastiveConfig:
-    """``mosaic-embed train-encoder``: a pretrained backbone + (query, positive[, negative]) pairs -> an ST folder.
+    """``mosaic-embed train-encoder``: a backbone or an encoder + (query, positive[, negatives]) pairs -> an ST folder.
 
-    ``pairs`` is a .jsonl[.gz] / .tsv file, a BEIR folder (its ``beir_split`` qrels) or ``"auto"`` (mine pairs
-    from ``corpus`` with ``mining``). ``loss``: "mnrl" (in-batch negatives, plus hard negatives when the pairs
-    carry a third column) or "cached_mnrl" (GradCache: the same loss and gradients for batches larger than
-    memory, in chunks of ``mini_batch_size``). Under DDP, ``gather_across_devices`` makes every rank's
-    in-batch negatives include all ranks' documents.
+    ``model``: a backbone folder (``runs/NAME/final``, a converted BERT), or a sentence-transformers folder
+    (its own pooling, projection, normalisation and prompts are kept). ``pairs`` is a .jsonl[.gz] / .tsv
+    file (hard negatives from the file: ``negative`` or ``negatives`` per line), a BEIR folder (its
+    ``beir_split`` qrels) or ``"auto"`` (mine pairs from ``corpus`` with ``mining``: the cropping miners
+    ``first-sentence`` / ``spans`` / ``mixed``, or ``simcse``, a passage and itself, the views differing by
+    dropout). ``loss``: "mnrl" (in-batch negatives, plus hard negatives when the pairs carry more columns)
+    or "cached_mnrl" (GradCache: the same loss and gradients for batches larger than memory, in chunks of
+    ``mini_batch_size``). Under DDP, ``gather_across_devices`` makes every rank's in-batch negatives include
+    all ranks' documents.
+
+    A ``teacher`` (any sentence-transformers folder; None = the encoder ``model`` when it is one) helps
+    without labels: ``teacher_filter`` > 0 keeps a pair only when the teacher ranks its positive within that
+    top-k among all positives (a consistency filter for mined pairs); ``hard_negatives`` > 0 mines that many
+    hard negatives per pair with the teacher (``negative_margin``: a candidate must score below
+    ``(1 - margin) x`` the positive's score; replaces negatives from the file).
+
+    ``matryoshka_dims``: also train the leading dimensions (MatryoshkaLoss; the full dimension is always
+    one of them). ``query_prompt`` / ``document_prompt``: text prepended to anchors / documents in training,
+    stored in the folder (``prompts``) so that ``Encoder`` and ``SentenceTransformer.encode_query`` /
+    ``encode_document`` apply them alike. ``eval_fraction`` holds back that share of the pairs (before any
+    negative mining) for an IR evaluation, run every ``eval_steps`` steps (0: at the end only); or
+    ``eval_beir`` evaluates on a BEIR folder's ``eval_split``.
     """
 
     RECIPE_STAGE: ClassVar[str] = "contrastive"
 
-    model: str = ""  # backbone folder (runs/NAME/final) or any AutoModel folder
+    model: str = ""  # backbone folder (runs/NAME/final), a sentence-transformers folder, or any AutoModel folder
     pairs: str = ""
     out: Path = Path("runs/encoder")
     corpus: str | None = None  # for pairs == "auto"
     text_field: str = "text"
-    mining: Literal["mixed", "first-sentence", "spans"] = "mixed"
+    mining: Literal["mixed", "first-sentence", "spans", "simcse"] = "mixed"
     max_pairs: int | None = None
     beir_split: str = "train"
+    teacher: str | None = None  # None: the starting encoder (when model is a sentence-transformers folder)
+    teacher_filter: int = 0
+    hard_negatives: int = 0
+    negative_margin: float = 0.05
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
     max_seq_len: int = 128
+    query_prompt: str = ""
+    document_prompt: str = ""
+    matryoshka_dims: list[int] = dataclasses.field(default_factory=list)
     loss: Literal["mnrl", "cached_mnrl"] = "mnrl"
     mini_batch_size: int = 32
     gather_across_devices: bool = True
@@ -853,6 +887,7 @@ class ContrastiveConfig:
     eval_fraction: float = 0.0  # hold out this share of the pairs for an IR evaluator
     eval_beir: str | None = None  # or evaluate on a BEIR folder's eval_split
     eval_split: str = "test"
+    eval_steps: int = 0  # evaluate every N steps during training; 0: at the end only
     logging_steps: int = 20
     dataloader_workers: int = 0
 
@@ -873,3 +908,85 @@ class ContrastiveConfig:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if self.max_pairs is not None and self.max_pairs < 2:
             raise ValueError(f"max_pairs must be >= 2, got {self.max_pairs}")
+        for name in ("teacher_filter", "hard_negatives", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.negative_margin < 1.0:
+            raise ValueError(f"negative_margin must be in [0, 1), got {self.negative_margin}")
+        if any(d < 1 for d in self.matryoshka_dims) or len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):
+            raise ValueError(f"matryoshka_dims must be distinct positive integers, got {self.matryoshka_dims}")
+        if self.eval_steps and not (self.eval_fraction > 0 or self.eval_beir):
+            raise ValueError("eval_steps needs something to evaluate on: eval_fraction > 0 or eval_beir")
+
+
+# --- distill: a teacher's embeddings on the user's text -> a MosaicBERT student (train/distill.py) -----------
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """``mosaic-embed distill``: a MosaicBERT student learns a teacher encoder's embeddings on ``corpus``.
+
+    ``teacher``: a sentence-transformers folder. ``student``: a MosaicBERT folder (a pretraining run's
+    ``final``, a converted checkpoint, or a sentence-transformers folder with a MosaicBERT backbone) or a
+    preset name (``mosaic-bert-small``, ...: random weights with the teacher's tokenizer;
+    ``student_overrides`` sets config fields). The corpus is cut into passages of ``passage_words`` words
+    (at most ``max_passages``, a seeded sample); the teacher embeds them once (``encode`` settings; cached
+    under ``cache_dir``, default ``OUT/../.distill-cache``, keyed by corpus, teacher and passage settings,
+    and resumable: an interrupted run continues where it stopped). ``loss``: "cosine" (1 - cos) or "mse"
+    (mean squared error of the vectors themselves, Reimers & Gurevych 2020). When the student's width
+    differs from the teacher's dimension a linear projection (an ST ``Dense`` module) is trained with it.
+    ``finetune``: with ``finetune.pairs`` set, the distilled student then goes through ``train-encoder``
+    (``ContrastiveConfig``; its ``model`` and ``out`` are set here) into ``out``.
+    """
+
+    RECIPE_STAGE: ClassVar[str] = "distill"
+
+    teacher: Path | None = None
+    student: str = ""
+    corpus: Path | None = None
+    out: Path | None = None
+    text_field: str = "text"
+    passage_words: int = 160
+    max_passages: int | None = None
+    cache_dir: Path | None = None
+    loss: Literal["cosine", "mse"] = "cosine"
+    pooling: Literal["mean", "cls"] = "mean"  # for a student that has no Pooling module yet
+    student_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_seq_len: int = 256
+    batch_size: int = 64
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 1.0e-4
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 42
+    logging_steps: int = 50
+    eval_beir: Path | None = None  # evaluate the result on a BEIR folder's eval_split (metrics in the manifest)
+    eval_split: str = "test"
+    encode: EncodeConfig = dataclasses.field(default_factory=EncodeConfig)  # how the teacher embeds
+    finetune: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("teacher", "corpus", "out"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name}: required (--{name})")
+            setattr(self, name, Path(getattr(self, name)))
+        if not self.student:
+            raise ValueError("student: required (--student MODEL_DIR or a preset name such as mosaic-bert-small)")
+        if self.passage_words < 8:
+            raise ValueError(f"passage_words must be >= 8, got {self.passage_words}")
+        if self.max_passages is not None and self.max_passages < 2:
+            raise ValueError(f"max_passages must be >= 2 or null, got {self.max_passages}")
+        if self.max_seq_len < 8:
+            raise ValueError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("batch_size must be >= 1 and lr > 0")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not self.text_field:
+            raise ValueError("text_field must name a JSON key or a column")
+        if "vocab_size" in self.student_overrides:
+            raise ValueError("student_overrides.vocab_size: the vocabulary comes from the teacher's tokenizer")

@@ -8,7 +8,7 @@ import pytest
 
 from mosaic_embed.encode import PACKED
 from tests.encode.conftest import encoders  # noqa: F401, F811  (the shared fixture)
-from tests.helpers import write_beir
+from tests.helpers import TOPICS, write_beir, write_pairs_jsonl
 
 
 def load_benchmark(name):
@@ -64,3 +64,83 @@ def test_startup_benchmark_runs_the_real_cli(tmp_path):
     by = {r["what"]: r for r in saved["rows"]}
     assert by["mosaic-embed --version"]["seconds"] < 5  # no torch import to print a version
     assert all(r["seconds"] > 0 for r in saved["rows"])
+
+
+def test_retrieval_domain_benchmark_every_system_at_tiny_size(encoders, tmp_path):  # noqa: F811
+    """The rows of benchmarks/retrieval_domain.py at toy size on CPU, in two invocations merged into one JSON
+    (a re-run row replaces the old one), with the plot. The teacher stands in for MiniLM: a tiny BERT
+    sentence-transformers folder. (minilm+pairs and distill-base run the code of mosaic-minilm+pairs and
+    distill-small with another model; their full-size configs are checked below.)"""
+    pytest.importorskip("bm25s")
+    bench = load_benchmark("retrieval_domain")
+    beir = write_beir(tmp_path / "news")
+    pairs = write_pairs_jsonl(tmp_path / "pairs.jsonl", n=24)
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for i, (topic, body) in enumerate(list(TOPICS.items()) * 4):
+            f.write(json.dumps({"text": f"The {topic} story number {i} is here. It says {body} about {topic}. " * 3})
+                    + "\n")
+    out = tmp_path / "results" / "retrieval_domain.json"
+    common = ["--tiny", "--beir", str(beir), "--pairs", str(pairs), "--corpus", str(corpus), "--distill-corpus",
+              str(corpus), "--pretrain-corpus", str(corpus), "--teacher", str(encoders["bert"]),
+              "--work", str(tmp_path / "work"), "--out", str(out), "--max-seq-len", "48"]
+    first = ["bm25", "minilm", "mosaic-minilm", "mosaic-minilm+adapt", "mosaic-minilm+pairs", "scratch",
+             "distill-small"]
+    bench.main(["--systems", ",".join(first), *common])
+    second = ["mosaic-minilm+crop", "mosaic-minilm+simcse", "scratch+crop", "bm25"]
+    doc = bench.main(["--systems", ",".join(second), *common])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(doc)) and out.with_suffix(".png").stat().st_size > 1000
+    systems = [r["system"] for r in saved["rows"]]
+    expected = set(first + second) | {"distill-small+pairs"}
+    assert set(systems) == expected and len(systems) == len(expected)  # bm25 ran twice, one row
+    keys = {"system", "backbone", "labels", "ndcg@10", "recall@100", "gpu_minutes", "sentences_per_s"}
+    for r in saved["rows"]:
+        assert keys <= set(r) and r["backbone"] in ("mosaic_bert", "minilm", "bm25")
+        assert 0.0 <= r["ndcg@10"] <= 1.0 and 0.0 <= r["recall@100"] <= 1.0 and r["gpu_minutes"] == 0.0
+        assert (r["sentences_per_s"] is None) == (r["backbone"] == "bm25")
+    by = {r["system"]: r for r in saved["rows"]}
+    assert by["mosaic-minilm"]["details"]["path"] == PACKED and by["minilm"]["details"]["path"] != PACKED
+    # the converted teacher computes the teacher's vectors: the same quality
+    assert by["mosaic-minilm"]["ndcg@10"] == pytest.approx(by["minilm"]["ndcg@10"], abs=1e-6)
+    assert [by[s]["labels"] for s in ("distill-small", "distill-small+pairs", "scratch", "scratch+crop")] == [
+        False, True, True, False]
+    adapt = by["mosaic-minilm+adapt"]["details"]["train"]["pairs"]
+    assert adapt["teacher_filter"]["mined"] == 24 and "hard_negatives" in adapt
+    assert saved["device"].startswith("cpu") and saved["commit"] and len(saved["runs"]) == 2
+    assert set(saved["targets"]) == {"without_labels", "with_labels"}
+    assert saved["packed_vs_sentence_transformers"]["same_run"] is True
+    with pytest.raises(SystemExit, match="unknown systems"):
+        bench.main(["--systems", "nope", *common])
+
+
+def test_retrieval_domain_full_size_configs_are_valid(tmp_path):
+    """What the GPU run will train: every system's full-size stage configs load from the shipped recipes (a
+    typo in a recipe or a budget fails here, not on the GPU host)."""
+    from mosaic_embed.config import ContrastiveConfig, DistillConfig, PretrainConfig
+
+    bench = load_benchmark("retrieval_domain")
+    args = ["--systems", "bm25", "--work", str(tmp_path), "--teacher", str(tmp_path), "--beir", str(tmp_path)]
+    run = bench.Run(bench.parse_args(args))
+    kinds = {}
+    for system in bench.SYSTEMS:
+        for cfg in run.configs(system):
+            kinds.setdefault(system, []).append(type(cfg).__name__)
+            if isinstance(cfg, ContrastiveConfig):  # MiniLM's length; today's scratch pipeline trains at 128
+                assert cfg.max_seq_len == (128 if system.startswith("scratch") else 256), system
+                assert cfg.precision == "auto", system
+            if isinstance(cfg, DistillConfig):
+                assert cfg.finetune.pairs and cfg.precision == "auto" and cfg.max_steps > 0
+            if isinstance(cfg, PretrainConfig):
+                assert cfg.model.preset == "mosaic-bert-small" and cfg.train.max_steps == 1500
+    assert kinds["mosaic-minilm+adapt"] == ["ContrastiveConfig"] and kinds["scratch"] == ["PretrainConfig",
+                                                                                        "ContrastiveConfig"]
+    adapt = run.configs("mosaic-minilm+adapt")[0]
+    assert (adapt.mining, adapt.teacher_filter, adapt.hard_negatives) == ("first-sentence", 1, 1)
+    assert run.configs("mosaic-minilm+simcse")[0].mining == "simcse"
+    assert run.configs("distill-base")[0].student == "mosaic-bert-base"
+    changed = bench.Run(bench.parse_args([*args, "--set", "distill-small.max_steps=7"]))
+    assert changed.configs("distill-small")[0].max_steps == 7
+    with pytest.raises(SystemExit, match="SYSTEM.KEY=VALUE"):
+        bench.Run(bench.parse_args([*args, "--set", "nope.max_steps=7"]))
+

@@ -102,6 +102,7 @@ def embed_settings(cfg: EmbedConfig, encoder: Encoder, input_sha256: str) -> dic
         "input": str(cfg.input.resolve()), "input_sha256": input_sha256,
         "encoder": encoder.describe(), "dtype": cfg.dtype, "window": cfg.window,
         "text_field": cfg.text_field, "title_field": cfg.title_field, "id_field": cfg.id_field,
+        "prompt_name": cfg.prompt_name,
     }
 
 
@@ -215,7 +216,7 @@ def _embed_windows(cfg: EmbedConfig, encoder: Encoder, out: Path, rank: int, wor
     windows = (((w, row0, lines), texts) for w, row0, lines, texts in _windows(cfg, mine))
     real_tokens, t_first = 0, None
     try:
-        for (w, row0, lines), vectors, tokens in encoder.iter_embed(windows, progress=bar):
+        for (w, row0, lines), vectors, tokens in encoder.iter_embed(windows, progress=bar, prompt_name=cfg.prompt_name):
             _check_finite(vectors, lines, cfg)
             emb[row0 : row0 + len(vectors)] = vectors.astype(cfg.dtype, copy=False)
             emb.flush()  # rows on disk before the progress file says so

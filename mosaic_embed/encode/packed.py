@@ -12,14 +12,18 @@ batch at a time), so the GPU idles. Here, for a MosaicBERT backbone (ALiBi or BE
    ``cu_seqlens`` (B+1,), so no padding token is ever computed (MosaicBERT's unpadded path, the same one
    used in pretraining). The window is laid out in numpy by the tokenizer thread and goes to the device
    in a few copies; the batch loop then only launches device work (no per-batch copy or readback);
-3. pooling (mean / CLS) and normalisation run on the packed (T, H) output with segment sums, matching
-   sentence-transformers' ``Pooling`` + ``Normalize`` exactly;
+3. pooling (mean / CLS) runs on the packed (T, H) output with segment sums, matching sentence-transformers'
+   ``Pooling`` exactly; the modules after it (``Dense`` projections, ``Normalize``) are the folder's own
+   modules, called on the pooled vectors;
 4. the model runs in bf16 on GPU (``runtime.resolve_precision``), and the results of a whole window come
    back to the host at once.
 
-Any other backbone (or a folder with modules we do not mirror, e.g. ``Dense``) falls back to plain
+Any other backbone (or a folder with modules we do not mirror) falls back to plain
 ``SentenceTransformer.encode``; ``Encoder.path_used`` says which path runs, and a fallback is logged.
-Documents and queries go through the same object with the same :class:`~mosaic_embed.config.EncodeConfig`.
+Documents and queries go through the same object with the same :class:`~mosaic_embed.config.EncodeConfig`;
+``prompt_name`` ("query" / "document") prepends the prompts stored in the folder exactly as
+``SentenceTransformer.encode_query`` / ``encode_document`` do, and ``truncate_dim`` keeps the first
+dimensions of a Matryoshka-trained encoder (re-normalised when the encoder normalises).
 """
 
 from __future__ import annotations
@@ -35,16 +39,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError, EncodeConfig
 from ..data import packing
 from ..runtime import resolve_device, resolve_precision
-from .st import PackedParts, encoder_identity, load_sentence_transformer, packed_parts, read_packed_folder
+from .st import (
+    PackedParts,
+    encoder_identity,
+    load_sentence_transformer,
+    packed_parts,
+    read_packed_folder,
+    st_prompts,
+)
 
 logger = logging.getLogger(__name__)
 
 PACKED, FALLBACK = "packed", "sentence-transformers"
+
+
+#: ST's ``encode_document`` takes the first of these prompts the folder defines.
+DOCUMENT_PROMPTS = ("document", "passage", "corpus")
 
 
 DEFAULT_MAX_TOKENS = 32768  # real tokens per packed batch on GPU (see Encoder)
@@ -171,10 +185,16 @@ class Encoder:
         if self.max_tokens is None and self.device.type == "cuda":
             self.max_tokens = DEFAULT_MAX_TOKENS
         compile = settings.compile
-        if parts is not None:  # [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?]: mirrored exactly
-            self.tokenizer, self.pooling, self.normalize, self.dim = parts.tokenizer, parts.pooling, parts.normalize, parts.dim
+        if parts is not None:
+            # The packed path runs [Transformer(MosaicBERT), Pooling(mean|cls)] itself, then the folder's own
+            # Dense / Normalize modules (``tail``) on the pooled vectors.
+            self.tokenizer, self.pooling, self.tail = parts.tokenizer, parts.pooling, parts.tail
+            self.normalize, self.full_dim = parts.normalize, parts.dim
+            self.prompts, self.default_prompt_name = parts.prompts, parts.default_prompt_name
             self.max_seq_len = settings.max_seq_len or parts.max_seq_len
             self.backbone = parts.backbone.to(device=self.device, dtype=self.dtype).eval()
+            for module in self.tail:
+                module.to(self.device)  # fp32, as sentence-transformers runs them on the pooled vectors
             self.path_used = PACKED
             if compile:
                 for layer in self.backbone.encoder.layers:
@@ -186,10 +206,15 @@ class Encoder:
             self.max_seq_len = int(st_model.max_seq_length or 512)
             self.tokenizer = st_model[0].tokenizer
             get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-            self.dim = int(get_dim())
-            self.pooling, self.normalize, self.backbone = None, False, None
+            self.full_dim = int(get_dim())
+            self.prompts, self.default_prompt_name = st_prompts(st_model)
+            self.normalize = type(list(st_model)[-1]).__name__ == "Normalize"
+            self.pooling, self.tail, self.backbone = None, [], None
             self.path_used = FALLBACK
             st_model.to(self.dtype)
+        if settings.truncate_dim is not None and settings.truncate_dim > self.full_dim:
+            raise ConfigError(f"truncate_dim {settings.truncate_dim}: this encoder makes {self.full_dim}-d vectors")
+        self.dim = settings.truncate_dim or self.full_dim
         self._backend = self._truncating_backend()
         self.compiled = bool(compile and self.backbone is not None)
         self._first_forward = True
@@ -229,7 +254,8 @@ class Encoder:
 
     def describe(self) -> dict[str, Any]:
         """What a run folder or store records about the encoder that made its vectors, so that queries are
-        embedded alike: its identity (hash of weights and config), path, pooling, normalisation, length, dim."""
+        embedded alike: its identity (hash of weights and config), path, pooling, normalisation, length, dim,
+        the prompts it applies and the truncation."""
         if self._identity is None and self.path:
             self._identity = encoder_identity(self.path)
         return {
@@ -237,11 +263,42 @@ class Encoder:
             "identity": self._identity,
             "max_seq_len": self.max_seq_len,
             "dim": self.dim,
+            "truncate_dim": self.settings.truncate_dim,
             "pooling": self.pooling or "sentence-transformers modules",
-            "normalize": self.normalize if self.path_used == PACKED else None,
+            "normalize": self.normalize,
+            "prompts": dict(self.prompts),
+            "default_prompt_name": self.default_prompt_name,
             "precision": self.settings.precision,
             "path_used": self.path_used,
         }
+
+    def prompt(self, prompt_name: str | None) -> str:
+        """The text prepended for ``prompt_name``, as sentence-transformers resolves it: "query" ->
+        ``prompts["query"]`` (``encode_query``), "document" -> the first of document/passage/corpus
+        (``encode_document``), falling back to the default prompt when the folder defines neither; any other
+        name must be one of the folder's prompts; None -> the default prompt, or nothing."""
+        if prompt_name == "query" and "query" in self.prompts:
+            return self.prompts["query"]
+        if prompt_name == "document":
+            for name in DOCUMENT_PROMPTS:
+                if name in self.prompts:
+                    return self.prompts[name]
+        if prompt_name in (None, "query", "document"):
+            default = self.default_prompt_name
+            return self.prompts.get(default, "") if default else ""
+        if prompt_name not in self.prompts:
+            raise ValueError(f"prompt_name {prompt_name!r}: the encoder {self.path} defines the prompts "
+                             f"{sorted(self.prompts) or 'none'}")
+        return self.prompts[prompt_name]
+
+    def _finish(self, emb: np.ndarray) -> np.ndarray:
+        """Matryoshka truncation (re-normalised when the encoder normalises, so cosine stays inner product)."""
+        if self.dim == self.full_dim:
+            return emb
+        emb = np.ascontiguousarray(emb[:, : self.dim])
+        if self.normalize:
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb
 
     # -- tokenization ---------------------------------------------------------------------------------------
 
@@ -300,7 +357,7 @@ class Encoder:
         no readback until the whole window is done.
         """
         n = int(win.lens.shape[0])
-        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+        out = torch.empty(n, self.full_dim, dtype=torch.float32, device=self.device)
         if n == 0:
             return out
         tokens, cu, order = self._to_device(win.tokens), self._to_device(win.cu), self._to_device(win.order)
@@ -320,8 +377,8 @@ class Encoder:
                 sums = torch.zeros(e - a, hidden.shape[-1], device=self.device, dtype=torch.float32)
                 sums.index_add_(0, seg[t0:t1], hidden.float())  # (B, H) per-sequence sums
                 pooled = sums / counts[a:e, None]
-            if self.normalize:
-                pooled = F.normalize(pooled, dim=-1)
+            for module in self.tail:  # the folder's Dense / Normalize modules, in fp32
+                pooled = module({"sentence_embedding": pooled})["sentence_embedding"]
             out.index_copy_(0, order[a:e], pooled)
             if progress is not None:
                 progress.update(e - a)
@@ -349,12 +406,14 @@ class Encoder:
         ``max_tokens`` cuts batches by real tokens instead of ``batch_size`` sequences.
         """
         win = plan_window(*packing.flatten(token_ids, np.int32), batch_size or self.batch_size, max_tokens)
-        return self._embed_packed(win, progress).cpu().numpy()
+        return self._finish(self._embed_packed(win, progress).cpu().numpy())
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False,
-               window: int = 16384) -> np.ndarray:
+               window: int = 16384, prompt_name: str | None = None) -> np.ndarray:
         """(N,) strings -> (N, D) float32 embeddings, input order (tokenizing ahead, see ``iter_embed``).
 
+        ``prompt_name``: "query" for queries, "document" for documents (see :meth:`prompt`); the same vectors
+        as ``SentenceTransformer.encode_query`` / ``encode_document`` of the folder.
         The first window is an eighth of ``window``: the device starts after tokenizing that much instead
         of a whole window, and the next (full) window is tokenized while it runs.
         """
@@ -368,14 +427,16 @@ class Encoder:
             cuts.append(min(len(texts), cuts[-1] + window))
         windows = ((a, texts[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
         try:
-            parts = [emb for _, emb, _ in self.iter_embed(windows, batch_size, progress=bar)]
+            parts = [emb for _, emb, _ in self.iter_embed(windows, batch_size, progress=bar, prompt_name=prompt_name)]
         finally:
             bar.close()
         return np.concatenate(parts, axis=0)
 
     def iter_embed(self, windows: Iterable[tuple[Any, Sequence[str]]], batch_size: int | None = None,
-                   progress: Any = None) -> Iterator[tuple[Any, np.ndarray, int]]:
+                   progress: Any = None, prompt_name: str | None = None) -> Iterator[tuple[Any, np.ndarray, int]]:
         """Embed ``(key, texts)`` windows in order, yielding ``(key, (n, D) float32, real tokens)``.
+
+        ``prompt_name`` as in :meth:`encode`.
 
         A background thread reads, tokenizes and lays out (:func:`plan_window`) window k+1 while the device
         embeds window k: the host work (JSON parsing, WordPiece, sorting) hides behind the forward passes
@@ -383,6 +444,7 @@ class Encoder:
         large numpy operations release it), so it does not slow the thread that launches the GPU work.
         """
         batch_size = batch_size or self.batch_size
+        prompt = self.prompt(prompt_name)  # an unknown name fails here, before any work
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
@@ -400,7 +462,7 @@ class Encoder:
                 for key, texts in windows:
                     win = None
                     if self.path_used == PACKED:
-                        flat, lens = self.tokenize_flat(texts)
+                        flat, lens = self.tokenize_flat([prompt + t for t in texts] if prompt else texts)
                         win = plan_window(flat, lens, batch_size, self.max_tokens)
                     if not put((key, texts, win)):
                         return
@@ -418,19 +480,22 @@ class Encoder:
                 if isinstance(item, BaseException):
                     raise item
                 key, texts, win = item
-                emb = self.embed_window(texts, win, batch_size, progress=progress)
+                emb = self.embed_window(texts, win, batch_size, progress=progress, prompt=prompt)
                 yield key, emb, (win.n_tokens if win is not None else 0)
         finally:
             stop.set()
             thread.join(timeout=5)
 
     def embed_window(self, texts: Sequence[str], win: PackedWindow | None, batch_size: int,
-                     progress: Any = None) -> np.ndarray:
-        """One window -> (n, D) float32 in input order (one device->host copy for the whole window)."""
+                     progress: Any = None, prompt: str = "") -> np.ndarray:
+        """One window -> (n, D) float32 in input order (one device->host copy for the whole window).
+
+        ``win`` is the window tokenized with ``prompt`` prepended (packed path); ST applies ``prompt`` itself
+        (an explicit prompt, so its default prompt is not applied a second time)."""
         if self.path_used == FALLBACK:  # ST sorts by length and pads per batch itself
             emb = np.asarray(self.st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                            show_progress_bar=False), dtype=np.float32)
+                                            show_progress_bar=False, prompt=prompt), dtype=np.float32)
             if progress is not None:
                 progress.update(len(texts))
-            return emb
-        return self._embed_packed(win, progress).cpu().numpy()
+            return self._finish(emb)
+        return self._finish(self._embed_packed(win, progress).cpu().numpy())

@@ -20,19 +20,29 @@ from typing import Any
 
 import torch
 
-from ..artifacts import folder_fingerprint
+from ..artifacts import folder_fingerprint, read_json
 
 PACKAGE = "mosaic_embed"
 
 
 def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool = True, max_seq_len: int = 128,
                   device: str | None = None):
-    """A ``SentenceTransformer`` = Transformer(backbone) -> Pooling(``pooling``) [-> Normalize]."""
+    """A ``SentenceTransformer`` = Transformer(backbone) -> Pooling(``pooling``) [-> Normalize].
+
+    A sentence-transformers folder (``modules.json``: an encoder to train further, e.g. a converted
+    all-MiniLM-L6-v2 or a distilled student) is opened as it is, with its own pooling, projection,
+    normalisation and prompts (``pooling`` and ``normalize`` apply to bare backbones only); ``max_seq_len``
+    applies to both. The weights are fp32 (the master copy for training) whatever the folder stores.
+    """
     from sentence_transformers import SentenceTransformer, models
 
     import mosaic_embed.model  # noqa: F401  (registers MosaicBERT with the Auto classes)
 
     backbone = Path(backbone)
+    if (backbone / "modules.json").is_file():
+        model = load_sentence_transformer(backbone, device or "cpu")
+        model.max_seq_length = max_seq_len
+        return model.float()  # fp32 master weights (a folder saved in fp16, e.g. a teacher, loads as fp16)
     if not (backbone / "config.json").is_file():
         raise FileNotFoundError(f"{backbone}: no config.json (expected a saved model folder such as runs/NAME/final)")
     transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
@@ -40,7 +50,7 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
     modules = [transformer, models.Pooling(get_dim(), pooling_mode=pooling)]
     if normalize:
         modules.append(models.Normalize())
-    return SentenceTransformer(modules=modules, device=device)
+    return SentenceTransformer(modules=modules, device=device).float()
 
 
 def load_sentence_transformer(path: str | Path, device: torch.device | str = "cpu"):
@@ -61,21 +71,33 @@ def load_sentence_transformer(path: str | Path, device: torch.device | str = "cp
 
 
 # ----------------------------------------------------------------------------------------------------------
-# what the packed path needs from a folder: [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?]
+# what the packed path needs from a folder: [Transformer(MosaicBERT), Pooling(mean|cls), Dense/Normalize...]
 # ----------------------------------------------------------------------------------------------------------
+
+
+class L2Normalize(torch.nn.Module):
+    """sentence-transformers' ``Normalize`` module, without importing sentence-transformers: L2-normalises
+    ``features["sentence_embedding"]``."""
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**features, "sentence_embedding": torch.nn.functional.normalize(features["sentence_embedding"], dim=-1)}
 
 
 @dataclass
 class PackedParts:
     """The pieces of an encoder the packed path runs: backbone (a MosaicBertModel), its tokenizer, the
-    pooling ("mean" | "cls"), whether vectors are L2-normalised, the truncation length and the dimension."""
+    pooling ("mean" | "cls"), the modules after pooling (``tail``: Dense / Normalize on the pooled vector),
+    whether the output is L2-normalised, the truncation length, the output dimension, and the prompts."""
 
     backbone: Any
     tokenizer: Any
     pooling: str
+    tail: list[Any]
     normalize: bool
     max_seq_len: int
     dim: int
+    prompts: dict[str, str]
+    default_prompt_name: str | None
 
 
 def pooling_mode(cfg: dict[str, Any]) -> str | None:
@@ -93,30 +115,41 @@ def pooling_mode(cfg: dict[str, Any]) -> str | None:
     return mode
 
 
+def st_prompts(st_model: Any) -> tuple[dict[str, str], str | None]:
+    """A folder's prompts as sentence-transformers keeps them (a name whose prompt is None means no prompt),
+    and its default prompt name."""
+    prompts = {k: v or "" for k, v in (getattr(st_model, "prompts", None) or {}).items()}
+    return prompts, getattr(st_model, "default_prompt_name", None)
+
+
+def _on_sentence_embedding(module: Any) -> bool:
+    """A module after pooling that only maps ``sentence_embedding`` to itself (``Dense``, ``Normalize``)."""
+    if type(module).__name__ not in ("Dense", "Normalize"):
+        return False
+    return all(getattr(module, name, "sentence_embedding") == "sentence_embedding"
+               for name in ("module_input_name", "module_output_name"))
+
+
 def packed_parts(st_model: Any) -> PackedParts | None:
-    """The :class:`PackedParts` of a loaded SentenceTransformer, or None when its modules are not exactly
-    [Transformer(MosaicBERT), Pooling(mean|cls), Normalize?] (the packed path must mirror them exactly)."""
+    """The :class:`PackedParts` of a loaded SentenceTransformer, or None when the packed path cannot mirror
+    its modules exactly: [Transformer(MosaicBERT), Pooling(mean|cls), then Dense / Normalize modules]."""
     modules = list(st_model)
     names = [type(m).__name__ for m in modules]
     backbone = getattr(modules[0], "auto_model", None) if modules else None
-    if (names[:2] != ["Transformer", "Pooling"] or names[2:] not in ([], ["Normalize"]) or backbone is None
-            or getattr(backbone.config, "model_type", None) != "mosaic_bert"):
+    if (names[:2] != ["Transformer", "Pooling"] or backbone is None
+            or getattr(backbone.config, "model_type", None) != "mosaic_bert"
+            or not all(_on_sentence_embedding(m) for m in modules[2:])):
         return None
     mode = pooling_mode(modules[1].get_config_dict())
-    if mode not in ("mean", "cls") or _has_prompts(st_model):
+    if mode not in ("mean", "cls"):
         return None
     get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-    return PackedParts(backbone, modules[0].tokenizer, mode, len(modules) == 3, int(st_model.max_seq_length or 512),
-                       int(get_dim()))
+    return PackedParts(backbone, modules[0].tokenizer, mode, modules[2:], names[-1] == "Normalize",
+                       int(st_model.max_seq_length or 512), int(get_dim()), *st_prompts(st_model))
 
 
-def _has_prompts(st_model: Any) -> bool:
-    prompts = getattr(st_model, "prompts", None) or {}
-    return any(prompts.values()) or bool(getattr(st_model, "default_prompt_name", None))
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def _json_or_none(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
 
 
 #: sentence_bert_config.json keys whose values the packed path reproduces; any other key, or another value
@@ -129,29 +162,27 @@ _PLAIN_TRANSFORMER = {"max_seq_length": None, "do_lower_case": False, "transform
 def read_packed_folder(path: str | Path) -> PackedParts | None:
     """Read an encoder folder for the packed path without sentence-transformers (seconds of imports saved).
 
-    Only a folder that is plainly [Transformer(MosaicBERT) at the root, Pooling(mean|cls), Normalize?] with
-    no prompts is read here; for anything else (other modules, lower-casing, prompts, an unfamiliar setting)
+    Only a folder that is plainly [Transformer(MosaicBERT) at the root, Pooling(mean|cls), Normalize?] is read
+    here (its prompts included); for anything else (a Dense projection, lower-casing, an unfamiliar setting)
     this returns None and the caller opens the folder with sentence-transformers itself. The truncation
     length follows sentence-transformers: ``max_seq_length`` of sentence_bert_config.json when present, else
     the tokenizer's ``model_max_length``. Tests check the result against ``SentenceTransformer`` itself.
     """
     path = Path(path)
-    modules = _read_json(path / "modules.json")
-    config = _read_json(path / "config.json")
+    modules = _json_or_none(path / "modules.json")
+    config = _json_or_none(path / "config.json")
     if not isinstance(modules, list) or not isinstance(config, dict) or config.get("model_type") != "mosaic_bert":
         return None
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"]) or modules[0].get("path"):
         return None
-    sbert = _read_json(path / "sentence_bert_config.json") or {}
+    sbert = _json_or_none(path / "sentence_bert_config.json") or {}
     if any(k not in _PLAIN_TRANSFORMER or (_PLAIN_TRANSFORMER[k] is not None and v != _PLAIN_TRANSFORMER[k])
            for k, v in sbert.items()):
         return None
-    st_config = _read_json(path / "config_sentence_transformers.json") or {}
-    if any((st_config.get("prompts") or {}).values()) or st_config.get("default_prompt_name"):
-        return None
-    pooling_cfg = _read_json(path / modules[1].get("path", "") / "config.json") or {}
-    mode = pooling_mode(pooling_cfg)
+    st_config = _json_or_none(path / "config_sentence_transformers.json") or {}
+    prompts = {k: v or "" for k, v in (st_config.get("prompts") or {}).items()}
+    mode = pooling_mode(_json_or_none(path / modules[1].get("path", "") / "config.json") or {})
     if mode not in ("mean", "cls"):
         return None
     from transformers import AutoTokenizer
@@ -163,7 +194,9 @@ def read_packed_folder(path: str | Path) -> PackedParts | None:
     max_len = sbert.get("max_seq_length") or tokenizer.model_max_length
     if not isinstance(max_len, int) or max_len > 1_000_000:  # transformers' "no limit" sentinel
         max_len = backbone.config.max_position_embeddings
-    return PackedParts(backbone, tokenizer, mode, len(modules) == 3, int(max_len), int(backbone.config.hidden_size))
+    normalize = kinds[-1] == "Normalize"
+    return PackedParts(backbone, tokenizer, mode, [L2Normalize()] if normalize else [], normalize, int(max_len),
+                       int(backbone.config.hidden_size), prompts, st_config.get("default_prompt_name"))
 
 
 def encoder_identity(path: str | Path) -> str:
@@ -174,9 +207,11 @@ def encoder_identity(path: str | Path) -> str:
 
 def transformer_dir(st_dir: Path) -> Path:
     """The sub-folder of a saved SentenceTransformer that holds the Transformer module (often the root)."""
-    modules = json.loads((st_dir / "modules.json").read_text(encoding="utf-8"))
+    modules = read_json(st_dir / "modules.json", "a sentence-transformers modules.json")
+    if not isinstance(modules, list):
+        raise ValueError(f"{st_dir}/modules.json: not a sentence-transformers modules.json (expected a list)")
     for m in modules:
-        if m.get("type", "").endswith("Transformer"):
+        if isinstance(m, dict) and str(m.get("type", "")).endswith("Transformer"):
             return st_dir / m.get("path", "")
     raise ValueError(f"{st_dir}/modules.json: no Transformer module")
 

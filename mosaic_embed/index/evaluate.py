@@ -92,8 +92,9 @@ def evaluate_encoder(
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Embed a BEIR split's corpus and queries with one :class:`~mosaic_embed.encode.Encoder` (an encoder
-    folder opened with ``settings``, or a loaded one), search exactly, and score. Returns the metrics plus
-    counts, timings and the encoder's description."""
+    folder opened with ``settings``, or a loaded one; documents with its "document" prompt, queries with its
+    "query" prompt), search exactly, and score. Returns the metrics plus counts, timings and the encoder's
+    description."""
     import time
 
     from ..data.beir import load_beir
@@ -103,10 +104,10 @@ def evaluate_encoder(
     encoder = model if isinstance(model, Encoder) else Encoder.load(model, settings)
     doc_ids = list(data.corpus)
     t0 = time.perf_counter()
-    doc_emb = encoder.encode([data.doc_text(d) for d in doc_ids], show_progress=show_progress)
+    doc_emb = encoder.encode([data.doc_text(d) for d in doc_ids], show_progress=show_progress, prompt_name="document")
     t1 = time.perf_counter()
     query_ids = list(data.queries)
-    query_emb = encoder.encode([data.queries[q] for q in query_ids])
+    query_emb = encoder.encode([data.queries[q] for q in query_ids], prompt_name="query")
     t2 = time.perf_counter()
     run = rank_with_embeddings(query_ids, query_emb, doc_ids, doc_emb, k=100)
     metrics = evaluate_run(run, data.qrels)

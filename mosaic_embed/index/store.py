@@ -236,7 +236,7 @@ class VectorStore:
         """Embed ``queries`` with ``encoder`` (default: the store's own, see :meth:`encoder`) and search."""
         _check_k(k)  # before loading the encoder
         encoder = encoder or self.encoder()
-        return self.search(encoder.encode(list(queries)), k)
+        return self.search(encoder.encode(list(queries), prompt_name="query"), k)
 
     def encoder(self, model: str | Path | None = None, force: bool = False, device: str = "auto"):
         """The :class:`~mosaic_embed.encode.Encoder` that made the store's vectors, opened with the settings
@@ -257,7 +257,7 @@ class VectorStore:
         if not Path(path).exists():
             raise FileNotFoundError(f"{self.path}: its encoder {path} is gone; pass --model with a copy of it")
         settings = EncodeConfig(max_seq_len=info.get("max_seq_len"), precision=info.get("precision", "auto"),
-                                device=device)
+                                truncate_dim=info.get("truncate_dim"), device=device)
         encoder = Encoder.load(path, settings)
         recorded = info.get("identity")
         if recorded and not force:

@@ -1,4 +1,15 @@
-"""Load original MosaicBERT checkpoints (mosaicml/examples ``bert_layers.py``) into this package's model.
+"""Load original MosaicBERT checkpoints (mosaicml/examples ``bert_layers.py``), and transformers BERT
+checkpoints, into this package's model.
+
+Two converters:
+
+- :func:`convert_checkpoint` (``mosaic-embed convert --checkpoint``): an original MosaicBERT weight file;
+- :func:`convert_hf` (``mosaic-embed convert --from-hf``): a transformers BERT-family folder (``BertModel``,
+  ``BertForMaskedLM``, ``BertForPreTraining``) or a sentence-transformers folder around one (e.g.
+  all-MiniLM-L6-v2) becomes a MosaicBERT in BERT mode (learned positions, GELU MLP, fp32 LayerNorm),
+  unpadded, so it runs the packed varlen path; see :func:`convert_hf` for the mapping.
+
+Original MosaicBERT checkpoints:
 
 The original parameter names map one to one onto ours; shapes are identical (fused ``Wqkv`` with rows
 [q | k | v]; bias-free ``gated_layers`` with rows [W1 | V], the GeGLU of ``mlp="geglu"``):
@@ -35,6 +46,7 @@ import copy
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,10 +187,12 @@ def convert_state_dict(
     missing = [k for k in expected if k not in renamed and k not in tied]
     unexpected += [k for k in renamed if k not in expected]
     if missing or unexpected:
+        hf = any(".attention.self.query." in k for k in unexpected)
         raise ValueError(
             f"not a MosaicBERT checkpoint for this config ({config.num_hidden_layers} layers, mlp={config.mlp}, "
             f"position={config.position}): missing keys [{_limited(missing)}]; unexpected keys "
             f"[{_limited(unexpected)}]"
+            + ("; this looks like a transformers BERT: convert its folder with --from-hf" if hf else "")
         )
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
              for k, v in renamed.items() if v.shape != expected[k].shape]
@@ -248,4 +262,299 @@ def convert_checkpoint(
     return model
 
 
-__all__ = ["load_original_checkpoint", "convert_state_dict", "convert_checkpoint", "resolve_config"]
+# ----------------------------------------------------------------------------------------------------------
+# transformers BERT -> MosaicBERT in BERT mode
+# ----------------------------------------------------------------------------------------------------------
+
+#: The decoder bias of the vocabulary rows added by padding to a multiple of 64: no token maps to them and
+#: their embeddings are zero, so with this bias they take no probability mass (exp(-1e4) is 0 in fp32) and
+#: the MLM loss over the padded vocabulary equals the source model's.
+PADDED_ROW_BIAS = -1.0e4
+
+HF_MODEL_TYPES = ("bert",)
+
+
+def check_bert_model_type(model_type: str | None) -> None:
+    """A ValueError naming ``model_type`` unless it is one :func:`convert_hf` takes."""
+    if model_type not in HF_MODEL_TYPES:
+        hint = " (already MosaicBERT: nothing to convert)" if model_type == MosaicBertConfig.model_type else ""
+        raise ValueError(f"model_type {model_type!r} is not a BERT checkpoint{hint}; --from-hf converts "
+                         f"{', '.join(HF_MODEL_TYPES)} models (BertModel, BertForMaskedLM, BertForPreTraining)")
+
+
+def bert_mode_config(source: Any) -> MosaicBertConfig:
+    """The MosaicBERT config that is architecturally the transformers ``BertConfig`` ``source``.
+
+    Sizes, activation, LayerNorm eps, position table and dropout come from ``source``; the vocabulary is
+    padded to a multiple of 64. Attention dropout is 0, MosaicBERT's recipe (the fused kernel has none; a
+    BERT with attention dropout would otherwise train on the slow torch path); inference is unaffected.
+    Raises ValueError for what BERT mode cannot express (relative positions, a decoder).
+    """
+    from ..data.tokenizer import padded_vocab_size
+
+    check_bert_model_type(getattr(source, "model_type", None))
+    position = getattr(source, "position_embedding_type", "absolute") or "absolute"
+    if position != "absolute":
+        raise ValueError(f"position_embedding_type {position!r}: only absolute (learned) positions map onto "
+                         "MosaicBERT's position='learned'")
+    if getattr(source, "is_decoder", False) or getattr(source, "add_cross_attention", False):
+        raise ValueError("a BERT decoder (is_decoder / add_cross_attention) is not an encoder checkpoint")
+    return MosaicBertConfig(
+        vocab_size=padded_vocab_size(source.vocab_size),
+        hidden_size=source.hidden_size,
+        num_hidden_layers=source.num_hidden_layers,
+        num_attention_heads=source.num_attention_heads,
+        intermediate_size=source.intermediate_size,
+        hidden_act=source.hidden_act,
+        hidden_dropout_prob=source.hidden_dropout_prob,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=source.max_position_embeddings,
+        type_vocab_size=source.type_vocab_size,
+        initializer_range=source.initializer_range,
+        layer_norm_eps=source.layer_norm_eps,
+        pad_token_id=source.pad_token_id if source.pad_token_id is not None else 0,
+        position="learned",
+        mlp="gelu",
+        unpad=True,
+        low_precision_layernorm=False,
+        attn_impl="auto",
+    )
+
+
+def _pad_rows(weight: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
+    """(V, ...) -> (rows, ...), the added rows set to ``fill``."""
+    out = weight.new_full((rows, *weight.shape[1:]), fill)
+    out[: weight.shape[0]] = weight
+    return out
+
+
+def bert_state_dict_to_mosaic(sd: Mapping[str, torch.Tensor], config: MosaicBertConfig, mlm: bool
+                              ) -> dict[str, torch.Tensor]:
+    """transformers BERT parameter names (``bert.`` prefix as in ``BertForMaskedLM``) -> ours.
+
+    ==========================================================  =============================================
+    transformers                                                ours
+    ==========================================================  =============================================
+    bert.embeddings.{word,position,token_type}_embeddings       bert.embeddings.* (word rows padded with 0)
+    bert.embeddings.LayerNorm.*                                 bert.embeddings.norm.*
+    bert.encoder.layer.N.attention.self.{query,key,value}.*     bert.encoder.layers.N.attention.Wqkv.* [q|k|v]
+    bert.encoder.layer.N.attention.output.dense.*               bert.encoder.layers.N.attention.out.*
+    bert.encoder.layer.N.attention.output.LayerNorm.*           bert.encoder.layers.N.attention.norm.*
+    bert.encoder.layer.N.intermediate.dense.*                   bert.encoder.layers.N.mlp.wi.*
+    bert.encoder.layer.N.output.dense.*                         bert.encoder.layers.N.mlp.wo.*
+    bert.encoder.layer.N.output.LayerNorm.*                     bert.encoder.layers.N.mlp.norm.*
+    cls.predictions.transform.dense.*                           mlm_head.dense.*
+    cls.predictions.transform.LayerNorm.*                       mlm_head.norm.*
+    cls.predictions.decoder.bias                                mlm_head.decoder.bias (padded with -1e4)
+    cls.predictions.decoder.weight                              (tied to the word embeddings; checked equal)
+    ==========================================================  =============================================
+
+    ``bert.pooler.*`` and ``cls.seq_relationship.*`` (NSP) have no counterpart and are left out by the caller.
+    Every other key is an error; so is a missing one.
+    """
+    rows = config.vocab_size
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise KeyError(key)
+        used.add(key)
+        return sd[key].float()
+
+    out: dict[str, torch.Tensor] = {}
+    try:
+        e = "bert.embeddings."
+        out[e + "word_embeddings.weight"] = _pad_rows(take(e + "word_embeddings.weight"), rows)
+        out[e + "position_embeddings.weight"] = take(e + "position_embeddings.weight")
+        out[e + "token_type_embeddings.weight"] = take(e + "token_type_embeddings.weight")
+        out[e + "norm.weight"], out[e + "norm.bias"] = take(e + "LayerNorm.weight"), take(e + "LayerNorm.bias")
+        for i in range(config.num_hidden_layers):
+            src, dst = f"bert.encoder.layer.{i}.", f"bert.encoder.layers.{i}."
+            for kind in ("weight", "bias"):
+                out[dst + f"attention.Wqkv.{kind}"] = torch.cat(
+                    [take(src + f"attention.self.{p}.{kind}") for p in ("query", "key", "value")], dim=0)
+                out[dst + f"attention.out.{kind}"] = take(src + f"attention.output.dense.{kind}")
+                out[dst + f"attention.norm.{kind}"] = take(src + f"attention.output.LayerNorm.{kind}")
+                out[dst + f"mlp.wi.{kind}"] = take(src + f"intermediate.dense.{kind}")
+                out[dst + f"mlp.wo.{kind}"] = take(src + f"output.dense.{kind}")
+                out[dst + f"mlp.norm.{kind}"] = take(src + f"output.LayerNorm.{kind}")
+        if mlm:
+            c = "cls.predictions."
+            for kind in ("weight", "bias"):
+                out[f"mlm_head.dense.{kind}"] = take(c + f"transform.dense.{kind}")
+                out[f"mlm_head.norm.{kind}"] = take(c + f"transform.LayerNorm.{kind}")
+            bias_key = c + "decoder.bias" if c + "decoder.bias" in sd else c + "bias"
+            out["mlm_head.decoder.bias"] = _pad_rows(take(bias_key), rows, PADDED_ROW_BIAS)
+            used.add(c + "bias")
+            decoder = sd.get(c + "decoder.weight")
+            if decoder is not None:
+                used.add(c + "decoder.weight")
+                if not torch.equal(decoder.float(), sd[e + "word_embeddings.weight"].float()):
+                    raise ValueError("cls.predictions.decoder.weight differs from the word embeddings: an untied "
+                                     "decoder cannot be expressed (MosaicBERT ties them)")
+    except KeyError as err:
+        raise ValueError(f"not a BERT checkpoint of this config ({config.num_hidden_layers} layers): missing key "
+                         f"{err.args[0]}") from None
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise ValueError(f"keys with no place in a BERT-mode MosaicBERT: [{_limited(unexpected)}]")
+    return out
+
+
+def _load_hf_bert(folder: Path):
+    """(transformers BERT model in fp32, whether it carries an MLM head) from a model folder, every weight
+    accounted for: a checkpoint whose keys do not fill the model is an error, never random weights."""
+    from transformers import AutoConfig, BertForMaskedLM, BertModel
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a transformers model folder)")
+    data = read_json(config_path, "a JSON config file")
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path}: not a JSON config file (expected an object)")
+    check_bert_model_type(data.get("model_type"))  # before transformers guesses at another architecture
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    architectures = data.get("architectures") or []
+    mlm = any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in architectures)
+    cls = BertForMaskedLM if mlm else BertModel
+    try:
+        model, info = cls.from_pretrained(str(folder), config=config, dtype=torch.float32, local_files_only=True,
+                                          output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"cannot load the BERT weights ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    # pooler and NSP head are not part of the encoder; everything else must come from the checkpoint
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k and "seq_relationship" not in k]
+    if missing:
+        raise ValueError(f"the checkpoint does not hold these {cls.__name__} weights: [{_limited(missing)}] "
+                         "(another architecture?)")
+    if info.get("mismatched_keys"):
+        raise ValueError(f"weights whose shapes differ from config.json: {info['mismatched_keys'][:5]}")
+    return model.eval(), mlm
+
+
+def _bert_to_mosaic(model: Any, mlm: bool):
+    """A loaded transformers BERT (``BertModel`` or ``BertForMaskedLM``) -> the same network as MosaicBERT."""
+    from .modeling import MosaicBertForMaskedLM, MosaicBertModel
+
+    config = bert_mode_config(model.config)
+    sd = model.state_dict()
+    if not mlm:
+        sd = {f"bert.{k}": v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not re.match(r"bert\.pooler\.|cls\.seq_relationship\.", k)}
+    weights = bert_state_dict_to_mosaic(sd, config, mlm)
+    ours = MosaicBertForMaskedLM(config) if mlm else MosaicBertModel(config)
+    if not mlm:
+        weights = {k[len("bert."):]: v for k, v in weights.items()}
+    missing, unexpected = ours.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != _TIED]
+    if missing or unexpected:  # the mapping above covers every parameter; this guards it
+        raise RuntimeError(f"BERT -> MosaicBERT mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return ours.eval()
+
+
+def convert_hf(source: str | Path, out_dir: str | Path | None = None):
+    """Convert a transformers BERT folder, or a sentence-transformers folder around one, to MosaicBERT.
+
+    ``source``:
+
+    - a model folder (``config.json`` with ``model_type: bert``): ``BertModel`` -> :class:`MosaicBertModel`,
+      ``BertForMaskedLM`` / ``BertForPreTraining`` -> :class:`MosaicBertForMaskedLM` (the MLM head kept; the
+      NSP head and the pooler dropped); the tokenizer is saved beside it when the folder has one;
+    - a sentence-transformers folder (``modules.json``) whose Transformer module is a BERT: the output is a
+      sentence-transformers folder with our backbone (and its tokenizer) in place of the BERT and the same
+      other modules, prompts and similarity function, which :class:`~mosaic_embed.encode.Encoder` runs on
+      its packed path.
+
+    The network is the same function: learned positions, GELU MLP with biases, fp32 LayerNorms, q/k/v fused
+    into ``Wqkv`` (rows [q | k | v]), the vocabulary padded to a multiple of 64 with zero embedding rows.
+    Returns the converted backbone. With ``out_dir`` the result is written there (atomically, with a
+    ``manifest.json``). Errors name ``source``.
+    """
+    import time
+
+    from ..artifacts import atomic_directory, folder_fingerprint, write_manifest
+
+    start = time.perf_counter()
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: not a folder (--from-hf takes a transformers or sentence-transformers "
+                                "model folder)")
+    is_st = (source / "modules.json").is_file()
+    try:
+        if is_st:
+            from ..encode.st import transformer_dir
+
+            backbone_dir = transformer_dir(source)
+        else:
+            backbone_dir = source
+        hf_model, mlm = _load_hf_bert(backbone_dir)
+        model = _bert_to_mosaic(hf_model, mlm)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    if out_dir is None:
+        return model
+    tokenizer = _tokenizer_or_none(backbone_dir)
+    with atomic_directory(out_dir) as tmp:
+        if is_st:
+            _write_st_folder(source, model, tokenizer, tmp)
+        else:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        write_manifest(
+            tmp, "convert", config=None,
+            inputs={"from_hf": {"path": str(source.resolve()), "fingerprint": folder_fingerprint(source),
+                                "architecture": type(hf_model).__name__,
+                                "sentence_transformers": is_st}},
+            outputs={"model_class": type(model).__name__, "parameters": model.num_parameters(),
+                     "vocab_size": model.config.vocab_size, "source_vocab_size": hf_model.config.vocab_size,
+                     "tokenizer": tokenizer is not None,
+                     "attention_probs_dropout_prob": {"source": hf_model.config.attention_probs_dropout_prob,
+                                                      "converted": 0.0}},
+            timings={"convert_s": round(time.perf_counter() - start, 3)},
+            model_config=model.config.to_dict(),
+        )
+    return model
+
+
+def _tokenizer_or_none(folder: Path):
+    """The folder's tokenizer (loaded to be saved beside the converted weights), or None when it has none."""
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        import logging
+
+        logging.getLogger(__name__).warning("%s: no tokenizer files; the converted folder has no tokenizer", folder)
+        return None
+    from ..data.tokenizer import load_tokenizer
+
+    return load_tokenizer(folder)
+
+
+def _write_st_folder(source: Path, backbone: Any, tokenizer: Any, out: Path) -> None:
+    """The sentence-transformers folder ``source`` rebuilt around ``backbone``: same modules after the
+    Transformer (pooling, dense, normalize), same prompts and similarity function, same max_seq_length."""
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer, models
+
+    from ..encode.st import load_sentence_transformer, save_encoder
+
+    original = load_sentence_transformer(source, "cpu")
+    first = original[0]
+    if not isinstance(first, models.Transformer):
+        raise ValueError(f"{source}: the first module is {type(first).__name__}, not a Transformer")
+    if tokenizer is None:
+        raise ValueError(f"{source}: the sentence-transformers folder has no tokenizer files")
+    with tempfile.TemporaryDirectory(prefix=".convert-backbone-", dir=out.parent) as tmp:
+        backbone.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        transformer = models.Transformer(tmp, max_seq_length=first.max_seq_length,
+                                         do_lower_case=bool(getattr(first, "do_lower_case", False)))
+        rebuilt = SentenceTransformer(
+            modules=[transformer, *list(original)[1:]], device="cpu", prompts=dict(original.prompts),
+            default_prompt_name=original.default_prompt_name, similarity_fn_name=original.similarity_fn_name,
+        )
+        save_encoder(rebuilt.float(), out)  # a Dense module of an fp16 folder is stored in fp32 like the rest
+
+
+__all__ = ["load_original_checkpoint", "convert_state_dict", "convert_checkpoint", "resolve_config",
+           "bert_mode_config", "bert_state_dict_to_mosaic", "convert_hf"]

@@ -1,13 +1,16 @@
 """Contrastive training of a sentence encoder on top of a pretrained backbone, and its export.
 
-``train_encoder(cfg)``: backbone folder (``runs/NAME/final``, or any ``AutoModel`` folder) + pairs ->
-a sentence-transformers folder: ``Transformer`` (the backbone) -> ``Pooling`` (mean or CLS) ->
-``Normalize``. Training is sentence-transformers' own ``SentenceTransformerTrainer`` with its
+``train_encoder(cfg)``: backbone folder (``runs/NAME/final``, or any ``AutoModel`` folder) or an existing
+sentence-transformers folder + pairs -> a sentence-transformers folder: ``Transformer`` (the backbone) ->
+``Pooling`` (mean or CLS) -> ``Normalize``. Options (``ContrastiveConfig``): Matryoshka dimensions
+(``MatryoshkaLoss``, Kusupati et al. 2022), query/document prompts stored in the folder, an IR evaluation
+during training on a held-back slice, hard negatives from the pairs file or mined by a teacher, and a
+teacher's consistency filter for pairs mined without labels (``data/pairs.py``). Training is sentence-transformers' own ``SentenceTransformerTrainer`` with its
 ``MultipleNegativesRankingLoss`` (InfoNCE with in-batch negatives, hard negatives when the pairs carry
 a third column; ``gather_across_devices`` turns the in-batch negatives of every DDP rank into negatives
 for all ranks) or ``CachedMultipleNegativesRankingLoss`` (GradCache, Gao et al. 2021, arXiv 2101.06983:
 same loss and gradients, activations for only ``mini_batch_size`` texts at a time). We do not write
-these again; ``tests/test_contrastive.py`` checks their gradients against a naive loss.
+these again; ``tests/train/test_contrastive.py`` checks their gradients against a naive loss.
 
 The encoder is built and saved by ``mosaic_embed.encode`` (``build_encoder``, ``save_encoder``: the folder
 also carries MosaicBERT's modeling code, so that ``SentenceTransformer(folder, trust_remote_code=True)``
@@ -40,20 +43,44 @@ logger = logging.getLogger(__name__)
 
 
 def make_loss(model: Any, cfg: ContrastiveConfig):
+    """The ranking loss of ``cfg.loss``, wrapped in MatryoshkaLoss when ``cfg.matryoshka_dims`` is set."""
     from sentence_transformers import losses
 
     if cfg.loss == "cached_mnrl":
-        return losses.CachedMultipleNegativesRankingLoss(
+        loss = losses.CachedMultipleNegativesRankingLoss(
             model, scale=cfg.scale, mini_batch_size=cfg.mini_batch_size,
             gather_across_devices=cfg.gather_across_devices,
         )
-    return losses.MultipleNegativesRankingLoss(model, scale=cfg.scale, gather_across_devices=cfg.gather_across_devices)
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model, scale=cfg.scale,
+                                                   gather_across_devices=cfg.gather_across_devices)
+    if cfg.matryoshka_dims:
+        return losses.MatryoshkaLoss(model, loss, matryoshka_dims=matryoshka_dims(model, cfg.matryoshka_dims))
+    return loss
 
 
-def _ir_evaluator_from_pairs(dataset, name: str):
-    """An InformationRetrievalEvaluator over held-out pairs: each anchor must find its own positive."""
+def matryoshka_dims(model: Any, dims: list[int]) -> list[int]:
+    """The model's full dimension and ``dims``, largest first; a dimension beyond the model's is an error."""
+    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    full = int(get_dim())
+    too_big = [d for d in dims if d > full]
+    if too_big:
+        raise ValueError(f"matryoshka_dims {too_big}: the encoder makes {full}-d vectors")
+    return sorted({full, *dims}, reverse=True)
+
+
+def _ir_evaluator(queries: dict, corpus: dict, relevant: dict, name: str, cfg: ContrastiveConfig):
+    """sentence-transformers' InformationRetrievalEvaluator with the run's prompts."""
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
+    return InformationRetrievalEvaluator(queries, corpus, relevant, name=name, ndcg_at_k=[10], mrr_at_k=[10],
+                                         precision_recall_at_k=[10, 100], map_at_k=[100], accuracy_at_k=[1, 10],
+                                         write_csv=False, query_prompt=cfg.query_prompt or None,
+                                         corpus_prompt=cfg.document_prompt or None)
+
+
+def _ir_evaluator_from_pairs(dataset, name: str, cfg: ContrastiveConfig):
+    """An IR evaluation over held-out pairs: each anchor must find its own positive among all of them."""
     queries, corpus, relevant = {}, {}, {}
     doc_ids: dict[str, str] = {}
     for i, (anchor, positive) in enumerate(zip(dataset["anchor"], dataset["positive"], strict=True)):
@@ -61,22 +88,74 @@ def _ir_evaluator_from_pairs(dataset, name: str):
         corpus[did] = positive
         queries[f"q{i}"] = anchor
         relevant[f"q{i}"] = {did}
-    return InformationRetrievalEvaluator(queries, corpus, relevant, name=name, ndcg_at_k=[10],
-                                         mrr_at_k=[10], precision_recall_at_k=[10, 100], map_at_k=[100],
-                                         accuracy_at_k=[1, 10], write_csv=False)
+    return _ir_evaluator(queries, corpus, relevant, name, cfg)
 
 
-def _ir_evaluator_from_beir(folder: str, split: str):
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
-
+def _ir_evaluator_from_beir(folder: str, split: str, cfg: ContrastiveConfig):
     from ..data.beir import doc_text, load_beir
 
     data = load_beir(folder, split)
     relevant = {q: {d for d, s in docs.items() if s > 0} for q, docs in data.qrels.items()}
     corpus = {d: doc_text(doc) for d, doc in data.corpus.items()}
-    return InformationRetrievalEvaluator(data.queries, corpus, relevant, name=f"beir-{split}", ndcg_at_k=[10],
-                                         mrr_at_k=[10], precision_recall_at_k=[10, 100], map_at_k=[100],
-                                         accuracy_at_k=[1, 10], write_csv=False)
+    return _ir_evaluator(data.queries, corpus, relevant, f"beir-{split}", cfg)
+
+
+def teacher_folder(cfg: ContrastiveConfig) -> str:
+    """``cfg.teacher``, or the encoder training starts from when it is a sentence-transformers folder."""
+    if cfg.teacher:
+        return cfg.teacher
+    if (Path(cfg.model) / "modules.json").is_file():
+        return cfg.model
+    raise ValueError(f"teacher_filter / hard_negatives need a teacher: {cfg.model} is a bare backbone, not an "
+                     "encoder; give --teacher (a sentence-transformers folder)")
+
+
+def _prepare_pairs(cfg: ContrastiveConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """(training pairs, evaluator or None, what was done to them) for ``cfg``: read or mine the pairs, hold out
+    the evaluation slice, then apply the teacher (consistency filter, hard negatives)."""
+    from ..data.pairs import add_hard_negatives, load_pairs, teacher_filter
+
+    dataset = load_pairs(cfg.pairs, corpus=cfg.corpus, strategy=cfg.mining, max_pairs=cfg.max_pairs,
+                         seed=cfg.seed, beir_split=cfg.beir_split, text_field=cfg.text_field)
+    info: dict[str, Any] = {"n_pairs_read": len(dataset)}
+    evaluator = None
+    if cfg.eval_fraction > 0:
+        split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        dataset = split["train"]
+        evaluator = _ir_evaluator_from_pairs(split["test"], "held-out", cfg)
+        info["n_pairs_held_out"] = len(split["test"])
+    elif cfg.eval_beir:
+        evaluator = _ir_evaluator_from_beir(cfg.eval_beir, cfg.eval_split, cfg)
+    if cfg.teacher_filter or cfg.hard_negatives:
+        from ..config import EncodeConfig
+        from ..encode import Encoder
+
+        teacher = Encoder.load(teacher_folder(cfg), EncodeConfig(max_seq_len=None))
+        info["teacher"] = teacher.describe()
+        if cfg.teacher_filter:
+            dataset, info["teacher_filter"] = teacher_filter(dataset, teacher, cfg.teacher_filter)
+            if len(dataset) < 2:
+                raise ValueError(f"teacher_filter={cfg.teacher_filter} kept {len(dataset)} of "
+                                 f"{info['teacher_filter']['mined']} pairs; raise it or check the teacher")
+        if cfg.hard_negatives:
+            dataset, info["hard_negatives"] = add_hard_negatives(dataset, teacher, cfg.hard_negatives,
+                                                                 cfg.negative_margin)
+            if len(dataset) < 2:
+                raise ValueError("hard negative mining left fewer than 2 pairs; lower negative_margin or "
+                                 "hard_negatives")
+        del teacher
+    return dataset, evaluator, info
+
+
+def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The evaluations run during training (step and the evaluator's nDCG@10 / recall@100 / MRR@10)."""
+    rows = []
+    for entry in log_history:
+        scores = {k.split("_", 1)[1]: float(v) for k, v in entry.items()
+                  if k.startswith("eval_") and any(m in k for m in ("ndcg@10", "recall@100", "mrr@10"))}
+        if scores:
+            rows.append({"step": int(entry.get("step", 0)), **scores})
+    return rows
 
 
 def train_encoder(cfg: ContrastiveConfig) -> Path:
@@ -87,8 +166,6 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
     except ImportError:  # older ST layouts
         from sentence_transformers.training_args import BatchSamplers
 
-    from ..data.pairs import load_pairs
-
     if not cfg.model:
         raise ValueError("train-encoder: no backbone given (--model runs/NAME/final)")
     if not cfg.pairs:
@@ -96,18 +173,15 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dataset = load_pairs(cfg.pairs, corpus=cfg.corpus, strategy=cfg.mining, max_pairs=cfg.max_pairs,
-                         seed=cfg.seed, beir_split=cfg.beir_split, text_field=cfg.text_field)
-    evaluator = None
-    if cfg.eval_fraction > 0:
-        split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
-        dataset = split["train"]
-        evaluator = _ir_evaluator_from_pairs(split["test"], "held-out")
-    elif cfg.eval_beir:
-        evaluator = _ir_evaluator_from_beir(cfg.eval_beir, cfg.eval_split)
+    dataset, evaluator, pair_info = _prepare_pairs(cfg)
     t_data = time.perf_counter() - t0
 
     model = build_encoder(cfg.model, cfg.pooling, cfg.normalize, cfg.max_seq_len)
+    prompts = {}
+    if cfg.query_prompt or cfg.document_prompt:
+        model.prompts = {**model.prompts, "query": cfg.query_prompt, "document": cfg.document_prompt}
+        # column -> prompt for the trainer: the anchor is the query, every other column a document
+        prompts = {c: (cfg.query_prompt if c == "anchor" else cfg.document_prompt) for c in dataset.column_names}
     loss = make_loss(model, cfg)
     device = resolve_device("auto")
     cuda = device.type == "cuda"
@@ -116,6 +190,7 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
     work = out.parent / f".{out.name}.trainer"
     state = dist_state()
     world = state.num_processes
+    evaluate_during = evaluator is not None and cfg.eval_steps > 0
     with contextlib.ExitStack() as stack:
         if state.is_main_process:  # one writer of this output at a time
             stack.enter_context(writer_lock(work, "mosaic-embed train-encoder"))
@@ -137,7 +212,9 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
             use_cpu=not cuda,  # torchrun on CPU then runs a gloo DDP job (tests, smoke checks)
             logging_steps=cfg.logging_steps,
             save_strategy="no",
-            eval_strategy="no",
+            eval_strategy="steps" if evaluate_during else "no",
+            eval_steps=cfg.eval_steps if evaluate_during else None,
+            prompts=prompts or None,
             report_to="none",
             disable_tqdm=False,
         )
@@ -156,13 +233,18 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
                 save_encoder(model, tmp)
                 write_manifest(
                     tmp, "train-encoder", cfg,
-                    inputs={"model": str(cfg.model), "pairs": str(cfg.pairs), "corpus": cfg.corpus},
+                    inputs={"model": str(cfg.model), "pairs": str(cfg.pairs), "corpus": cfg.corpus,
+                            "teacher": pair_info.get("teacher", {}).get("path")},
                     outputs={"n_pairs": len(dataset), "columns": dataset.column_names,
-                             "train_loss": float(train_out.training_loss), "steps": int(train_out.global_step)},
+                             "train_loss": float(train_out.training_loss), "steps": int(train_out.global_step),
+                             "prompts": dict(model.prompts), "pairs": pair_info,
+                             "matryoshka_dims": matryoshka_dims(model, cfg.matryoshka_dims)
+                             if cfg.matryoshka_dims else None},
                     timings={"data_s": t_data, "train_s": t_train, "total_s": time.perf_counter() - t0},
-                    metrics=metrics, world_size=trainer.args.world_size,
+                    metrics=metrics, eval_history=_eval_history(trainer.state.log_history),
+                    world_size=trainer.args.world_size,
                     gathered_negatives=bool(cfg.gather_across_devices and trainer.args.world_size > 1),
-                    gpu_minutes=(t_train / 60 * trainer.args.world_size) if cuda else 0.0,
+                    gpu_minutes=((t_train + t_data) / 60 * trainer.args.world_size) if cuda else 0.0,
                 )
             shutil.rmtree(work, ignore_errors=True)
     return out

@@ -86,18 +86,14 @@ class NonFiniteLossError(RuntimeError):
 def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedModel:
     """The masked-LM model a recipe asks for; vocabulary = the tokenizer's, padded to a multiple of 64.
 
-    ``init_from`` continues from saved weights (domain-adaptive pretraining). A key of ``overrides`` that
-    is not a field of the model's config is a :class:`ConfigError` (it would otherwise be stored in
-    ``config.json`` and ignored).
+    ``init_from`` continues from saved weights (domain-adaptive pretraining, see :func:`load_init_model`).
+    A key of ``overrides`` that is not a field of the model's config is a :class:`ConfigError` (it would
+    otherwise be stored in ``config.json`` and ignored).
     """
     from ..data.tokenizer import padded_vocab_size
 
     if model_cfg.init_from is not None:
-        from transformers import AutoModelForMaskedLM
-
-        if not Path(model_cfg.init_from).is_dir():
-            raise FileNotFoundError(f"model.init_from: {model_cfg.init_from} is not a folder")
-        return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from)
+        return load_init_model(model_cfg, tokenizer)
     if model_cfg.arch == "hf_bert" and model_cfg.preset not in HF_BERT_PRESETS:
         raise ValueError(f"model.preset: unknown hf_bert preset {model_cfg.preset!r}; choose from {sorted(HF_BERT_PRESETS)}")
     vocab = padded_vocab_size(tokenizer)
@@ -118,6 +114,126 @@ def build_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedMod
         raise ValueError(f"model.overrides: {err}") from None
     config._attn_implementation = "sdpa"
     return BertForMaskedLM(config)
+
+
+#: Config fields that shape a model's weights: a continued checkpoint keeps them (others, e.g. attn_impl or
+#: dropout, may be overridden).
+_ARCHITECTURE_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "type_vocab_size", "position", "mlp", "position_embedding_type",
+})
+
+#: The model_type of an ``init_from`` checkpoint that each ``model.arch`` continues.
+_ARCH_MODEL_TYPE = {"mosaic_bert": "mosaic_bert", "hf_bert": "bert"}
+
+
+def init_folder(model_cfg: PretrainModelConfig) -> Path:
+    """The model folder of ``model.init_from``: the folder itself, or the Transformer module's folder of a
+    sentence-transformers folder (e.g. a converted all-MiniLM-L6-v2). Its ``model_type`` must be the one
+    ``model.arch`` trains; a transformers BERT for ``mosaic_bert`` is pointed to ``convert --from-hf``."""
+    from ..artifacts import read_json
+
+    folder = Path(model_cfg.init_from)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model.init_from: {folder} is not a folder")
+    if (folder / "modules.json").is_file():
+        from ..encode.st import transformer_dir
+
+        folder = transformer_dir(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"model.init_from: {folder} has no config.json (not a saved model folder)")
+    data = read_json(config_path, "a JSON config file")
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    expected = _ARCH_MODEL_TYPE[model_cfg.arch]
+    if model_type != expected:
+        hint = ("; convert it first (mosaic-embed convert --from-hf) or continue it as a BERT with "
+                "--set model.arch=hf_bert") if model_type == "bert" else ""
+        raise ConfigError(f"model.init_from: {folder} holds a {model_type!r} model but model.arch="
+                          f"{model_cfg.arch} continues {expected!r} checkpoints{hint}")
+    return folder
+
+
+def init_tokenizer(cfg: PretrainConfig) -> PretrainConfig:
+    """With ``model.init_from``, the run's tokenizer is the checkpoint's: ``data.tokenizer`` unset becomes
+    the checkpoint folder; one that is set must have the same vocabulary (else a ConfigError naming both).
+    A checkpoint without tokenizer files takes ``data.tokenizer`` (or the bundled one) if its vocabulary size
+    fits the model's."""
+    import dataclasses
+
+    from ..data.tokenizer import load_tokenizer, padded_vocab_size
+
+    if cfg.model.init_from is None:
+        return cfg
+    folder = init_folder(cfg.model)
+    has_tokenizer = any((folder / n).is_file() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+    if has_tokenizer:
+        own = load_tokenizer(folder)
+        if cfg.data.tokenizer is None:
+            return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder)))
+        given = load_tokenizer(cfg.data.tokenizer)
+        if given.get_vocab() != own.get_vocab():
+            diff = sorted(set(given.get_vocab().items()) ^ set(own.get_vocab().items()))[:3]
+            raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} is not the tokenizer of model.init_from {folder} "
+                              f"({len(given)} vs {len(own)} tokens; e.g. {diff}): the checkpoint's embeddings "
+                              "are indexed by its own vocabulary; leave data.tokenizer unset to use it")
+        return cfg
+    from ..artifacts import read_json
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    vocab = read_json(folder / "config.json").get("vocab_size")
+    if padded_vocab_size(tokenizer) != padded_vocab_size(int(vocab or 1)):
+        raise ConfigError(f"model.init_from: {folder} has no tokenizer files and a vocabulary of {vocab}; the "
+                          f"tokenizer {cfg.data.tokenizer or 'bert-base-uncased (bundled)'} has {len(tokenizer)} "
+                          "tokens: give the checkpoint's tokenizer as data.tokenizer")
+    logger.warning("model.init_from: %s has no tokenizer files; using %s (same vocabulary size)", folder,
+                   cfg.data.tokenizer or "the bundled bert-base-uncased")
+    return cfg
+
+
+def load_init_model(model_cfg: PretrainModelConfig, tokenizer: Any) -> PreTrainedModel:
+    """The masked-LM model of ``model.init_from``, every encoder weight from the checkpoint.
+
+    An MLM checkpoint (a pretraining run's ``final``, ``MosaicBertForMaskedLM``, a converted
+    ``BertForMaskedLM``) continues with its head; an encoder-only checkpoint (``MosaicBertModel``, a
+    converted sentence encoder) gets a freshly initialised MLM head, with a warning. ``model.overrides``
+    set config fields (e.g. ``attn_impl``). A checkpoint whose encoder weights do not fill the model, or
+    whose vocabulary is not the tokenizer's (padded to 64), is an error.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    from ..artifacts import read_json
+    from ..data.tokenizer import padded_vocab_size
+
+    folder = init_folder(model_cfg)
+    check_model_overrides(model_cfg)
+    saved = read_json(folder / "config.json")
+    conflicts = {k: (v, saved.get(k)) for k, v in model_cfg.overrides.items()
+                 if k in _ARCHITECTURE_FIELDS and saved.get(k) != v}
+    if conflicts:
+        k, (want, have) = next(iter(conflicts.items()))
+        raise ConfigError(f"model.overrides.{k}={want!r} but the checkpoint in model.init_from has {k}={have!r}: "
+                          "a continued model keeps its architecture (drop the override, e.g. "
+                          "--set model.overrides={} when the recipe sets one)")
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(str(folder), output_loading_info=True,
+                                                           local_files_only=True, **model_cfg.overrides)
+    except (OSError, RuntimeError) as err:  # size mismatches, unreadable weights
+        raise ValueError(f"model.init_from: cannot load {folder} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    head = ("mlm_head.",) if model_cfg.arch == "mosaic_bert" else ("cls.",)
+    missing = list(info.get("missing_keys", []))
+    encoder_missing = [k for k in missing if not k.startswith(head)]
+    if encoder_missing:
+        raise ValueError(f"model.init_from: {folder} does not hold these weights of the model: "
+                         f"{sorted(encoder_missing)[:8]} (another architecture or size?)")
+    if missing:
+        logger.warning("model.init_from: %s has no MLM head (an encoder-only checkpoint): the head starts from "
+                       "fresh weights (%s)", folder, ", ".join(sorted(missing)[:4]))
+    if model.config.vocab_size != padded_vocab_size(tokenizer):
+        raise ValueError(f"model.init_from: {folder} has a vocabulary of {model.config.vocab_size} rows but the "
+                         f"tokenizer has {len(tokenizer)} tokens ({padded_vocab_size(tokenizer)} padded)")
+    return model
 
 
 def check_model_overrides(model_cfg: PretrainModelConfig) -> None:
@@ -630,6 +746,7 @@ def pretrain(
     # before tokenizing: a wrong --out/--resume or an impossible precision fails at once
     resolve_precision(cfg.train.precision, resolve_device("auto"), "train.precision")
     check_model_overrides(cfg.model)
+    cfg = init_tokenizer(cfg)  # --init-from: the checkpoint's tokenizer, or a named mismatch
     _guard_run_dir(run_dir, resume)
     from transformers import set_seed
 
@@ -646,6 +763,9 @@ def pretrain(
     tokenizer = load_tokenizer(str(cfg.data.tokenizer) if cfg.data.tokenizer else None)
     set_seed(cfg.train.seed)  # model initialisation is part of the seeded run
     model = build_model(cfg.model, tokenizer)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if getattr(model.config, "position", "learned") == "learned" and limit and cfg.data.max_seq_len > limit:
+        raise ConfigError(f"data.max_seq_len {cfg.data.max_seq_len}: the model has learned positions for {limit} tokens")
     _warn_if_cpu_sized_wrong(model, cfg, say)
     with contextlib.ExitStack() as stack:
         if state.is_main_process:
@@ -728,6 +848,8 @@ __all__ = [
     "MLMTrainer",
     "NonFiniteLossError",
     "build_model",
+    "init_tokenizer",
+    "load_init_model",
     "latest_checkpoint",
     "list_checkpoints",
     "make_collators",

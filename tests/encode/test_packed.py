@@ -157,3 +157,89 @@ def test_cli_train_encoder_tiny_recipe(encoders, tmp_path):
     assert manifest["outputs"]["columns"] == ["anchor", "positive", "negative"]
     assert manifest["config"]["loss"] == "cached_mnrl" and manifest["outputs"]["steps"] == 3
 
+
+
+def _with_prompts_and_projection(encoders, tmp_path, dense_activation=None):
+    """The mosaic-mean encoder with query/document prompts, a default prompt and a Dense projection 32 -> 24."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    st = SentenceTransformer(str(encoders["mosaic-mean"]), device="cpu")
+    torch.manual_seed(0)
+    dense = models.Dense(32, 24, bias=True, activation_function=dense_activation or torch.nn.Identity())
+    modules = list(st)
+    model = SentenceTransformer(modules=[*modules[:2], dense, modules[2]], device="cpu",
+                                prompts={"query": "query: ", "passage": "passage: ", "other": "topic: "},
+                                default_prompt_name="other")
+    save_encoder(model, tmp_path / "enc")
+    return SentenceTransformer(str(tmp_path / "enc"), device="cpu"), tmp_path / "enc"
+
+
+def test_packed_path_runs_dense_modules_and_applies_prompts_as_sentence_transformers(encoders, tmp_path):
+    """Prompts as encode_query / encode_document / encode apply them (a 'passage' prompt is a document
+    prompt; no prompt_name = the default prompt), and the folder's Dense + Normalize run after pooling."""
+    import torch
+
+    st, folder = _with_prompts_and_projection(encoders, tmp_path, torch.nn.Tanh())
+    enc = Encoder.load(folder, device="cpu")
+    assert enc.path_used == PACKED and enc.dim == 24 and enc.normalize
+    np.testing.assert_allclose(enc.encode(TEXTS, prompt_name="query"), st.encode_query(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(enc.encode(TEXTS, prompt_name="document"), st.encode_document(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(enc.encode(TEXTS), st.encode(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(enc.encode(TEXTS, prompt_name="other"), st.encode(TEXTS, prompt_name="other"),
+                               atol=1e-5)
+    assert not np.allclose(enc.encode(TEXTS[:3], prompt_name="query"), enc.encode(TEXTS[:3], prompt_name="document"))
+    with pytest.raises(ValueError, match=r"prompt_name 'nope': the encoder .* defines the prompts .*'other', 'passage'"):
+        enc.encode(TEXTS, prompt_name="nope")
+    d = enc.describe()
+    assert d["prompts"]["query"] == "query: " and d["default_prompt_name"] == "other" and d["dim"] == 24
+
+
+def test_fallback_path_applies_prompts_once(encoders, tmp_path):
+    """Through sentence-transformers (a BERT backbone) the prompt is ST's own argument: no double prompt."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(encoders["bert"]), device="cpu", prompts={"query": "q: "}, default_prompt_name="query")
+    save_encoder(st, tmp_path / "bert")
+    enc = Encoder.load(tmp_path / "bert", device="cpu")
+    assert enc.path_used == FALLBACK
+    np.testing.assert_allclose(enc.encode(TEXTS[:6]), st.encode(TEXTS[:6]), atol=1e-6)
+    np.testing.assert_allclose(enc.encode(TEXTS[:6], prompt_name="document"), st.encode_document(TEXTS[:6]), atol=1e-6)
+
+
+def test_truncate_dim_keeps_leading_dimensions_renormalised(encoders):
+    full = Encoder.load(encoders["mosaic-mean"], device="cpu")
+    short = Encoder.load(encoders["mosaic-mean"], device="cpu", truncate_dim=8)
+    ref = full.encode(TEXTS)[:, :8]
+    got = short.encode(TEXTS)
+    assert got.shape == (len(TEXTS), 8) and short.describe()["truncate_dim"] == 8
+    np.testing.assert_allclose(got, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
+    from mosaic_embed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="truncate_dim 64: this encoder makes 32-d vectors"):
+        Encoder.load(encoders["mosaic-mean"], device="cpu", truncate_dim=64)
+
+
+def test_embed_and_store_use_document_and_query_prompts(encoders, tmp_path):
+    """embed (documents) and index search (queries) apply the encoder's own prompts and the truncation the
+    store records, so a store's queries are embedded as its documents were."""
+    from mosaic_embed.config import EmbedConfig, EncodeConfig, IndexConfig
+    from mosaic_embed.encode import embed_file
+    from mosaic_embed.index.store import VectorStore, build_store_from_embeddings
+
+    st, folder = _with_prompts_and_projection(encoders, tmp_path)
+    docs = write_docs(tmp_path / "docs.jsonl", n=7)
+    out = embed_file(EmbedConfig(model=folder, input=docs, out=tmp_path / "emb", dtype="float32", title_field=None,
+                                 encode=EncodeConfig(device="cpu", truncate_dim=16)), show_progress=False)
+    emb, _ = load_embeddings(out)
+    texts = [json.loads(line)["text"] for line in docs.read_text().splitlines() if line.strip()]
+    ref = st.encode_document(texts)[:, :16]
+    np.testing.assert_allclose(emb, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+    store = VectorStore(build_store_from_embeddings(out, tmp_path / "store", IndexConfig()))
+    enc = store.encoder(device="cpu")
+    assert enc.dim == 16
+    q = st.encode_query(["storm news"])[:, :16]
+    np.testing.assert_allclose(enc.encode(["storm news"], prompt_name="query"),
+                               q / np.linalg.norm(q, axis=1, keepdims=True), atol=1e-5)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    assert store.search_texts(["storm news"], k=1, encoder=enc)[0][0].id == f"doc{int(np.argmax(emb @ q[0]))}"

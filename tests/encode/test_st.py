@@ -180,8 +180,8 @@ def test_folders_the_direct_read_does_not_mirror_go_to_sentence_transformers(tmp
     assert read_packed_folder(folder) is not None
     cases = {
         "sentence_bert_config.json": lambda c: {**c, "do_lower_case": True},
-        "config_sentence_transformers.json": lambda c: {**c, "prompts": {"query": "query: "}},
         "1_Pooling/config.json": lambda c: {**c, "pooling_mode": "max"},
+        "modules.json": lambda c: [*c, {"idx": 3, "name": "3", "path": "3_Dense", "type": "x.Dense"}],
     }
     for name, change in cases.items():
         f = folder / name
@@ -189,6 +189,9 @@ def test_folders_the_direct_read_does_not_mirror_go_to_sentence_transformers(tmp
         f.write_text(json.dumps(change(json.loads(original))))
         assert read_packed_folder(folder) is None, name
         f.write_text(original)
+    st_cfg = folder / "config_sentence_transformers.json"  # prompts are read (the Encoder applies them)
+    st_cfg.write_text(json.dumps({**json.loads(st_cfg.read_text()), "prompts": {"query": "query: ", "document": None}}))
+    assert read_packed_folder(folder).prompts == {"query": "query: ", "document": ""}
     # the older layout's explicit max_seq_length is honoured, as sentence-transformers does
     sb = folder / "sentence_bert_config.json"
     sb.write_text(json.dumps({**json.loads(sb.read_text()), "max_seq_length": 24}))

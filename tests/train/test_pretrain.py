@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -156,10 +157,11 @@ def test_config_errors():
         from_dict(PretrainConfig, {"model": {"overrides": {"vocab_size": 100}}})
     with pytest.raises(ValueError, match="unknown hf_bert preset"):
         build_model(PretrainModelConfig(arch="hf_bert", preset="bert-huge"), None)
-    for name in ("mosaic-bert-base", "mosaic-bert-large", "bert-base", "mosaic-bert-small", "mosaic-bert-mini", "tiny"):
+    for name in ("mosaic-bert-base", "mosaic-bert-large", "bert-base", "mosaic-bert-small", "mosaic-bert-mini", "tiny",
+                 "continue"):
         cfg = load_config(PretrainConfig, name)
         assert cfg.train.global_batch_size % cfg.train.microbatch_size == 0
-        assert cfg.train.mask_prob == (0.15 if name == "bert-base" else 0.30)
+        assert cfg.train.mask_prob == (0.15 if name in ("bert-base", "continue") else 0.30)
 
 
 def test_cli_pretrain_bundled_corpus_end_to_end(tmp_path):
@@ -248,3 +250,94 @@ def test_two_ranks_follow_the_one_rank_run(tmp_path):
     w1 = AutoModelForMaskedLM.from_pretrained(tmp_path / "one" / "final").state_dict()
     w2 = AutoModelForMaskedLM.from_pretrained(tmp_path / "two" / "final").state_dict()
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
+# ---- --init-from: domain-adaptive pretraining from a checkpoint ------------------------------------------
+
+
+def _init_corpus(path):
+    from tests.helpers import TOPICS
+
+    with open(path, "w") as f:
+        for i in range(40):
+            topic, text = list(TOPICS.items())[i % len(TOPICS)]
+            f.write(json.dumps({"text": f"{topic} {text} " * (i % 4 + 1)}) + "\n")
+    return path
+
+
+def _init_args(tmp_path, init, out, *extra):
+    return ["pretrain", "--corpus", str(_init_corpus(tmp_path / "corpus.jsonl")), "--recipe", "tiny",
+            "--init-from", str(init), "--out", str(out), "--set", "train.max_steps=2",
+            "--set", "train.global_batch_size=4", "--set", "train.microbatch_size=4", "--set", "train.eval_samples=4",
+            "--set", "train.save_every_steps=0", "--set", "train.eval_every_steps=0",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.num_proc=1",
+            "--set", "model.overrides={}", *extra]
+
+
+def test_init_from_a_converted_bert_continues_with_its_head_and_tokenizer(tmp_path):
+    """A converted BertForMaskedLM continues MLM training on a new corpus: its weights (MLM head included)
+    are the start, its tokenizer makes the shards, the run moves the weights."""
+    from mosaic_embed.cli import main
+    from mosaic_embed.config import PretrainModelConfig
+    from mosaic_embed.data.tokenizer import load_tokenizer
+    from mosaic_embed.model.convert import convert_hf
+    from mosaic_embed.train.pretrain import load_init_model
+    from tests.helpers import tiny_bert
+
+    converted = tmp_path / "converted"
+    source = convert_hf(tiny_bert(tmp_path / "bert", seed=7, mlm=True), converted)
+    tokenizer = load_tokenizer(converted)
+    start = load_init_model(PretrainModelConfig(init_from=converted), tokenizer)
+    for name, value in source.state_dict().items():
+        assert torch.equal(start.state_dict()[name], value), name
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, _init_args(tmp_path, converted, out))
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    assert manifest["inputs"]["init_from"] == str(converted.resolve())
+    assert manifest["config"]["data"]["tokenizer"] == str(converted)  # the checkpoint's own tokenizer
+    shards = json.loads((Path(manifest["inputs"]["shards"]) / "manifest.json").read_text())
+    assert shards["config"]["tokenizer"] == str(converted)
+    final = AutoModelForMaskedLM.from_pretrained(out / "final")
+    assert final.config.position == "learned" and final.config.vocab_size == 128
+    moved = [n for n, v in final.state_dict().items() if not torch.equal(v, source.state_dict()[n])]
+    assert moved  # it trained
+
+
+def test_init_from_an_encoder_only_checkpoint_gets_a_fresh_head(tmp_path, caplog):
+    from mosaic_embed.config import PretrainModelConfig
+    from mosaic_embed.data.tokenizer import load_tokenizer
+    from mosaic_embed.model import MosaicBertModel
+    from mosaic_embed.train.pretrain import load_init_model
+    from tests.helpers import tiny_mosaic
+
+    folder = tiny_mosaic(tmp_path / "enc", seed=3)
+    encoder = MosaicBertModel.from_pretrained(folder)
+    with caplog.at_level("WARNING"):
+        model = load_init_model(PretrainModelConfig(init_from=folder), load_tokenizer(folder))
+    assert "has no MLM head" in caplog.text and "fresh weights" in caplog.text
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[name], value), name
+
+
+def test_init_from_refuses_another_tokenizer_and_another_architecture(tmp_path):
+    from mosaic_embed.cli import main
+    from tests.helpers import SPECIAL, WORDS, tiny_bert, tiny_mosaic, write_tokenizer
+
+    folder = tiny_mosaic(tmp_path / "m", mlm=True)
+    other = tmp_path / "other-tok"
+    vocab = list(dict.fromkeys(SPECIAL + WORDS[::-1] + [f"t{i}" for i in range(128)]))[:128]
+    write_tokenizer(other, vocab)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, _init_args(tmp_path, folder, out, "--set", f"data.tokenizer={other}"))
+    assert r.exit_code == 2 and f"data.tokenizer {other} is not the tokenizer of model.init_from" in r.output, r.output
+    assert not out.exists()
+    bert = tiny_bert(tmp_path / "bert", mlm=True)
+    r = CliRunner().invoke(main, _init_args(tmp_path, bert, out))
+    assert r.exit_code == 2 and "holds a 'bert' model" in r.output and "convert --from-hf" in r.output, r.output
+    assert not out.exists()
+    r = CliRunner().invoke(main, _init_args(tmp_path, tmp_path / "missing", out))
+    assert r.exit_code == 2 and "is not a folder" in r.output
+    r = CliRunner().invoke(main, _init_args(tmp_path, folder, out, "--set", "model.overrides.hidden_size=64"))
+    assert r.exit_code == 2 and "model.overrides.hidden_size=64 but the checkpoint" in r.output, r.output
+    assert not out.exists()
