@@ -124,10 +124,11 @@ def _typed(field: str, op: str, value: Any, params: list[Any]) -> str:
         if op not in ("=", "!="):
             raise ValueError(f"{field} {op} {value}: booleans compare only with = and !=")
         params.append(path)
-        return f"(json_type(metadata, ?) = '{'true' if value == (op == '=') else 'false'}')"
+        return f"COALESCE(json_type(metadata, ?) = '{'true' if value == (op == '=') else 'false'}', 0)"
     kinds = "('integer', 'real')" if isinstance(value, int | float) else "('text')"
     params.extend([path, path, value])
-    return f"(json_type(metadata, ?) IN {kinds} AND json_extract(metadata, ?) {op} ?)"
+    # COALESCE: a missing field is false, not SQL's unknown (which NOT would keep unknown)
+    return f"COALESCE(json_type(metadata, ?) IN {kinds} AND json_extract(metadata, ?) {op} ?, 0)"
 
 
 def parse_where(text: str) -> Where:
@@ -140,8 +141,6 @@ def parse_where(text: str) -> Where:
     params: list[Any] = []
 
     def expr(depth: int) -> str:
-        if depth > MAX_DEPTH:
-            raise tokens.error(f"nested more than {MAX_DEPTH} levels")
         parts = [term(depth)]
         while tokens.peek() == "or":
             tokens.pos += 1
@@ -156,6 +155,8 @@ def parse_where(text: str) -> Where:
         return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
 
     def factor(depth: int) -> str:
+        if depth > MAX_DEPTH:
+            raise tokens.error(f"nested more than {MAX_DEPTH} levels")
         kind = tokens.peek()
         if kind == "not":
             tokens.pos += 1
