@@ -78,7 +78,7 @@ def chunk_spans(encoder, texts: Sequence[str], budgets: Sequence[int], overlap: 
     """Character spans of each text's chunks: windows of at most ``budget`` tokens (the encoder's tokenizer),
     consecutive windows sharing ``overlap`` tokens. A text that fits is one chunk covering all of it."""
     enc = encoder.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True,
-                            return_attention_mask=False, return_token_type_ids=False)
+                            return_attention_mask=False, return_token_type_ids=False, verbose=False)
     out = []
     for text, offsets, budget in zip(texts, enc["offset_mapping"], budgets, strict=True):
         if len(offsets) <= budget:
