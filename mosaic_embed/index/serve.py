@@ -20,8 +20,8 @@ A read-only server follows the store: at most every ``refresh_s`` it checks the 
 published generation (in-flight requests finish on the one they started with).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime, and the
+# request models are local to create_app (their limits come from the config).
 import asyncio
 import base64
 import concurrent.futures
@@ -113,12 +113,12 @@ class _LockedEncoder:
         return getattr(self._batcher.encoder, name)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes (declared or streamed) answers 413 before it is parsed."""
+    """ASGI middleware: a body over ``limit`` bytes answers 413 before the app sees it.
+
+    A declared Content-Length is checked first; a chunked body is read here (at most ``limit`` + one chunk)
+    and handed on whole, so an endless stream cannot fill the memory and no parser meets a truncated body.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -129,28 +129,27 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await _plain(send, 413, f"request body over {self.limit} bytes")
-        received = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal received
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await _plain(send, 413, f"request body over {self.limit} bytes")
+        body = b"".join(chunks)
+        sent = False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # the disconnect, when it comes
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _plain(send, 413, f"request body over {self.limit} bytes")
+        await self.app(scope, replay, send)
 
 
 async def _plain(send, status: int, detail: str) -> None:
@@ -347,3 +346,28 @@ def run_server(cfg: ServeConfig) -> None:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", limit_concurrency=512)
     finally:
         app.state.batcher.close()
+
+
+class BackgroundServer:
+    """A server on a free loopback port in a background thread (tests and benchmarks): ``url``, ``stop()``."""
+
+    def __init__(self, cfg: ServeConfig, encoder=None):
+        import uvicorn
+
+        self.app = create_app(cfg, encoder)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=cfg.host, port=cfg.port, log_level="warning",
+                                                    limit_concurrency=512))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{cfg.host}:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.batcher.close()
