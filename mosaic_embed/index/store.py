@@ -495,6 +495,10 @@ class VectorStore:
             scores = self._exact_scores(q, self.vectors_of(allowed))
             return [(*self._top(allowed, s, want), None) for s in scores]
         fetch = min(want * max(1, self.config.rescore), self.index.ntotal)
+        if allowed is None and not len(self.tombstones):
+            fast = self._unfiltered(q, want, fetch)
+            if fast is not None:
+                return fast
         cands = self._ann(q, want, fetch, allowed)
         out = []
         for i, (keys, scores) in enumerate(cands):
@@ -506,6 +510,27 @@ class VectorStore:
                 "largest search effort")
             out.append((keys, scores, note))
         return out
+
+    def _unfiltered(self, q: np.ndarray, want: int, fetch: int) -> list | None:
+        """The common case, vectorised over queries: no filter, no tombstones, and the index returns full
+        lists (else None: the general path takes over). Rescoring runs in blocks of queries."""
+        d, ids = self.index.search(q, int(fetch))
+        if (ids < 0).any():
+            return None
+        scores = self._similarity(d)
+        if self.config.rescore:
+            block = max(1, 2**24 // max(1, fetch * self.dim))  # ~64 MB of gathered vectors at a time
+            for a in range(0, len(q), block):
+                vecs = self.vectors_of(ids[a : a + block].reshape(-1)).reshape(-1, fetch, self.dim)
+                if self.config.metric == "ip":
+                    exact = np.einsum("qd,qkd->qk", q[a : a + block], vecs)
+                else:
+                    exact = self._similarity(((vecs - q[a : a + block, None, :]) ** 2).sum(-1))
+                order = np.argsort(-exact, axis=1, kind="stable")
+                ids[a : a + block] = np.take_along_axis(ids[a : a + block], order, 1)
+                scores[a : a + block] = np.take_along_axis(exact, order, 1)
+        ids, scores = ids[:, :want], scores[:, :want].astype(np.float32, copy=False)
+        return [(ids[i], scores[i], None) for i in range(len(q))]
 
     def _ann(self, q: np.ndarray, want: int, fetch: int, allowed: np.ndarray | None
              ) -> list[tuple[np.ndarray, np.ndarray]]:
