@@ -628,16 +628,17 @@ def index_eval_cmd(store, beir_dir, split, queries_file, qrels_file, device, out
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--writable", is_flag=True, help="Allow POST /documents and DELETE /documents/{id}.")
 @click.option("--device", default="auto", show_default=True, help="Where the encoder runs: auto, cpu, cuda.")
+@click.option("--search-device", default=None, help="cuda: search an exact (Flat) store on the GPU with torch.")
 @click.option("--batch-ms", type=float, default=None, help="How long a query waits for others to share its forward (default 2).")
 @click.option("--max-batch", type=int, default=None, help="Most queries embedded in one forward (default 64).")
 @click.option("--no-batching", is_flag=True, help="Embed each request on its own (for comparison).")
-def index_serve_cmd(store, host, port, writable, device, batch_ms, max_batch, no_batching):
+def index_serve_cmd(store, host, port, writable, device, search_device, batch_ms, max_batch, no_batching):
     """Serve a store over HTTP (FastAPI + uvicorn): /search, /embed, /documents, /health, /info."""
     from .config import ServeConfig
     from .index.serve import run_server
 
     cfg = ServeConfig(store=Path(store), host=host, port=port, writable=writable, device=device,
-                      batching=not no_batching, **{k: v for k, v in (("batch_ms", batch_ms), ("max_batch", max_batch))
+                      search_device=search_device, batching=not no_batching, **{k: v for k, v in (("batch_ms", batch_ms), ("max_batch", max_batch))
                                                    if v is not None})
     run_server(cfg)
 

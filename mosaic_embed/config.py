@@ -420,7 +420,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     writable: bool = False
-    device: str = "auto"
+    device: str = "auto"  # where the encoder runs
+    search_device: str | None = None  # "cuda": an exact (Flat) store is searched there with torch
     batching: bool = True
     batch_ms: float = 2.0
     max_batch: int = 64

@@ -63,18 +63,55 @@ def evaluate_run(
     return {name: value / len(scored) for name, value in sums.items()}
 
 
-def exact_search(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` inner-product search with faiss ``IndexFlatIP`` (exact; cosine when rows are normalised).
+def exact_search(queries: np.ndarray, docs: np.ndarray, k: int, device: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner-product search, exact (cosine when rows are normalised).
 
     queries (Q, D), docs (N, D) -> scores (Q, k') float32, indices (Q, k') int64 with k' = min(k, N).
+    ``device`` None: FAISS ``IndexFlatIP`` on the CPU, or on the GPU with torch when CUDA is present and FAISS
+    has no GPU support (faiss-cpu); "cpu" / "cuda[:N]": torch on that device (:func:`torch_exact_search`).
     """
-    import faiss
-
     if queries.ndim != 2 or docs.ndim != 2 or queries.shape[1] != docs.shape[1]:
         raise ValueError(f"exact_search: shapes {queries.shape} and {docs.shape} do not match")
+    import faiss
+
+    if device is None:
+        import torch
+
+        if torch.cuda.is_available() and getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
+            device = "cuda"
+    if device is not None:
+        return torch_exact_search(queries, docs, k, device)
     index = faiss.IndexFlatIP(docs.shape[1])
     index.add(np.ascontiguousarray(docs, dtype=np.float32))
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, docs.shape[0]))
+
+
+def torch_exact_search(queries: np.ndarray, docs: np.ndarray, k: int, device: str = "cuda",
+                       block_docs: int = 262_144, block_queries: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` with torch (fp32 matmuls), docs streamed in blocks from host memory (a
+    memmap is fine): GPU memory holds one (block_queries, block_docs) score tile, never the whole corpus.
+    Exact ties order by the lower index."""
+    import torch
+
+    n, kk = docs.shape[0], min(k, docs.shape[0])
+    dev = torch.device(device)
+    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    best_s = torch.full((len(queries), kk), -float("inf"))
+    best_i = torch.zeros((len(queries), kk), dtype=torch.int64)
+    for a in range(0, n, block_docs):
+        d = torch.from_numpy(np.ascontiguousarray(docs[a : a + block_docs], dtype=np.float32)).to(dev)
+        for qa in range(0, len(queries), block_queries):
+            q = q_all[qa : qa + block_queries].to(dev)
+            s = q @ d.T  # (bq, bd)
+            top_s, top_i = torch.topk(s, min(kk, s.shape[1]), dim=1)
+            cat_s = torch.cat([best_s[qa : qa + block_queries], top_s.cpu()], dim=1)
+            cat_i = torch.cat([best_i[qa : qa + block_queries], top_i.cpu() + a], dim=1)
+            # stable order: score descending, then index ascending
+            order = np.lexsort((cat_i.numpy(), -cat_s.numpy()), axis=1)[:, :kk]
+            best_s[qa : qa + block_queries] = torch.from_numpy(np.take_along_axis(cat_s.numpy(), order, 1))
+            best_i[qa : qa + block_queries] = torch.from_numpy(np.take_along_axis(cat_i.numpy(), order, 1))
+    return best_s.numpy().astype(np.float32), best_i.numpy()
 
 
 def rank_with_embeddings(

@@ -207,7 +207,7 @@ def create_app(cfg: ServeConfig, encoder=None):
         upsert: bool = False
 
     class State:
-        store = VectorStore(cfg.store)
+        store = VectorStore(cfg.store, cfg.search_device)
         checked = time.monotonic()
         lock = threading.Lock()
 
@@ -222,7 +222,7 @@ def create_app(cfg: ServeConfig, encoder=None):
             State.checked = now
             with State.lock:
                 if State.store.changed():
-                    State.store = VectorStore(cfg.store)
+                    State.store = VectorStore(cfg.store, cfg.search_device)
         return State.store
 
     app = FastAPI(title="mosaic-embed store", version="1")
@@ -300,7 +300,7 @@ def create_app(cfg: ServeConfig, encoder=None):
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
         with State.lock:
-            State.store = VectorStore(cfg.store)
+            State.store = VectorStore(cfg.store, cfg.search_device)
             State.checked = time.monotonic()
         return {**result, "generation": State.store.generation}
 

@@ -192,6 +192,11 @@ def new_index(dim: int, cfg: IndexConfig):
         msg = str(err).strip().splitlines()[-1]
         raise ValueError(f"index.factory={cfg.factory!r} is not a valid FAISS factory string for metric "
                          f"{cfg.metric!r}: {msg}") from None
+    for sub in (index, base_index(index)):
+        if isinstance(sub, faiss.IndexIVFPQ):
+            # polysemous training (on by default) only serves Hamming-thresholded search, which a store never
+            # runs, and costs minutes: measured 22 s to train IVF20,PQ4 on 800 vectors of dim 16 with it
+            sub.do_polysemous_training = False
     if isinstance(index, faiss.IndexIVF | faiss.IndexIDMap | faiss.IndexIDMap2):
         return index
     return faiss.IndexIDMap2(index)
@@ -320,8 +325,11 @@ class VectorStore:
     has published a newer generation.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, exact_device: str | None = None):
+        """``exact_device`` ("cuda", "cuda:1"; "cpu" for tests): a Flat (exact) store keeps its vectors there
+        and answers unfiltered searches with torch matmuls: exact search on a GPU without faiss-gpu."""
         self.path = Path(path)
+        self.exact_device = exact_device
         self._encoder = None
         self._lock = threading.Lock()
         self._open()
@@ -368,6 +376,23 @@ class VectorStore:
                                      dtype=np.int64)
         self._takes_selector = takes_selector(index)
         self._reconstructs = reconstructs(index)
+        self._torch = None
+        if self.exact_device is not None:
+            self._torch = self._resident_vectors(self.exact_device)
+
+    def _resident_vectors(self, device: str):
+        """(keys, (N, D) tensor on ``device``) of a Flat inner-product index, for torch search."""
+        import torch
+
+        faiss = _faiss()
+        base = base_index(self.index)
+        if not isinstance(base, faiss.IndexFlat) or self.config.metric != "ip":
+            raise ValueError(f"exact_device: only an exact inner-product store (factory Flat, metric ip) is searched "
+                             f"with torch; this one is {self.config.factory} / {self.config.metric}")
+        keys = (faiss.vector_to_array(self.index.id_map).astype(np.int64) if base is not self.index
+                else np.arange(base.ntotal, dtype=np.int64))
+        vectors = base.reconstruct_n(0, base.ntotal) if base.ntotal else np.zeros((0, self.dim), np.float32)
+        return keys, torch.from_numpy(vectors).to(torch.device(device))
 
     def changed(self) -> bool:
         """Whether a writer has published a newer generation (or new fusion settings) since this was opened;
@@ -514,6 +539,8 @@ class VectorStore:
     def _unfiltered(self, q: np.ndarray, want: int, fetch: int) -> list | None:
         """The common case, vectorised over queries: no filter, no tombstones, and the index returns full
         lists (else None: the general path takes over). Rescoring runs in blocks of queries."""
+        if self._torch is not None:
+            return self._torch_search(q, want)
         d, ids = self.index.search(q, int(fetch))
         if (ids < 0).any():
             return None
@@ -531,6 +558,18 @@ class VectorStore:
                 scores[a : a + block] = np.take_along_axis(exact, order, 1)
         ids, scores = ids[:, :want], scores[:, :want].astype(np.float32, copy=False)
         return [(ids[i], scores[i], None) for i in range(len(q))]
+
+    def _torch_search(self, q: np.ndarray, want: int, block: int = 1024) -> list:
+        import torch
+
+        keys, x = self._torch
+        out = []
+        for a in range(0, len(q), block):
+            qt = torch.from_numpy(q[a : a + block]).to(x.device)
+            scores, rows = torch.topk(qt @ x.T, want, dim=1)
+            scores, rows = scores.cpu().numpy(), rows.cpu().numpy()
+            out.extend((keys[rows[i]], scores[i], None) for i in range(len(rows)))
+        return out
 
     def _ann(self, q: np.ndarray, want: int, fetch: int, allowed: np.ndarray | None
              ) -> list[tuple[np.ndarray, np.ndarray]]:

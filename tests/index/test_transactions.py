@@ -320,3 +320,20 @@ def test_writes_validate_before_publishing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no store here"), open_writer(tmp_path / "none"):
         pass
     assert not (tmp_path / "none").exists()
+
+
+def test_exact_store_searched_with_torch_matches_faiss(tmp_path):
+    """The GPU path without faiss-gpu (run here on torch's CPU device): same keys and scores as FAISS Flat."""
+    rng = np.random.default_rng(5)
+    path = build_store(unit(rng, 300), [f"d{i}" for i in range(300)], tmp_path / "s", IndexConfig(), texts=["t"] * 300)
+    with open_writer(path) as w:  # keys are no longer rows: the id map must be followed
+        w.delete(doc_ids=[f"d{i}" for i in range(0, 300, 3)])
+    q = unit(rng, 9)
+    ref = VectorStore(path).search(q, k=7)
+    got = VectorStore(path, exact_device="cpu").search(q, k=7)
+    assert [[h.id for h in r.hits] for r in got] == [[h.id for h in r.hits] for r in ref]
+    np.testing.assert_allclose([[h.score for h in r.hits] for r in got], [[h.score for h in r.hits] for r in ref],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="only an exact inner-product store"):
+        VectorStore(build_store(unit(rng, 50), [f"d{i}" for i in range(50)], tmp_path / "h",
+                                IndexConfig(factory="HNSW8,Flat")), exact_device="cpu")
