@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
         else:
             raw_index = raw
         qn = np.ascontiguousarray(queries, dtype=np.float32)
-        raw_s, _ = timed(lambda raw_index=raw_index: raw_index.search(qn, 10), args.repeats)
+        raw_s, _ = timed(lambda raw_index=raw_index, qn=qn: raw_index.search(qn, 10), args.repeats)
         qps, raw_qps = len(queries) / qps_s, len(queries) / raw_s
         rows.append({"factory": pre["factory"] + (f" + rescore x{pre['rescore']}" if pre["rescore"] else ""),
                      "preset": pre["name"], "recommended": pre["recommended"], "build_s": round(build_s, 2),
