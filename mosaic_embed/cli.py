@@ -375,18 +375,30 @@ def _one_source(input_path, embeddings) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder (new, or a store to rebuild).")
 @click.option("--model", type=click.Path(file_okay=False), default=None, help="Encoder folder (with --input).")
 @click.option("--no-texts", is_flag=True, help="With --embeddings: store ids only (no texts, no lexical search).")
+@click.option("--like", type=click.Path(file_okay=False), default=None,
+              help="With --embeddings: build a shard with this IVF store's trained quantizers and config.")
+@click.option("--first-key", type=int, default=None, help="With --like: the shard's first key (disjoint per shard).")
 @click.option("--auto", is_flag=True, help="Choose Flat / HNSW / IVF-PQ from the size and --memory, saying why.")
 @click.option("--memory", "memory_gb", type=float, default=None, help="GB of memory the index may use (with --auto).")
 @encode_options
 @recipe_options
-def index_build_cmd(input_path, embeddings, out, model, no_texts, auto, memory_gb, max_seq_len, batch_size,
-                    max_tokens, device, compile_, recipe, overrides):
+def index_build_cmd(input_path, embeddings, out, model, no_texts, like, first_key, auto, memory_gb, max_seq_len,
+                    batch_size, max_tokens, device, compile_, recipe, overrides):
     """Build a store (recipes/index: exact, hnsw, ivfpq, sq8, binary; any FAISS factory via --set factory=...)."""
     from .config import EncodeConfig, IndexConfig, load_config
     from .index import ingest
     from .index.store import VectorStore
 
     _one_source(input_path, embeddings)
+    if like is not None:
+        from .index.shards import build_shard
+
+        if embeddings is None or first_key is None or auto or recipe or overrides:
+            raise click.UsageError("--like builds a shard from --embeddings with --first-key; its config is the "
+                                   "template's (no --recipe, --set or --auto)")
+        path = build_shard(embeddings, out, like, first_key, with_texts=not no_texts)
+        click.echo(f"{path}: shard of {VectorStore(path).manifest['outputs']['count']} chunks, keys from {first_key}")
+        return
     if auto and not memory_gb:
         raise click.UsageError("--auto needs --memory GB")
     cfg = load_config(IndexConfig, recipe, overrides)
@@ -413,6 +425,18 @@ def index_build_cmd(input_path, embeddings, out, model, no_texts, auto, memory_g
     click.echo(f"{path}: {len(store)} chunks of {store.manifest['outputs']['documents']} documents, dim {store.dim}, "
                f"index {cfg.factory} (train {t['train_s']:.1f} s, add {t['add_s']:.1f} s), "
                f"lexical {'on' if store.lexical is not None else 'off'}")
+
+
+@index.command("merge")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(file_okay=False))
+def index_merge_cmd(out, shards):
+    """Merge IVF shards built with the same --like template into one store."""
+    from .index.shards import merge_stores
+    from .index.store import VectorStore
+
+    store = VectorStore(merge_stores(out, shards))
+    click.echo(f"{out}: {len(store)} chunks from {len(shards)} shards, index {store.config.factory}")
 
 
 def _change_options(func):

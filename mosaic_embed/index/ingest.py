@@ -180,21 +180,25 @@ def add_from_input(store: str | Path, input_path: str | Path, upsert: bool = Fal
 
 def build_store(vectors: np.ndarray, ids: Sequence[str], out: str | Path, cfg: IndexConfig,
                 texts: Iterable[str] | None = None, metadata: Iterable[dict] | None = None,
-                source: dict | None = None, encoder: dict | None = None) -> Path:
+                source: dict | None = None, encoder: dict | None = None, trained=None, first_key: int = 0) -> Path:
     """A store from ready vectors (N, D) (a memmap is read in blocks) with their document ids, and optionally
-    texts and metadata (iterables in row order); ``encoder`` describes the encoder that made the vectors."""
+    texts and metadata (iterables in row order); ``encoder`` describes the encoder that made the vectors.
+
+    ``trained``: a trained index whose quantizers are reused (emptied; no training), and ``first_key`` the
+    first key handed out: how shards of one corpus are built to be merged (``shards.py``)."""
     records = None
     if texts is not None or metadata is not None:
         records = zip_longest(texts if texts is not None else repeat(None, len(ids)),
                               metadata if metadata is not None else repeat({}, len(ids)), fillvalue=_MISSING)
-    return _build(vectors, ids, out, cfg, records, source, encoder)
+    return _build(vectors, ids, out, cfg, records, source, encoder, trained, first_key)
 
 
 _MISSING = object()
 
 
 def _build(vectors: np.ndarray, ids: Sequence[str], out: str | Path, cfg: IndexConfig,
-           records: Iterator[tuple[Any, Any]] | None, source: dict | None, encoder: dict | None) -> Path:
+           records: Iterator[tuple[Any, Any]] | None, source: dict | None, encoder: dict | None, trained=None,
+           first_key: int = 0) -> Path:
     """``build_store`` over an iterator of (text, metadata) per row, consumed block by block."""
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise ValueError(f"embeddings must be a non-empty (N, D) array, got shape {tuple(vectors.shape)}")
@@ -206,6 +210,9 @@ def _build(vectors: np.ndarray, ids: Sequence[str], out: str | Path, cfg: IndexC
         cfg = dataclasses.replace(cfg, lexical=False)  # no texts: nothing for BM25
     with open_writer(out, cfg, fresh=True, what="mosaic-embed index build", source=source or {}) as writer:
         writer.set_encoder(encoder)
+        if trained is not None:
+            writer.start_from(trained)
+        writer.next_id = max(writer.next_id, int(first_key))
         for start in range(0, n, cfg.add_batch_size):
             stop = min(n, start + cfg.add_batch_size)
             docs = []
@@ -243,8 +250,8 @@ def _embedded_records(embeddings_dir: Path, manifest: dict, cfg: IndexConfig) ->
         yield record_text(obj, source, lineno, text_field, title_field), meta
 
 
-def build_from_embeddings(embeddings_dir: str | Path, out: str | Path, cfg: IndexConfig, with_texts: bool = True
-                          ) -> Path:
+def build_from_embeddings(embeddings_dir: str | Path, out: str | Path, cfg: IndexConfig, with_texts: bool = True,
+                          trained=None, first_key: int = 0) -> Path:
     """A store from the output of ``mosaic-embed embed`` (its manifest names the encoder and the input).
 
     With ``with_texts`` the records' texts and metadata are re-read from the embedded input, in row order;
@@ -262,7 +269,8 @@ def build_from_embeddings(embeddings_dir: str | Path, out: str | Path, cfg: Inde
         records = chain([next(records)], records)  # the first read checks the input before anything is written
     source = {"embeddings": str(embeddings_dir.resolve()), "input": manifest["inputs"].get("input"),
               "input_sha256": manifest["inputs"].get("input_sha256")}
-    return _build(vectors, [str(i) for i in ids], out, cfg, records, source, manifest.get("encoder"))
+    return _build(vectors, [str(i) for i in ids], out, cfg, records, source, manifest.get("encoder"), trained,
+                  first_key)
 
 
 

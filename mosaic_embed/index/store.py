@@ -864,6 +864,18 @@ class StoreWriter:
         self.delete(doc_ids=sorted({d.doc_id for d in docs}))
         return self.add(vectors, docs)
 
+    def start_from(self, trained) -> None:
+        """Reuse a trained index's quantizers (an emptied copy): shards of one corpus share them, so their
+        inverted lists can be merged."""
+        faiss = _faiss()
+        if self.index is not None or self.n_added:
+            raise ValueError("start_from: only a new, empty store can take a trained index")
+        if not trained.is_trained:
+            raise ValueError("start_from: the index is not trained")
+        self.index = faiss.clone_index(trained)
+        self.index.reset()
+        self.dim = self.index.d
+
     def compact(self) -> None:
         """Rebuild the index without tombstones at commit."""
         self.force_compact = True

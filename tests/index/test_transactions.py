@@ -337,3 +337,43 @@ def test_exact_store_searched_with_torch_matches_faiss(tmp_path):
     with pytest.raises(ValueError, match="only an exact inner-product store"):
         VectorStore(build_store(unit(rng, 50), [f"d{i}" for i in range(50)], tmp_path / "h",
                                 IndexConfig(factory="HNSW8,Flat")), exact_device="cpu")
+
+
+def test_shards_built_apart_merge_into_the_store_built_whole(tmp_path):
+    from click.testing import CliRunner
+
+    from mosaic_embed.cli import main
+    from mosaic_embed.index.shards import merge_stores
+
+    rng = np.random.default_rng(2)
+    x = unit(rng, 900)
+    ids = [f"d{i}" for i in range(900)]
+    texts = [f"doc {i} {'storm' if i % 3 else 'market'}" for i in range(900)]
+    cfg = IndexConfig(factory="IVF16,Flat", search_params="nprobe=16", train_size=300, exact_limit=0)
+    template = build_store(x[:300], ids[:300], tmp_path / "template", cfg, texts=texts[:300])
+    trained = VectorStore(template).index
+    whole = build_store(x, ids, tmp_path / "whole", cfg, texts=texts, trained=trained)
+    parts = []
+    for i, (a, b) in enumerate(((0, 400), (400, 650), (650, 900))):
+        parts.append(build_store(x[a:b], ids[a:b], tmp_path / f"shard{i}", cfg, texts=texts[a:b], trained=trained,
+                                 first_key=a))
+    merged = VectorStore(merge_stores(tmp_path / "merged", parts))
+    ref = VectorStore(whole)
+    assert len(merged) == 900 and merged.index.ntotal == 900 and merged.manifest["outputs"]["next_id"] == 900
+    q = unit(rng, 10)
+    for a, b in zip(merged.search(q, k=10), ref.search(q, k=10), strict=True):
+        assert [(h.id, h.key) for h in a.hits] == [(h.id, h.key) for h in b.hits]
+    (lex,) = merged.search_texts(["market"], k=5, mode="lexical")
+    assert lex.hits and all("market" in h.text for h in lex.hits)
+    # overlapping key ranges, or a shard trained apart, are refused and leave nothing
+    clash = build_store(x[:10], [f"e{i}" for i in range(10)], tmp_path / "clash", cfg, texts=["t"] * 10,
+                        trained=trained, first_key=395)
+    with pytest.raises(ValueError, match="also in another shard"):
+        merge_stores(tmp_path / "bad", [parts[0], clash])
+    other = build_store(x[:300], ids[:300], tmp_path / "other", IndexConfig(factory="IVF16,Flat", train_size=300,
+                                                                             seed=5), texts=texts[:300])
+    with pytest.raises(ValueError, match="quantizer differs"):
+        merge_stores(tmp_path / "bad", [parts[1], other])
+    assert not (tmp_path / "bad").exists()
+    result = CliRunner().invoke(main, ["index", "merge", str(tmp_path / "cli"), str(parts[0]), str(parts[1])])
+    assert result.exit_code == 0 and "650 chunks from 2 shards" in result.output
