@@ -445,19 +445,18 @@ def _change_options(func):
         _source_options,
         click.option("--model", type=click.Path(file_okay=False), default=None,
                      help="A copy of the store's encoder, if it moved (its identity is checked)."),
-        click.option("--force", is_flag=True, help="Use --model even if it is not the encoder that built the store."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda."),
     ]):
         func = decorator(func)
     return func
 
 
-def _add(store, input_path, embeddings, model, force, device, upsert: bool) -> None:
+def _add(store, input_path, embeddings, model, device, upsert: bool) -> None:
     from .index import ingest
 
     _one_source(input_path, embeddings)
     if input_path is not None:
-        result = ingest.add_from_input(store, input_path, upsert, model, force, device, show_progress=True)
+        result = ingest.add_from_input(store, input_path, upsert, model, device, show_progress=True)
     else:
         result = ingest.add_from_embeddings(store, embeddings, upsert)
     click.echo(f"{store}: {result['chunks_added']} chunks added, {result['chunks_removed']} replaced or removed")
@@ -465,16 +464,16 @@ def _add(store, input_path, embeddings, model, force, device, upsert: bool) -> N
 
 @index.command("add")
 @_change_options
-def index_add_cmd(store, input_path, embeddings, model, force, device):
+def index_add_cmd(store, input_path, embeddings, model, device):
     """Add documents (an id already in the store is an error: use upsert)."""
-    _add(store, input_path, embeddings, model, force, device, upsert=False)
+    _add(store, input_path, embeddings, model, device, upsert=False)
 
 
 @index.command("upsert")
 @_change_options
-def index_upsert_cmd(store, input_path, embeddings, model, force, device):
+def index_upsert_cmd(store, input_path, embeddings, model, device):
     """Add documents, replacing every chunk of those already in the store."""
-    _add(store, input_path, embeddings, model, force, device, upsert=True)
+    _add(store, input_path, embeddings, model, device, upsert=True)
 
 
 @index.command("delete")

@@ -161,18 +161,17 @@ def build_from_input(input_path: str | Path, out: str | Path, cfg: IndexConfig, 
 
 
 def add_from_input(store: str | Path, input_path: str | Path, upsert: bool = False, model: str | Path | None = None,
-                   force: bool = False, device: str = "auto", show_progress: bool = False) -> dict:
-    """Add (or upsert) a JSON-lines file's records to a store, embedded by the store's own encoder."""
+                   device: str = "auto", show_progress: bool = False) -> dict:
+    """Add (or upsert) a JSON-lines file's records to a store, embedded by the store's own encoder (``model``: a
+    moved copy of it; another encoder is refused: its vectors would not be comparable with the stored ones)."""
     from ..artifacts import read_manifest
     from .store import STAGE
 
     store = Path(store)
     manifest = read_manifest(store, expect_stage=STAGE)
-    encoder = open_encoder(manifest.get("encoder"), store, model, force, device)
+    encoder = open_encoder(manifest.get("encoder"), store, model, False, device)
     what = "mosaic-embed index " + ("upsert" if upsert else "add")
     with open_writer(store, what=what) as writer:
-        if force and model is not None:
-            writer.encoder_info = dict(writer.encoder_info or {}, identity=encoder.describe()["identity"])
         n = add_records(writer, encoder, iter_records(input_path, writer.cfg), writer.cfg, upsert, show_progress)
         removed = len(writer.removed)
     return {"chunks_added": n, "chunks_removed": removed}

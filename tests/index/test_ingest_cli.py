@@ -171,3 +171,18 @@ def test_auto_chooses_by_size_and_memory(encoder, tmp_path):
     result = run("index", "build", "--input", tmp_path / "d.jsonl", "--out", tmp_path / "t", "--auto")
     assert result.exit_code != 0 and "--memory" in result.output
     np.testing.assert_equal(len(VectorStore(tmp_path / "s")) > 12, True)
+
+
+def test_adding_with_another_encoder_is_refused(encoder, tmp_path):
+    from mosaic_embed.encode import build_encoder, save_encoder
+    from tests.helpers import tiny_mosaic
+
+    store_dir = tmp_path / "store"
+    assert run("index", "build", "--input", write_docs(tmp_path / "a.jsonl", n=3), "--model", encoder, "--out",
+               store_dir, "--device", "cpu").exit_code == 0
+    other = tmp_path / "other"
+    save_encoder(build_encoder(tiny_mosaic(tmp_path / "b", seed=3), "mean", True, max_seq_len=48, device="cpu"), other)
+    result = run("index", "add", store_dir, "--input", write_docs(tmp_path / "b.jsonl", n=2, start=50), "--model",
+                 other, "--device", "cpu")
+    assert result.exit_code == 2 and "is not the encoder that built" in result.output
+    assert VectorStore(store_dir).manifest["outputs"]["documents"] == 3
