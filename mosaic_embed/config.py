@@ -380,6 +380,7 @@ class IndexConfig:
     lexical: bool = True
     chunk_tokens: int | None = None
     chunk_overlap: int = 32
+    max_chunks: int | None = None  # index only a document's first N chunks (1 = truncate, as `embed` does)
     exact_limit: int = 4096
     compact_fraction: float = 0.25
     text_field: str = "text"
@@ -398,6 +399,8 @@ class IndexConfig:
             raise ValueError(f"chunk_tokens must be >= 8 or null, got {self.chunk_tokens}")
         if self.chunk_overlap < 0 or (self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens // 2):
             raise ValueError(f"chunk_overlap must be >= 0 and under half of chunk_tokens, got {self.chunk_overlap}")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1 or null, got {self.max_chunks}")
         if not 0.0 < self.compact_fraction <= 1.0:
             raise ValueError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
         if not self.text_field:

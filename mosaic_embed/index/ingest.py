@@ -107,7 +107,7 @@ def _chunks(encoder, records: list[Record], cfg: IndexConfig) -> list[Doc]:
     docs = []
     for r, spans in zip(records, chunk_spans(encoder, [r.text for r in records], budgets, cfg.chunk_overlap),
                         strict=True):
-        for i, (a, b) in enumerate(spans):
+        for i, (a, b) in enumerate(spans[: cfg.max_chunks]):
             text = record_text({"text": r.text[a:b], "title": r.title}, Path("<chunk>"), r.lineno, "text", "title")
             docs.append(Doc(r.doc_id, text, r.metadata, i, a, b))
     return docs

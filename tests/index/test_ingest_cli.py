@@ -186,3 +186,16 @@ def test_adding_with_another_encoder_is_refused(encoder, tmp_path):
                  other, "--device", "cpu")
     assert result.exit_code == 2 and "is not the encoder that built" in result.output
     assert VectorStore(store_dir).manifest["outputs"]["documents"] == 3
+
+
+def test_max_chunks_truncates_documents(encoder, tmp_path):
+    store_dir = tmp_path / "store"
+    result = run("index", "build", "--input", write_docs(tmp_path / "d.jsonl", n=8), "--model", encoder, "--out",
+                 store_dir, "--device", "cpu", "--set", "max_chunks=1")
+    assert result.exit_code == 0, result.output
+    store = VectorStore(store_dir)
+    rows = store.db.execute("SELECT doc_id, chunk, start FROM documents").fetchall()
+    assert len(rows) == 8 and {r[1] for r in rows} == {0} and {r[2] for r in rows} == {0}
+    result = run("index", "build", "--input", tmp_path / "d.jsonl", "--model", encoder, "--out", tmp_path / "x",
+                 "--set", "max_chunks=0")
+    assert result.exit_code == 2 and "max_chunks must be >= 1" in result.output
