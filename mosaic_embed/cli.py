@@ -517,7 +517,7 @@ def index_info_cmd(store, as_json):
         click.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        if value is not None and key != "encoder":
+        if value is not None and key not in ("encoder", "fusion"):  # fusion_note says it in words (--json: all)
             click.echo(f"{key:>16s}  {value}")
     enc = info.get("encoder") or {}
     click.echo(f"{'encoder':>16s}  {enc.get('path')} (max_seq_len {enc.get('max_seq_len')}, pooling "
