@@ -438,61 +438,321 @@ def eval_retrieval_cmd(model, beir_dir, split, out_json, max_seq_len, batch_size
         atomic_write_json(cfg.out, result)
 
 
-# ---- index: embeddings -> FAISS vector store -> search (index/store.py) -----------------------------------
+# ---- index: documents -> vector store (FAISS + SQLite + BM25) -> search, serve (index/) ---------------------
 
 
 @main.group()
 def index() -> None:
-    """Build and query a FAISS vector store over embedded documents."""
+    """Build, change, search and serve a vector store (dense, lexical and hybrid search)."""
+
+
+def _source_options(func):
+    """``--input FILE`` (embedded here) or ``--embeddings DIR`` (the output of `embed`)."""
+    func = click.option("--embeddings", type=click.Path(file_okay=False), default=None,
+                        help="Output folder of `embed` (its input file supplies texts and metadata).")(func)
+    return click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None,
+                        help="JSON lines: _id/id, text, title, other fields = metadata; embedded and chunked here.")(func)
+
+
+def _one_source(input_path, embeddings) -> None:
+    if (input_path is None) == (embeddings is None):
+        raise click.UsageError("give one of --input FILE or --embeddings DIR")
 
 
 @index.command("build")
-@click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Output folder of `embed`.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to write.")
-@click.option("--no-texts", is_flag=True, help="Store ids only, not the documents' texts.")
+@_source_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder (new, or a store to rebuild).")
+@click.option("--model", type=click.Path(file_okay=False), default=None, help="Encoder folder (with --input).")
+@click.option("--no-texts", is_flag=True, help="With --embeddings: store ids only (no texts, no lexical search).")
+@click.option("--like", type=click.Path(file_okay=False), default=None,
+              help="With --embeddings: build a shard with this IVF store's trained quantizers and config.")
+@click.option("--first-key", type=int, default=None, help="With --like: the shard's first key (disjoint per shard).")
+@click.option("--auto", is_flag=True, help="Choose Flat / HNSW / IVF-PQ from the size and --memory, saying why.")
+@click.option("--memory", "memory_gb", type=float, default=None, help="GB of memory the index may use (with --auto).")
+@encode_options
 @recipe_options
-def index_build_cmd(embeddings, out, no_texts, recipe, overrides):
-    """Index embeddings (recipes/index: exact, hnsw, ivfpq; any FAISS factory via --set factory=...)."""
-    from .config import IndexConfig, load_config
-    from .index.store import VectorStore, build_store_from_embeddings
+def index_build_cmd(input_path, embeddings, out, model, no_texts, like, first_key, auto, memory_gb, max_seq_len,
+                    batch_size, max_tokens, device, compile_, truncate_dim, recipe, overrides):
+    """Build a store (recipes/index: exact, hnsw, ivfpq, sq8, binary; any FAISS factory via --set factory=...)."""
+    from .config import EncodeConfig, IndexConfig, load_config
+    from .index import ingest
+    from .index.store import VectorStore
 
+    _one_source(input_path, embeddings)
+    if like is not None:
+        from .index.shards import build_shard
+
+        if embeddings is None or first_key is None or auto or recipe or overrides:
+            raise click.UsageError("--like builds a shard from --embeddings with --first-key; its config is the "
+                                   "template's (no --recipe, --set or --auto)")
+        path = build_shard(embeddings, out, like, first_key, with_texts=not no_texts)
+        click.echo(f"{path}: shard of {VectorStore(path).manifest['outputs']['count']} chunks, keys from {first_key}")
+        return
+    if auto and not memory_gb:
+        raise click.UsageError("--auto needs --memory GB")
     cfg = load_config(IndexConfig, recipe, overrides)
-    path = build_store_from_embeddings(embeddings, out, cfg, with_texts=not no_texts)
+    if input_path is not None and model is None:
+        raise click.UsageError("--input needs --model (the encoder that embeds the documents and the queries)")
+    encoder = None
+    if input_path is not None:
+        from .encode import Encoder
+
+        settings = load_config(EncodeConfig, None, (), **_encode_flags(max_seq_len, batch_size, max_tokens, device,
+                                                                     compile_, truncate_dim))
+        encoder = Encoder.load(model, settings)
+    if auto:
+        n = ingest.count_source(input_path, embeddings)
+        dim = encoder.dim if encoder is not None else ingest.embeddings_dim(embeddings)
+        cfg, reason = ingest.auto_config(cfg, n, dim, memory_gb)
+        click.echo(f"--auto: {reason}")
+    if encoder is not None:
+        path = ingest.build_from_input(input_path, out, cfg, encoder, show_progress=True)
+    else:
+        path = ingest.build_from_embeddings(embeddings, out, cfg, with_texts=not no_texts)
     store = VectorStore(path)
     t = store.manifest["timings"]
-    click.echo(f"{path}: {len(store)} vectors of dim {store.dim}, index {cfg.factory} "
-               f"(train {t['train_s']:.1f} s, add {t['add_s']:.1f} s)")
+    click.echo(f"{path}: {len(store)} chunks of {store.manifest['outputs']['documents']} documents, dim {store.dim}, "
+               f"index {cfg.factory} (train {t['train_s']:.1f} s, add {t['add_s']:.1f} s), "
+               f"lexical {'on' if store.lexical is not None else 'off'}")
+
+
+@index.command("merge")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(file_okay=False))
+def index_merge_cmd(out, shards):
+    """Merge IVF shards built with the same --like template into one store."""
+    from .index.shards import merge_stores
+    from .index.store import VectorStore
+
+    store = VectorStore(merge_stores(out, shards))
+    click.echo(f"{out}: {len(store)} chunks from {len(shards)} shards, index {store.config.factory}")
+
+
+def _change_options(func):
+    for decorator in reversed([
+        click.argument("store", type=click.Path(file_okay=False)),
+        _source_options,
+        click.option("--model", type=click.Path(file_okay=False), default=None,
+                     help="A copy of the store's encoder, if it moved (its identity is checked)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda."),
+    ]):
+        func = decorator(func)
+    return func
+
+
+def _add(store, input_path, embeddings, model, device, upsert: bool) -> None:
+    from .index import ingest
+
+    _one_source(input_path, embeddings)
+    if input_path is not None:
+        result = ingest.add_from_input(store, input_path, upsert, model, device, show_progress=True)
+    else:
+        result = ingest.add_from_embeddings(store, embeddings, upsert)
+    click.echo(f"{store}: {result['chunks_added']} chunks added, {result['chunks_removed']} replaced or removed")
+
+
+@index.command("add")
+@_change_options
+def index_add_cmd(store, input_path, embeddings, model, device):
+    """Add documents (an id already in the store is an error: use upsert)."""
+    _add(store, input_path, embeddings, model, device, upsert=False)
+
+
+@index.command("upsert")
+@_change_options
+def index_upsert_cmd(store, input_path, embeddings, model, device):
+    """Add documents, replacing every chunk of those already in the store."""
+    _add(store, input_path, embeddings, model, device, upsert=True)
+
+
+@index.command("delete")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--ids", "ids", multiple=True, help="Document ids, comma-separated (repeatable).")
+@click.option("--where", default=None, help='Metadata filter, e.g. \'lang = "en" and year >= 2020\'.')
+def index_delete_cmd(store, ids, where):
+    """Delete documents by id and/or by metadata filter (every chunk of each)."""
+    from .index.store import open_writer
+
+    doc_ids = [i for item in ids for i in item.split(",") if i]
+    if not doc_ids and where is None:
+        raise click.UsageError("give --ids and/or --where")
+    with open_writer(store, what="mosaic-embed index delete") as writer:
+        n = writer.delete(doc_ids=doc_ids, where=where)
+    click.echo(f"{store}: {n} chunks deleted")
+
+
+@index.command("compact")
+@click.argument("store", type=click.Path(file_okay=False))
+def index_compact_cmd(store):
+    """Rebuild the index without its tombstones (deletions an HNSW index cannot apply)."""
+    from .index.store import VectorStore, open_writer
+
+    with open_writer(store, what="mosaic-embed index compact") as writer:
+        writer.compact()
+    click.echo(f"{store}: compacted; {VectorStore(store).info()['tombstones']} tombstones left")
+
+
+@index.command("info")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
+def index_info_cmd(store, as_json):
+    """Counts, tombstones, index type, encoder and fusion settings of a store."""
+    import json
+
+    from .index.store import VectorStore
+
+    info = VectorStore(store).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if value is not None and key not in ("encoder", "fusion"):  # fusion_note says it in words (--json: all)
+            click.echo(f"{key:>16s}  {value}")
+    enc = info.get("encoder") or {}
+    click.echo(f"{'encoder':>16s}  {enc.get('path')} (max_seq_len {enc.get('max_seq_len')}, pooling "
+               f"{enc.get('pooling')}, identity {str(enc.get('identity'))[:12]})")
+
+
+def _read_queries(path: str) -> list[str]:
+    """Queries from a file: JSON lines with ``text`` or ``query`` (BEIR queries.jsonl), else one per line."""
+    from .data.corpus import iter_jsonl, iter_lines
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"queries file not found: {p}")
+    if p.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        out = []
+        for lineno, obj in iter_jsonl(p):
+            text = obj.get("text", obj.get("query"))
+            if not isinstance(text, str):
+                raise ValueError(f"{p}:{lineno}: no 'text' or 'query' string")
+            out.append(text)
+        return out
+    return [line.strip() for _, line in iter_lines(p) if line.strip()]
 
 
 @index.command("search")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None, help="Store folder.")
-@click.option("--query", "queries", required=True, multiple=True, help="Query text (repeatable).")
+@click.option("--query", "queries", multiple=True, help="Query text (repeatable).")
+@click.option("--queries", "queries_file", type=click.Path(dir_okay=False), default=None,
+              help="File of queries: JSON lines with text/query, or one per line.")
 @click.option("-k", "--top-k", "k", type=int, default=None, help="Hits per query (default: 5).")
+@click.option("--mode", type=click.Choice(["dense", "lexical", "hybrid"]), default=None,
+              help="Default: the store's (index info; set by index tune).")
+@click.option("--where", default=None, help='Metadata filter, e.g. \'lang = "en" and year >= 2020\'.')
 @click.option("--model", type=click.Path(file_okay=False), default=None,
               help="A copy of the store's encoder, if it moved (its identity is checked).")
 @click.option("--force", is_flag=True, help="Use --model even if it is not the encoder that built the store.")
 @click.option("--device", default=None, help="auto, cpu, cuda (default: auto).")
-@click.option("--json", "as_json", is_flag=True, help="Print hits as JSON lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per query.")
 @recipe_options
-def index_search_cmd(store_dir, queries, k, model, force, device, as_json, recipe, overrides):
-    """Embed queries with the store's encoder (the settings it was built with) and print the top-k documents."""
+def index_search_cmd(store_dir, queries, queries_file, k, mode, where, model, force, device, as_json, recipe,
+                     overrides):
+    """Search with the store's encoder (the settings it was built with): dense, lexical or hybrid."""
     import json
 
     from .config import SearchConfig, load_config
     from .index.store import VectorStore
 
-    cfg = load_config(SearchConfig, recipe, overrides, store=_path(store_dir), k=k, model=_path(model),
-                      force=_flag(force), device=device)
+    cfg = load_config(SearchConfig, recipe, overrides, store=_path(store_dir), k=k, mode=mode, where=where,
+                      model=_path(model), force=_flag(force), device=device)
+    texts = list(queries) + (_read_queries(queries_file) if queries_file else [])
+    if not texts:
+        raise click.UsageError("give --query TEXT (repeatable) or --queries FILE")
     store = VectorStore(cfg.store)
-    encoder = store.encoder(cfg.model, force=cfg.force, device=cfg.device)
-    for query, hits in zip(queries, store.search_texts(list(queries), k=cfg.k, encoder=encoder), strict=True):
+    store.allowed_keys(cfg.where)  # a bad filter fails before the encoder loads
+    mode = cfg.mode or store.fusion.mode
+    encoder = store.encoder(cfg.model, force=cfg.force, device=cfg.device) if mode != "lexical" else None
+    if cfg.mode is None and not as_json:
+        click.echo(f"mode {mode} ({store.fusion.describe()})", err=True)
+    results = store.search_texts(texts, k=cfg.k, where=cfg.where, mode=mode, encoder=encoder)
+    for query, result in zip(texts, results, strict=True):
         if as_json:
-            click.echo(json.dumps({"query": query, "hits": [h.__dict__ for h in hits]}, ensure_ascii=False))
+            click.echo(json.dumps({"query": query, **result.to_dict()}, ensure_ascii=False))
             continue
         click.echo(f"query: {query}")
-        for rank, h in enumerate(hits, 1):
+        for rank, h in enumerate(result.hits, 1):
             snippet = (h.text or "").replace("\n", " ")[:100]
-            click.echo(f"  {rank}. {h.score:.3f}  {h.id}  {snippet}")
+            click.echo(f"  {rank}. {h.score:.3f}  {h.id}#{h.chunk}  {snippet}")
+        if not result.complete:
+            click.echo(f"  ({len(result.hits)} of {min(cfg.k, result.available)} hits: {result.note})")
+
+
+def _eval_source(beir_dir, split, queries_file, qrels_file):
+    from .index.evaluate import load_eval_queries
+
+    if (beir_dir is None) == (queries_file is None):
+        raise click.UsageError("give --beir DIR, or --queries FILE with --qrels FILE")
+    return load_eval_queries(beir_dir, split, queries_file, qrels_file)
+
+
+def _eval_options(func):
+    for decorator in reversed([
+        click.argument("store", type=click.Path(file_okay=False)),
+        click.option("--beir", "beir_dir", type=click.Path(file_okay=False), default=None, help="BEIR folder."),
+        click.option("--split", default="test", show_default=True, help="qrels split of --beir."),
+        click.option("--queries", "queries_file", type=click.Path(dir_okay=False), default=None,
+                     help="Queries JSON lines (_id, text), instead of --beir."),
+        click.option("--qrels", "qrels_file", type=click.Path(dir_okay=False), default=None,
+                     help="qrels TSV (query-id, corpus-id, score), with --queries."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda."),
+    ]):
+        func = decorator(func)
+    return func
+
+
+@index.command("tune")
+@_eval_options
+def index_tune_cmd(store, beir_dir, split, queries_file, qrels_file, device):
+    """Choose the default mode and the hybrid fusion on validation queries; stored in the manifest."""
+    from .index.evaluate import tune_store
+
+    queries, qrels = _eval_source(beir_dir, split, queries_file, qrels_file)
+    fusion = tune_store(store, queries, qrels, device=device)
+    scores = fusion.tuned["scores"]
+    best_hybrid = max((n for n in scores if "@" in n), key=lambda n: scores[n])
+    click.echo(f"nDCG@10 on {len(queries)} validation queries: dense {scores['dense']:.4f}, lexical "
+               f"{scores['lexical']:.4f}, best hybrid {best_hybrid} {scores[best_hybrid]:.4f}")
+    click.echo(f"{store}: {fusion.describe()}")
+
+
+@index.command("eval")
+@_eval_options
+@click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON.")
+def index_eval_cmd(store, beir_dir, split, queries_file, qrels_file, device, out_json):
+    """nDCG@10 and recall@k through the store: dense, lexical and hybrid side by side."""
+    from .artifacts import atomic_write_json
+    from .index.evaluate import evaluate_store
+
+    queries, qrels = _eval_source(beir_dir, split, queries_file, qrels_file)
+    result = evaluate_store(store, queries, qrels, device=device)
+    click.echo(f"{'mode':>8s}  {'ndcg@10':>8s}  {'recall@10':>9s}  {'recall@100':>10s}")
+    for mode, m in result["modes"].items():
+        click.echo(f"{mode:>8s}  {m['ndcg@10']:8.4f}  {m['recall@10']:9.4f}  {m['recall@100']:10.4f}")
+    click.echo(f"({result['n_queries']} queries; default mode {result['default_mode']}; {result['fusion_note']})")
+    if out_json:
+        atomic_write_json(out_json, result)
+
+
+@index.command("serve")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--writable", is_flag=True, help="Allow POST /documents and DELETE /documents/{id}.")
+@click.option("--device", default="auto", show_default=True, help="Where the encoder runs: auto, cpu, cuda.")
+@click.option("--search-device", default=None, help="cuda: search an exact (Flat) store on the GPU with torch.")
+@click.option("--batch-ms", type=float, default=None, help="How long a query waits for others to share its forward (default 2).")
+@click.option("--max-batch", type=int, default=None, help="Most queries embedded in one forward (default 64).")
+@click.option("--no-batching", is_flag=True, help="Embed each request on its own (for comparison).")
+def index_serve_cmd(store, host, port, writable, device, search_device, batch_ms, max_batch, no_batching):
+    """Serve a store over HTTP (FastAPI + uvicorn): /search, /embed, /documents, /health, /info."""
+    from .config import ServeConfig
+    from .index.serve import run_server
+
+    cfg = ServeConfig(store=Path(store), host=host, port=port, writable=writable, device=device,
+                      search_device=search_device, batching=not no_batching, **{k: v for k, v in (("batch_ms", batch_ms), ("max_batch", max_batch))
+                                                   if v is not None})
+    run_server(cfg)
 
 
 if __name__ == "__main__":

@@ -355,23 +355,97 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 @dataclasses.dataclass
 class IndexConfig:
-    """How a vector store indexes its embeddings (``mosaic-embed index build``)."""
+    """How a vector store indexes its documents (``mosaic-embed index build``); recorded in its manifest.
+
+    ``rescore`` > 0 keeps the float vectors on disk beside a compressed index (SQ8, binary) and rescores
+    ``rescore * k`` candidates of every search with them. ``lexical``: keep a BM25 index for lexical and
+    hybrid search. ``chunk_tokens`` (None: the encoder's ``max_seq_len``) and ``chunk_overlap``: how long
+    documents are cut, in the encoder's tokens. ``exact_limit``: a filter admitting at most this many
+    documents is answered exactly from their vectors. ``compact_fraction``: an index that cannot delete (HNSW)
+    is rebuilt without its tombstones once they exceed this share of it. ``text_field``/``title_field``/
+    ``id_field``/``metadata_fields`` read ``--input`` records (id: ``_id``, then ``id``, then the row number;
+    metadata: every other field when None).
+    """
 
     RECIPE_STAGE: ClassVar[str] = "index"
 
-    factory: str = "Flat"  # FAISS index_factory string: Flat (exact), HNSW32,Flat, IVF1024,Flat, IVF1024,PQ32
+    factory: str = "Flat"  # FAISS index_factory string: Flat (exact), HNSW32,Flat, IVF1024,PQ32, SQ8, LSH
     metric: Literal["ip", "l2"] = "ip"
     normalize: bool = True  # L2-normalise vectors (and queries): inner product becomes cosine similarity
     train_size: int = 100_000  # vectors sampled (seeded) to train IVF / PQ quantizers
     add_batch_size: int = 65_536  # rows read from the (memory-mapped) embeddings at a time
     search_params: str = ""  # FAISS ParameterSpace string applied at load, e.g. "nprobe=16" or "efSearch=128"
     seed: int = 0
+    rescore: int = 0
+    lexical: bool = True
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 32
+    max_chunks: int | None = None  # index only a document's first N chunks (1 = truncate, as `embed` does)
+    exact_limit: int = 4096
+    compact_fraction: float = 0.25
+    text_field: str = "text"
+    title_field: str | None = "title"
+    id_field: str | None = None
+    metadata_fields: list[str] | None = None
 
     def __post_init__(self):
         if not self.factory.strip():
             raise ValueError("factory must be a FAISS index_factory string, e.g. 'Flat' or 'HNSW32,Flat'")
         if self.train_size < 1 or self.add_batch_size < 1:
             raise ValueError("train_size and add_batch_size must be positive")
+        if self.rescore < 0 or self.exact_limit < 0:
+            raise ValueError("rescore and exact_limit must be >= 0")
+        if self.chunk_tokens is not None and self.chunk_tokens < 8:
+            raise ValueError(f"chunk_tokens must be >= 8 or null, got {self.chunk_tokens}")
+        if self.chunk_overlap < 0 or (self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens // 2):
+            raise ValueError(f"chunk_overlap must be >= 0 and under half of chunk_tokens, got {self.chunk_overlap}")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1 or null, got {self.max_chunks}")
+        if not 0.0 < self.compact_fraction <= 1.0:
+            raise ValueError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
+        if not self.text_field:
+            raise ValueError("text_field must name a JSON key")
+        self.title_field = self.title_field or None
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """``mosaic-embed index serve``: a store over HTTP (index/serve.py).
+
+    ``batching``: queries of concurrent requests wait up to ``batch_ms`` for each other and share one encoder
+    forward of at most ``max_batch`` texts. Request limits: ``max_body_bytes`` per request, ``max_texts`` per
+    /search or /embed, ``max_text_chars`` per text, ``max_k`` hits, ``max_documents`` per POST /documents.
+    """
+
+    RECIPE_STAGE: ClassVar[str] = "serve"
+
+    store: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    writable: bool = False
+    device: str = "auto"  # where the encoder runs
+    search_device: str | None = None  # "cuda": an exact (Flat) store is searched there with torch
+    batching: bool = True
+    batch_ms: float = 2.0
+    max_batch: int = 64
+    max_body_bytes: int = 4 * 2**20
+    max_texts: int = 64
+    max_text_chars: int = 20_000
+    max_k: int = 1000
+    max_documents: int = 256
+    refresh_s: float = 1.0  # how often a read-only server looks for a newer generation
+
+    def __post_init__(self):
+        if self.store is None:
+            raise ValueError("store: required")
+        self.store = Path(self.store)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.batch_ms < 0 or self.refresh_s < 0:
+            raise ValueError("batch_ms and refresh_s must be >= 0")
+        for name in ("max_batch", "max_body_bytes", "max_texts", "max_text_chars", "max_k", "max_documents"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # --- encode: an encoder folder -> embeddings (encode/), and what reads them back (eval-retrieval, index search)
@@ -471,13 +545,16 @@ class SearchConfig:
     """``mosaic-embed index search``: queries against a store, embedded by the store's own encoder.
 
     ``model`` replaces the store's encoder (it must be the same model: its identity is checked unless
-    ``force``); the encoding settings always come from the store's manifest.
+    ``force``); the encoding settings always come from the store's manifest. ``mode``: dense | lexical |
+    hybrid (None: the store's default, which ``index tune`` sets). ``where``: a metadata filter.
     """
 
     RECIPE_STAGE: ClassVar[str] = "search"
 
     store: Path | None = None
     k: int = 5
+    mode: Literal["dense", "lexical", "hybrid"] | None = None
+    where: str | None = None
     model: Path | None = None
     force: bool = False
     device: str = "auto"

@@ -61,7 +61,8 @@ def run_demo(out: str | Path = "runs/demo", log: Callable[[str], None] = print) 
     # 4. embeddings of ~100-word passages of the corpus, then 5. a FAISS store over them, then 6. search.
     from .config import EmbedConfig, EncodeConfig, IndexConfig
     from .encode import embed_file
-    from .index.store import VectorStore, build_store_from_embeddings
+    from .index.ingest import build_from_embeddings
+    from .index.store import VectorStore
 
     log("== embed: corpus passages -> embeddings/ (memory-mapped .npy + ids)")
     passages = write_passages(bundled_corpus_path(), out / "passages.jsonl")
@@ -72,12 +73,12 @@ def run_demo(out: str | Path = "runs/demo", log: Callable[[str], None] = print) 
                             encode=EncodeConfig(max_seq_len=128))
     results["embeddings"] = embed_file(embed_cfg, show_progress=False)
     log("== index build: embeddings -> store/ (exact inner-product search)")
-    results["store"] = build_store_from_embeddings(results["embeddings"], out / "store", IndexConfig())
+    results["store"] = build_from_embeddings(results["embeddings"], out / "store", IndexConfig())
     store = VectorStore(results["store"])
     log(f"{len(store)} passages indexed; searching with the encoder the store was built from:")
-    for query, hits in zip(DEMO_QUERIES, store.search_texts(DEMO_QUERIES, k=3), strict=True):
+    for query, result in zip(DEMO_QUERIES, store.search_texts(DEMO_QUERIES, k=3), strict=True):
         log(f"  query: {query}")
-        for h in hits:
+        for h in result.hits:
             log(f"    {h.score:.3f}  {h.id}  {h.text[:90]!r}")
     log("A tiny model trained for a minute on one book: the hits show the pipeline working, not a good encoder.")
     return results

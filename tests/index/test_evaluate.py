@@ -48,3 +48,21 @@ def test_exact_search_matches_bruteforce():
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ docs.T, ref, 1), rtol=1e-5)
     with pytest.raises(ValueError):
         exact_search(queries, docs[:, :8], 5)
+
+
+def test_torch_exact_search_matches_faiss_in_blocks():
+    from mosaic_embed.index.evaluate import torch_exact_search
+
+    rng = np.random.default_rng(1)
+    docs = rng.standard_normal((1000, 16)).astype(np.float32)
+    docs[500] = docs[3]  # an exact tie
+    queries = np.concatenate([rng.standard_normal((30, 16)).astype(np.float32), docs[3:4]])
+    ref_s, ref_i = exact_search(queries, docs, 10)
+    s, i = torch_exact_search(queries, docs, 10, "cpu", block_docs=128, block_queries=7)
+    np.testing.assert_allclose(s, ref_s, rtol=1e-5, atol=1e-5)
+    assert [set(r) for r in i] == [set(r) for r in ref_i]  # FAISS orders exact ties arbitrarily
+    assert np.all(i[:-1] == ref_i[:-1])
+    tie = list(i[-1]).index(3)
+    assert i[-1, tie + 1] == 500  # ours: the lower index first
+    s, i = exact_search(queries, docs[:5], 10, device="cpu")
+    assert i.shape == (31, 5)

@@ -8,7 +8,8 @@ import pytest
 
 from mosaic_embed.config import ConfigError, IndexConfig, load_config
 from mosaic_embed.encode import load_embeddings
-from mosaic_embed.index.store import VectorStore, build_store
+from mosaic_embed.index.ingest import build_from_embeddings, build_store
+from mosaic_embed.index.store import VectorStore
 
 
 def clustered(n, dim, n_clusters=20, seed=0):
@@ -37,8 +38,8 @@ def test_recall_against_brute_force(tmp_path, factory, params, min_recall):
     cfg = IndexConfig(factory=factory, search_params=params, train_size=2000)
     store = VectorStore(build_store(x, ids, tmp_path / "store", cfg))
     _, exact_rows = exact_top_k(x, q, k)
-    hits = store.search(q, k, with_text=False)
-    recall = np.mean([len({h.row for h in hs} & set(er)) / k for hs, er in zip(hits, exact_rows, strict=True)])
+    hits = [r.hits for r in store.search(q, k, with_text=False)]
+    recall = np.mean([len({h.key for h in hs} & set(er)) / k for hs, er in zip(hits, exact_rows, strict=True)])
     assert recall >= min_recall
     if factory == "Flat":  # exact search also gives the exact scores (cosine similarity)
         exact_scores, _ = exact_top_k(x, q, k)
@@ -55,11 +56,12 @@ def test_round_trip_with_texts_and_memmap(tmp_path):
     path = build_store(emb, ids, tmp_path / "store", cfg, texts=texts, source={"encoder": "enc/"})
     store = VectorStore(path)
     assert len(store) == 300 and store.dim == 16
-    assert store.text(123) == texts[123]
-    (hit,) = store.search(x[7], k=1)[0]
-    assert (hit.id, hit.row, hit.text) == ("d7", 7, texts[7])
+    assert store.document(123).text == texts[123]
+    (hit,) = store.search(x[7], k=1)[0].hits
+    assert (hit.id, hit.key, hit.text) == ("d7", 7, texts[7])
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["stage"] == "index" and manifest["outputs"]["count"] == 300
+    assert manifest["outputs"]["next_id"] == 300 and manifest["generation"] == "gen-00000001"
     assert manifest["config"]["factory"] == "IVF8,Flat"
 
 
@@ -68,7 +70,7 @@ def test_bad_inputs_name_the_problem_and_leave_nothing(tmp_path):
     out = tmp_path / "store"
     with pytest.raises(ValueError, match="49 ids for 50"):
         build_store(x, [str(i) for i in range(49)], out, IndexConfig())
-    with pytest.raises(ValueError, match="not unique"):
+    with pytest.raises(ValueError, match="'same' \\(chunk 0\\) is already in the store or given twice"):
         build_store(x, ["same"] * 50, out, IndexConfig())
     with pytest.raises(ValueError, match="not a valid FAISS factory"):
         build_store(x, [str(i) for i in range(50)], out, IndexConfig(factory="NoSuchIndex"))
@@ -87,11 +89,11 @@ def test_store_rejects_foreign_folders_and_wrong_query_dims(tmp_path):
     with pytest.raises(ValueError, match="dimension 9"):
         VectorStore(path).search(np.zeros((1, 9), np.float32))
     for k in (0, -1):  # FAISS itself only asserts
-        with pytest.raises(ValueError, match=r"k \(--top-k\) must be a positive integer"):
+        with pytest.raises(ValueError, match=r"k \(--top-k\) must be an integer in \[1, 10000\]"):
             VectorStore(path).search(np.zeros((1, 8), np.float32), k=k)
         with pytest.raises(ValueError, match="--top-k"):
             VectorStore(path).search_texts(["storm"], k=k)  # before any encoder is loaded
-    (path / "index.faiss").unlink()
+    (path / "gen-00000001" / "index.faiss").unlink()
     with pytest.raises(FileNotFoundError, match="index.faiss"):
         VectorStore(path)
 
@@ -126,19 +128,18 @@ def embedded(tmp_path_factory):
 
 def test_store_from_embed_output_returns_the_embedded_texts(embedded, tmp_path):
     from mosaic_embed.encode import iter_texts
-    from mosaic_embed.index.store import build_store_from_embeddings
 
     vectors, ids = load_embeddings(embedded["emb"])
-    store = VectorStore(build_store_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig()))
+    store = VectorStore(build_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig()))
     texts = list(iter_texts(embedded["corpus"]))
     assert len(store) == len(ids) == len(texts)
     for row in (0, 5, len(ids) - 1):
-        (hit,) = store.search(np.asarray(vectors[row]), k=1)[0]
-        assert (hit.row, hit.id, hit.text) == (row, ids[row], texts[row])  # title + text, as embedded
-    assert store.manifest["inputs"]["encoder"]["path"] == str(embedded["encoder"].resolve())
+        (hit,) = store.search(np.asarray(vectors[row]), k=1)[0].hits
+        assert (hit.key, hit.id, hit.text) == (row, ids[row], texts[row])  # title + text, as embedded
+    assert store.manifest["encoder"]["path"] == str(embedded["encoder"].resolve())
     # Text queries go through the encoder the store names: a document's own text finds that document first.
-    (top,) = store.search_texts([texts[3]], k=1)[0]
-    assert top.row == 3
+    (top,) = store.search_texts([texts[3]], k=1, mode="dense")[0].hits
+    assert top.key == 3
 
 
 def test_queries_are_embedded_like_the_documents(embedded, tmp_path):
@@ -146,9 +147,8 @@ def test_queries_are_embedded_like_the_documents(embedded, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from mosaic_embed.encode import Encoder
-    from mosaic_embed.index.store import build_store_from_embeddings
 
-    store = VectorStore(build_store_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig()))
+    store = VectorStore(build_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig()))
     encoder = store.encoder()
     assert isinstance(encoder, Encoder) and encoder.max_seq_len == 40
     long_query = "the storm brought rain and fire to the city road " * 4
@@ -157,21 +157,20 @@ def test_queries_are_embedded_like_the_documents(embedded, tmp_path):
     plain = SentenceTransformer(str(embedded["encoder"]), device="cpu").encode([long_query])  # 48 tokens
     assert not np.allclose(plain, doc_like, atol=1e-3)
     vectors, _ = load_embeddings(embedded["emb"])
-    (hit,) = store.search(doc_like, k=1)[0]
-    assert hit.score == pytest.approx(store.search_texts([long_query], k=1)[0][0].score, abs=1e-5)
+    (hit,) = store.search(doc_like, k=1)[0].hits
+    assert hit.score == pytest.approx(store.search_texts([long_query], k=1)[0].hits[0].score, abs=1e-5)
 
 
 def test_store_works_from_another_directory_and_refuses_another_encoder(embedded, tmp_path, monkeypatch):
     import shutil
 
     from mosaic_embed.encode import build_encoder, save_encoder
-    from mosaic_embed.index.store import build_store_from_embeddings
     from tests.helpers import tiny_mosaic
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    store_dir = build_store_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig())
-    assert VectorStore(store_dir).search_texts(["storm news"], k=1)[0]
+    store_dir = build_from_embeddings(embedded["emb"], tmp_path / "store", IndexConfig())
+    assert VectorStore(store_dir).search_texts(["storm news"], k=1)[0].hits
     # the encoder folder replaced by another model of the same dimension: refused, unless forced
     moved = shutil.copytree(embedded["encoder"], tmp_path / "copy")
     assert VectorStore(store_dir).encoder(moved) is not None  # a copy has the same identity
@@ -186,27 +185,24 @@ def test_build_refuses_an_input_changed_after_embedding(embedded, tmp_path):
     """Shuffled input after embed: texts would land on other vectors. Build refuses (or stores ids only)."""
     import shutil
 
-    from mosaic_embed.index.store import build_store_from_embeddings
-
     emb = shutil.copytree(embedded["emb"], tmp_path / "emb")
     corpus = embedded["corpus"]
     original = corpus.read_text()
     try:
         corpus.write_text("\n".join(reversed(original.splitlines())) + "\n")
         with pytest.raises(ValueError, match="changed after it was embedded"):
-            build_store_from_embeddings(emb, tmp_path / "store", IndexConfig())
+            build_from_embeddings(emb, tmp_path / "store", IndexConfig())
         assert not (tmp_path / "store").exists()
-        assert len(VectorStore(build_store_from_embeddings(emb, tmp_path / "ids", IndexConfig(), with_texts=False))) == 12
+        ids_only = VectorStore(build_from_embeddings(emb, tmp_path / "ids", IndexConfig(), with_texts=False))
+        assert len(ids_only) == 12 and ids_only.lexical is None and ids_only.document(0).text is None
     finally:
         corpus.write_text(original)
 
 
 def test_non_finite_rows_are_refused_naming_the_row(tmp_path):
-    from mosaic_embed.index.store import build_store
-
     vectors = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
     vectors[4, 2] = np.nan
-    with pytest.raises(ValueError, match="embedding row 4 \\(id 'd4'\\) is not finite"):
+    with pytest.raises(ValueError, match="document 'd4' \\(chunk 0\\) is not finite"):
         build_store(vectors, [f"d{i}" for i in range(6)], tmp_path / "s", IndexConfig())
     assert not (tmp_path / "s").exists()
 
@@ -221,14 +217,14 @@ def test_cli_index_build_and_search(embedded, tmp_path):
     result = runner.invoke(main, ["index", "build", "--embeddings", str(embedded["emb"]), "--out", str(store),
                                   "--recipe", "hnsw"])
     assert result.exit_code == 0, result.output
-    assert "12 vectors" in result.output and "HNSW32,Flat" in result.output
+    assert "12 chunks of 12 documents" in result.output and "HNSW32,Flat" in result.output
     result = runner.invoke(main, ["index", "search", "--store", str(store), "--query", "storm news",
                                   "--query", "market", "-k", "2", "--json"])
     assert result.exit_code == 0, result.output
     # result.output interleaves stderr (the attention path announcement); stdout holds the JSON lines.
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [x["query"] for x in lines] == ["storm news", "market"]
-    assert all(len(x["hits"]) == 2 and x["hits"][0]["text"] for x in lines)
+    assert all(len(x["hits"]) == 2 and x["hits"][0]["text"] and x["complete"] for x in lines)
     # Bad input: an unknown recipe key and a folder that is no embed output, each named, nothing written.
     result = runner.invoke(main, ["index", "build", "--embeddings", str(embedded["emb"]), "--out",
                                   str(tmp_path / "x"), "--set", "nlist=4"])
