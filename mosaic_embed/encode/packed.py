@@ -170,7 +170,10 @@ class Encoder:
             parts, self._st = model, None
             self.device = resolve_device(settings.device)
         else:
-            parts, self._st = packed_parts(model), model
+            parts = packed_parts(model)
+            # The packed path casts the backbone it shares with ``model`` (bf16 on GPU), which leaves ``model``
+            # itself of mixed dtypes: where the folder is known, ``st`` reloads a clean copy when asked for.
+            self._st = model if parts is None or path is None else None
             self.device = torch.device(model.device)
         config = parts.backbone.config if parts is not None else getattr(self._st[0], "auto_model", None)
         config = getattr(config, "config", config)

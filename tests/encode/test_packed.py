@@ -225,7 +225,8 @@ def test_embed_and_store_use_document_and_query_prompts(encoders, tmp_path):
     store records, so a store's queries are embedded as its documents were."""
     from mosaic_embed.config import EmbedConfig, EncodeConfig, IndexConfig
     from mosaic_embed.encode import embed_file
-    from mosaic_embed.index.store import VectorStore, build_store_from_embeddings
+    from mosaic_embed.index.ingest import build_from_embeddings
+    from mosaic_embed.index.store import VectorStore
 
     st, folder = _with_prompts_and_projection(encoders, tmp_path)
     docs = write_docs(tmp_path / "docs.jsonl", n=7)
@@ -235,11 +236,29 @@ def test_embed_and_store_use_document_and_query_prompts(encoders, tmp_path):
     texts = [json.loads(line)["text"] for line in docs.read_text().splitlines() if line.strip()]
     ref = st.encode_document(texts)[:, :16]
     np.testing.assert_allclose(emb, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
-    store = VectorStore(build_store_from_embeddings(out, tmp_path / "store", IndexConfig()))
+    store = VectorStore(build_from_embeddings(out, tmp_path / "store", IndexConfig()))
     enc = store.encoder(device="cpu")
     assert enc.dim == 16
     q = st.encode_query(["storm news"])[:, :16]
     np.testing.assert_allclose(enc.encode(["storm news"], prompt_name="query"),
                                q / np.linalg.norm(q, axis=1, keepdims=True), atol=1e-5)
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    assert store.search_texts(["storm news"], k=1, encoder=enc)[0][0].id == f"doc{int(np.argmax(emb @ q[0]))}"
+    (result,) = store.search_texts(["storm news"], k=1, encoder=enc, mode="dense")
+    assert result.hits[0].id == f"doc{int(np.argmax(emb @ q[0]))}"
+
+
+@pytest.mark.gpu
+def test_reference_model_of_a_packed_encoder_is_clean_on_gpu(tmp_path):
+    """The packed path casts the backbone to bf16; the ``st`` reference (hard-negative mining uses it) must
+    still run: a folder with a Dense projection after pooling, loaded through sentence-transformers."""
+    from sentence_transformers import SentenceTransformer, models
+
+    backbone = tiny_mosaic(tmp_path / "b")
+    st = build_encoder(backbone, "mean", False, max_seq_len=48, device="cpu")
+    st = SentenceTransformer(modules=[*st, models.Dense(32, 16), models.Normalize()], device="cpu")
+    save_encoder(st, tmp_path / "enc")
+    enc = Encoder.load(tmp_path / "enc", device="cuda")
+    assert enc.path_used == PACKED and enc.dim == 16
+    got, ref = enc.encode(TEXTS), enc.st.encode(TEXTS)
+    cos = (got * ref).sum(1)
+    assert cos.min() > 0.99, cos.min()
