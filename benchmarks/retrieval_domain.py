@@ -166,13 +166,14 @@ class Run:
             key, _, value = rest.partition("=")
             if system not in self.budgets or not key or not _:
                 raise SystemExit(f"--set {item!r}: expected SYSTEM.KEY=VALUE with SYSTEM in {sorted(self.budgets)}")
-            import yaml
+            from mosaic_embed.config import parse_override
 
+            path, parsed = parse_override(rest)  # numbers written the Python way (5e-5) stay numbers
             node = self.budgets[system]
-            *parents, leaf = key.split(".")
+            *parents, leaf = path
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = parsed
 
     def minutes(self, seconds: float) -> float:
         """GPU minutes of a making stage: its wall-clock on the GPU (0 on CPU: nothing was spent on a GPU)."""
