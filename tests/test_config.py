@@ -13,13 +13,17 @@ import yaml
 from click.testing import CliRunner
 
 from mosaic_embed.artifacts import (
+    LOCK,
+    FolderLockedError,
     atomic_directory,
     atomic_write_bytes,
     atomic_write_json,
     read_manifest,
+    remove_temporaries,
     sha256_file,
     sha256_json,
     write_manifest,
+    writer_lock,
 )
 from mosaic_embed.cli import main
 from mosaic_embed.config import (
@@ -287,6 +291,67 @@ def test_hashes_and_manifests(tmp_path):
     (tmp_path / "bad" / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="not a valid manifest"):
         read_manifest(tmp_path / "bad")
+
+
+def test_writer_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    with writer_lock(folder, "first writer") as lock:
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["what"] == "first writer"
+        with pytest.raises(FolderLockedError, match=rf"run is being written by another process \(first writer, pid "
+                                                     rf"{os.getpid()}"):
+            with writer_lock(folder, "second writer"):
+                pass
+        assert lock.exists()  # the refused writer did not remove the holder's lock
+    assert not (folder / LOCK).exists()
+    # a dead holder's lock is stale; so is a lock whose pid now belongs to another process (pid reuse):
+    # the holder's recorded start time no longer matches
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    for holder in ({"pid": int(dead.stdout), "host": host},
+                   {"pid": os.getpid(), "host": host, "started": "1"}):
+        (folder / LOCK).write_text(json.dumps(holder))
+        with writer_lock(folder, "taker"):
+            assert json.loads((folder / LOCK).read_text())["what"] == "taker"
+    # another host's lock cannot be checked: refused, with how to remove it
+    (folder / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(FolderLockedError, match="or delete .*writer.lock if that process is gone"):
+        with writer_lock(folder):
+            pass
+
+
+def test_writer_lock_release_keeps_a_successors_lock_and_removes_an_empty_scratch_folder(tmp_path):
+    import shutil
+
+    folder = tmp_path / "scratch"
+    with writer_lock(folder, "first", remove_empty=True):
+        shutil.rmtree(folder)  # the writer removed its folder; a successor locks it anew
+        folder.mkdir()
+        (folder / LOCK).write_text(json.dumps({"pid": os.getpid() + 1, "host": "x", "what": "successor"}))
+    assert json.loads((folder / LOCK).read_text())["what"] == "successor"  # not removed: not ours
+    (folder / LOCK).unlink()
+    with writer_lock(folder, "again", remove_empty=True):
+        pass
+    assert not folder.exists()  # nothing else in it: removed with the lock
+
+
+def test_remove_temporaries_removes_only_what_atomic_writes_leave(tmp_path):
+    keep = ["a.json", ".writer.lock", "b.tmp", ".hidden", "run"]
+    for name in keep:
+        (tmp_path / name).mkdir() if name == "run" else (tmp_path / name).write_text("x")
+    gone = [".a.json.x1y2.tmp", ".run.ab12.tmp", ".run.old-123"]
+    (tmp_path / gone[0]).write_text("half")
+    (tmp_path / gone[1]).mkdir()
+    (tmp_path / gone[1] / "f").write_text("half")
+    (tmp_path / gone[2]).mkdir()
+    assert sorted(remove_temporaries(tmp_path, "run")) == [tmp_path / gone[1], tmp_path / gone[2]]
+    assert sorted(os.listdir(tmp_path)) == sorted([*keep, gone[0]])  # another artifact's temporary stays
+    assert remove_temporaries(tmp_path) == [tmp_path / gone[0]]
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
 # ---------------------------------------------------------------------------------------------------------

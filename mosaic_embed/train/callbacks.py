@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from ..artifacts import atomic_write_text
+
 #: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU when no figure is configured.
 #: Matched against ``torch.cuda.get_device_name()``; longest key first so "H100 PCIe" wins over "H100".
 _BF16_PEAKS = {
@@ -106,10 +108,18 @@ class JsonlMetricsCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if not self.path.exists():
+            return
+        kept = []
+        if self.resume_step is not None:
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # torn by a kill mid-write
+                if isinstance(record, dict) and record.get("step", 0) <= self.resume_step:
+                    kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -45,7 +45,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..artifacts import atomic_write_json, read_manifest, write_manifest, writer_lock
+from ..artifacts import atomic_write_json, read_manifest, remove_temporaries, write_manifest, writer_lock
 from ..config import ConfigError, PretrainConfig, PretrainModelConfig, save_config
 from ..data.mlm import (
     IGNORE_INDEX,
@@ -412,6 +412,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def _remove_partial_writes(run_dir: Path) -> None:
+    """What a killed run leaves half-written, removed by the next writer (which holds the lock): a checkpoint
+    or ``final/`` being staged, and the temporaries of atomic writes. Complete checkpoints are never touched."""
+    for partial in (run_dir / "checkpoints" / ".staging", run_dir / ".final.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    remove_temporaries(run_dir)
+    for _, ckpt in list_checkpoints(run_dir):
+        remove_temporaries(ckpt)
+
+
 def _guard_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); a fresh run into a used folder, or a resume
     with nothing to resume, is an error raised before anything is written."""
@@ -646,6 +656,8 @@ def pretrain(
             # the run folder appears only once its inputs are known good: a bad corpus, tokenizer or model
             # setting leaves nothing behind; from here on it has one writer
             stack.enter_context(writer_lock(run_dir, "mosaic-embed pretrain"))
+            _guard_run_dir(run_dir, resume)  # again, locked: another writer may have finished a run meanwhile
+            _remove_partial_writes(run_dir)
             if not resume:
                 save_config(cfg, run_dir / "config.yaml")
         t_setup = time.perf_counter() - t_start

@@ -248,3 +248,20 @@ def test_two_ranks_follow_the_one_rank_run(tmp_path):
     w1 = AutoModelForMaskedLM.from_pretrained(tmp_path / "one" / "final").state_dict()
     w2 = AutoModelForMaskedLM.from_pretrained(tmp_path / "two" / "final").state_dict()
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
+def test_metrics_file_is_cut_back_to_what_the_run_continues_from(tmp_path):
+    """A fresh run into a folder a killed run left (no checkpoint yet) starts an empty curve; a resumed run keeps
+    the lines up to its checkpoint and drops a line a kill tore mid-write."""
+    from types import SimpleNamespace
+
+    from mosaic_embed.train.callbacks import JsonlMetricsCallback
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    state = SimpleNamespace(is_world_process_zero=True)
+    path.write_text("\n".join(lines) + "\n" + '{"step": 5, "lo')
+    JsonlMetricsCallback(path, resume_step=2).on_train_begin(None, state, None)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    JsonlMetricsCallback(path).on_train_begin(None, state, None)
+    assert path.read_text() == ""
