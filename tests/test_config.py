@@ -414,6 +414,31 @@ def test_cli_tokenizer_train(small_corpus, tmp_path):
     assert read_manifest(tmp_path / "s")["tokenizer_info"]["special_token_ids"]["cls"] == 2
 
 
+def test_data_prepare_records_resolved_paths_and_its_cache_does_not_depend_on_the_directory(small_corpus, tmp_path,
+                                                                                           monkeypatch):
+    from tests.helpers import write_tokenizer
+
+    write_tokenizer(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    args = ["data", "prepare", "--corpus", "corpus", "--text-field", "body", "--tokenizer", "tok", "--recipe", "tiny",
+            "--set", "cache_dir=cache"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (shards,) = (tmp_path / "cache").glob("shards-*")
+    manifest = read_manifest(shards, expect_stage="data")
+    assert manifest["inputs"]["corpus"] == str(small_corpus) and manifest["inputs"]["tokenizer"] == str(tmp_path / "tok")
+    assert manifest["corpus_summary"]["path"] == str(small_corpus)
+    assert all(e.startswith(str(small_corpus)) for e in manifest["corpus_summary"]["examples"]["file:unsupported-type"])
+    # the same inputs named from another directory: the same cache key, the shards reused
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = CliRunner().invoke(main, ["data", "prepare", "--corpus", "../corpus", "--text-field", "body",
+                                      "--tokenizer", str(tmp_path / "tok"), "--recipe", "tiny", "--set",
+                                      f"cache_dir={tmp_path / 'cache'}"])
+    assert again.exit_code == 0 and f"up to date (cache key {shards.name[len('shards-'):]}" in again.output, again.output
+
+
 @pytest.mark.slow
 def test_an_installed_wheel_finds_its_recipes_from_any_directory(tmp_path):
     """Recipes are package data: a non-editable install resolves ``--recipe tiny`` from another directory."""
