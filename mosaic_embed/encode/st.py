@@ -29,12 +29,13 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
     """A ``SentenceTransformer`` = Transformer(backbone) -> Pooling(``pooling``) [-> Normalize]."""
     from sentence_transformers import SentenceTransformer, models
 
-    import mosaic_embed.model  # noqa: F401  (registers MosaicBERT with the Auto classes)
+    from ..model.loading import switching_heads  # (also registers MosaicBERT with the Auto classes)
 
     backbone = Path(backbone)
     if not (backbone / "config.json").is_file():
         raise FileNotFoundError(f"{backbone}: no config.json (expected a saved model folder such as runs/NAME/final)")
-    transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
+    with switching_heads():  # a pretraining run's MLM head (or a classifier's) is left behind: expected
+        transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
     get_dim = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
     modules = [transformer, models.Pooling(get_dim(), pooling_mode=pooling)]
     if normalize:

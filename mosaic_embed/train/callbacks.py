@@ -58,14 +58,18 @@ def _fmt_rate(x: float) -> str:
 
 
 class ProgressCallback(TrainerCallback):
-    """A tqdm bar over optimizer steps (tqdm's ETA) whose postfix shows loss, tokens/s and MFU of the last log."""
+    """A tqdm bar over optimizer steps (tqdm's ETA) whose postfix shows loss, tokens/s and MFU of the last log.
 
-    def __init__(self) -> None:
+    It replaces transformers' own bar and printer callbacks, which print every log as a raw dictionary.
+    """
+
+    def __init__(self, desc: str = "pretrain") -> None:
+        self.desc = desc
         self.bar: tqdm | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="pretrain", unit="step",
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
                             dynamic_ncols=True)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -97,7 +101,9 @@ class ProgressCallback(TrainerCallback):
 class JsonlMetricsCallback(TrainerCallback):
     """Appends every log (training and validation) to ``path`` as one JSON object per line, with its step.
 
-    On resume the file is first cut back to the checkpoint's step, so the file holds one consistent curve.
+    At the start the file is cut back to what the run continues from: to the checkpoint's step on resume, to
+    nothing on a fresh run (a run killed before its first checkpoint leaves lines no run continues), and a
+    line torn by a kill is dropped. So the file holds one consistent curve.
     """
 
     def __init__(self, path: str | Path, resume_step: int | None = None) -> None:

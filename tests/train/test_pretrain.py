@@ -184,6 +184,24 @@ def test_cli_pretrain_bundled_corpus_end_to_end(tmp_path):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+def test_cli_pretrain_shows_the_corpus_summary_for_cached_shards_too(tmp_path):
+    from mosaic_embed.cli import main
+
+    outputs = []
+    for name in ("first", "second"):
+        args = ["pretrain", "--out", str(tmp_path / name), "--set", "train.max_steps=1", "--set",
+                "train.global_batch_size=4", "--set", "train.microbatch_size=4", "--set", "train.eval_samples=4",
+                "--set", "train.save_every_steps=0", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set",
+                "data.num_proc=1"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        outputs.append(result.output)
+    assert "shards up to date" not in outputs[0] and "shards up to date" in outputs[1]
+    for output in outputs:  # the corpus summary (files, documents, skips) and the shard counts, both times
+        assert "139 documents" in output and "duplicate documents dropped: 0" in output and "skipped files" in output
+        assert "tokens (mean length" in output
+
+
 def test_cli_bad_input_leaves_no_run_folder(tmp_path):
     """A bad corpus, or a --resume/--out mistake, fails before the run folder is made or its config touched."""
     from mosaic_embed.cli import main
@@ -229,6 +247,9 @@ def _torchrun_pretrain(nproc, out, cache):
         args += ["--set", s]
     done = run_cli_torchrun(nproc, args, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # one corpus summary and one result line, however many ranks (the shards are cached for the second run)
+    assert done.stdout.count("duplicate documents dropped") == 1 and done.stdout.count("pretrained: ") == 1, \
+        done.stdout[-3000:]
     return json.loads((out / "final" / "manifest.json").read_text())
 
 
