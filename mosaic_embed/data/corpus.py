@@ -257,23 +257,25 @@ def iter_pieces(
         if fmt is None:
             stats.skip_file("unsupported-type", file, f"suffix not one of {', '.join(FORMATS)}")
             continue
-        for pieces in _read_file(file, fmt, text_field, stats, max_document_chars):
-            kept = 0
-            for n, text in enumerate(pieces):
-                if n == 1:
-                    stats.split_documents += 1
-                if dedup:
-                    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                    if digest in seen:
-                        stats.duplicates += 1
-                        continue
-                    seen.add(digest)
-                kept += 1
-                stats.pieces += 1
-                stats.characters += len(text)
-                yield stats.documents, text
-            if kept:
-                stats.documents += 1
+        n = kept = 0  # pieces of the current document seen, and kept
+        for first, text in _read_file(file, fmt, text_field, stats, max_document_chars):
+            if first:
+                stats.documents += 1 if kept else 0
+                n = kept = 0
+            n += 1
+            if n == 2:
+                stats.split_documents += 1
+            if dedup:
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                if digest in seen:
+                    stats.duplicates += 1
+                    continue
+                seen.add(digest)
+            kept += 1
+            stats.pieces += 1
+            stats.characters += len(text)
+            yield stats.documents, text
+        stats.documents += 1 if kept else 0
     if stats.documents == 0:
         skipped = dict(stats.skipped_files) | {f"record:{k}": v for k, v in stats.skipped_records.items()}
         raise ValueError(
@@ -415,7 +417,7 @@ class _Streamed:
         blank = True
         for piece in split_text(self.chunks, max_chars):
             if not piece.strip():
-                continue  # a stretch of whitespace inside a long document: nothing to learn from
+                continue
             blank = False
             try:
                 piece.encode("utf-8")
@@ -428,9 +430,10 @@ class _Streamed:
             stats.skip_record("empty-document", self.where, "only whitespace")
 
 
-def _read_file(path: Path, fmt: str, text_field: str, stats: CorpusStats, max_chars: int) -> Iterator[Iterator[str]]:
-    """Yield the documents of one file, each as an iterator over its pieces (consumed before the next
-    document is asked for); skips are recorded in ``stats``."""
+def _read_file(path: Path, fmt: str, text_field: str, stats: CorpusStats, max_chars: int) -> Iterator[tuple[bool, str]]:
+    """Yield ``(first, piece)`` for the pieces of one file's documents, ``first`` on each document's first
+    piece; skips are recorded in ``stats``. A long document is read here piece by piece, so an I/O error
+    part-way is caught here too."""
     yielded = 0
     try:
         if path.is_symlink() and not path.exists():
@@ -456,10 +459,12 @@ def _read_file(path: Path, fmt: str, text_field: str, stats: CorpusStats, max_ch
             if item is None:  # a record skipped by the reader, already counted
                 continue
             yielded += 1
-            if isinstance(item, str):
-                yield (piece for piece in split_text((item,), max_chars) if piece.strip())
-            else:
-                yield item.pieces(max_chars, stats)
+            pieces = split_text((item,), max_chars) if isinstance(item, str) else item.pieces(max_chars, stats)
+            first = True
+            for piece in pieces:
+                if piece.strip():  # (a stretch of whitespace inside a long document: nothing to learn from)
+                    yield first, piece
+                    first = False
     # permissions, corrupt gzip, I/O errors; a decode error here means the file changed after its check
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
         detail = f"{type(err).__name__}: {err}"

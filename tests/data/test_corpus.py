@@ -312,6 +312,28 @@ def test_long_documents_are_split_while_read(tmp_path):
     assert list(iter_documents(tmp_path, dedup=False, max_document_chars=1000)) == [p for _, p in pieces]
 
 
+def test_an_io_error_while_a_long_document_streams_skips_the_rest_of_its_file(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("word " * 1000, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("next file", encoding="utf-8")
+    real = corpus_mod._read_text
+
+    def failing(path, *args):
+        for doc in real(path, *args):
+            if path.name == "a.txt":
+                def chunks(inner=doc.chunks):
+                    yield next(inner)
+                    raise OSError("device went away")
+                doc.chunks = chunks()
+            yield doc
+
+    monkeypatch.setattr(corpus_mod, "_read_text", failing)
+    monkeypatch.setattr(corpus_mod, "_READ_CHARS", 1000)
+    docs, stats = read(tmp_path, max_document_chars=300)
+    assert docs[-1] == "next file" and 1 <= len(docs) - 1 <= 4  # a.txt's pieces read before the error, then b.txt
+    assert stats.skipped_files == {"unreadable": 1}
+    assert "device went away (after 1 documents were read)" in stats.examples["file:unreadable"][0]
+
+
 def _tricky_text(rng, n):
     alphabet = list("ab cd\n\t\"\\/é€") + ["\U0001F600", "[", "]", "{", "}", ",", ":", "\x7f"]
     return "".join(rng.choice(alphabet) for _ in range(n)) + "."
