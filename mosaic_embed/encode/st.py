@@ -48,7 +48,7 @@ def load_sentence_transformer(path: str | Path, device: torch.device | str = "cp
     pooling). A missing folder, or one that holds no model, is an error naming it."""
     from sentence_transformers import SentenceTransformer
 
-    import mosaic_embed.model  # noqa: F401  (registers MosaicBERT with the Auto classes)
+    from ..model.loading import switching_heads  # (also registers MosaicBERT with the Auto classes)
 
     path = Path(path)
     if not path.exists():
@@ -57,7 +57,8 @@ def load_sentence_transformer(path: str | Path, device: torch.device | str = "cp
         # else transformers says "Unrecognized model ... should have a `model_type` key", about a missing file
         raise FileNotFoundError(f"{path}: not an encoder folder (no modules.json or config.json); give a "
                                 "train-encoder output or a saved model folder")
-    return SentenceTransformer(str(path), device=str(device))
+    with switching_heads():  # a bare pretraining or classifier folder leaves its head behind: expected
+        return SentenceTransformer(str(path), device=str(device))
 
 
 def encoder_identity(path: str | Path) -> str:

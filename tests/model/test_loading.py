@@ -74,3 +74,10 @@ def test_report_keys_parses_only_what_it_understands():
     table = "X LOAD REPORT from: p\nKey | Status | \n----+-------+-\na.b | UNEXPECTED | \nc | MISSING | \n\nNotes:"
     assert report_keys(table) == [("a.b", "UNEXPECTED"), ("c", "MISSING")]
     assert report_keys(table.replace("c | MISSING", "garbled")) is None
+
+
+def test_an_mlm_folder_opened_as_an_encoder_reports_nothing(tmp_path, reports):
+    from mosaic_embed.encode.st import load_sentence_transformer
+
+    load_sentence_transformer(tiny_mosaic(tmp_path / "mlm", mlm=True))
+    assert not [m for m in reports if "LOAD REPORT" in m]
