@@ -32,6 +32,7 @@ manifest holds the same key is reused as is; anything else is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -236,6 +237,19 @@ def _split_counts(ds, documents: int) -> tuple[dict[str, Any], dict[int, int]]:
     return counts, hist
 
 
+@contextlib.contextmanager
+def _datasets_bars_off() -> Iterator[None]:
+    import datasets
+
+    were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
+
+
 def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) -> Path:
     """Tokenize ``cfg.corpus`` into train/validation shards (or reuse cached ones); returns the folder.
 
@@ -281,28 +295,24 @@ def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) ->
             features = datasets.Features({"text": datasets.Value("string"), "score": datasets.Value("float64"),
                                           "doc": datasets.Value("int64")})
             say(f"reading {corpus}")
-            bars_were_on = not datasets.are_progress_bars_disabled()
-            datasets.disable_progress_bars()  # its "Generating train split" bar would only confuse here
             try:
                 # One process reads the corpus: dedup needs one set of digests over all files.
-                docs = datasets.Dataset.from_generator(
-                    _documents,
-                    gen_kwargs={"corpus": str(corpus), "text_field": cfg.text_field, "dedup": cfg.dedup,
-                                "seed": cfg.seed, "max_document_chars": cfg.max_document_chars, "stats": stats},
-                    features=features,
-                    cache_dir=str(work),
-                    fingerprint=f"docs-{key[:32]}",
-                    # rows buffered before each Arrow write: about _WRITE_CHARS characters, whatever the documents
-                    writer_batch_size=max(1, min(1000, _WRITE_CHARS // cfg.max_document_chars)),
-                )
+                with _datasets_bars_off():  # its "Generating train split" bar would only confuse here
+                    docs = datasets.Dataset.from_generator(
+                        _documents,
+                        gen_kwargs={"corpus": str(corpus), "text_field": cfg.text_field, "dedup": cfg.dedup,
+                                    "seed": cfg.seed, "max_document_chars": cfg.max_document_chars, "stats": stats},
+                        features=features,
+                        cache_dir=str(work),
+                        fingerprint=f"docs-{key[:32]}",
+                        # rows buffered before each Arrow write: ~_WRITE_CHARS characters, whatever the documents
+                        writer_batch_size=max(1, min(1000, _WRITE_CHARS // cfg.max_document_chars)),
+                    )
             except datasets.exceptions.DatasetGenerationError as err:
                 # Our own errors (no documents, missing corpus) arrive wrapped: raise them as they were.
                 if isinstance(err.__cause__, (ValueError, OSError)):
                     raise err.__cause__ from None
                 raise
-            finally:
-                if bars_were_on:
-                    datasets.enable_progress_bars()
             read_s = time.perf_counter() - start
             split = f", {stats.split_documents:,} of them split into pieces" if stats.split_documents else ""
             say(f"read {stats.documents:,} documents ({stats.characters:,} characters{split}) in {read_s:.1f} s")
@@ -347,7 +357,8 @@ def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) ->
 
             # An empty split must still be written as one (empty) shard: datasets cannot load a split of 0 shards.
             empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
-            datasets.DatasetDict(splits).save_to_disk(str(tmp), num_shards={**dict.fromkeys(splits), **empty})
+            with _datasets_bars_off():  # one "Saving the dataset" bar per split: the tokenizing bars suffice
+                datasets.DatasetDict(splits).save_to_disk(str(tmp), num_shards={**dict.fromkeys(splits), **empty})
             del docs, splits, part, tokenized
             shutil.rmtree(work, ignore_errors=True)
             tok.save_pretrained(str(tmp / "tokenizer"))
