@@ -101,14 +101,14 @@ class ProgressCallback(TrainerCallback):
 class JsonlMetricsCallback(TrainerCallback):
     """Appends every log (training and validation) to ``path`` as one JSON object per line, with its step.
 
-    At the start the file is cut back to what the run continues from: to the checkpoint's step on resume, to
-    nothing on a fresh run (a run killed before its first checkpoint leaves lines no run continues), and a
-    line torn by a kill is dropped. So the file holds one consistent curve.
+    At the start the file is cut back to the logs the run continues from, one line per entry of the
+    trainer's log history: on resume, the checkpoint's (not the logs a killed or finished run made after
+    it, such as a final validation); on a fresh run, none (a run killed before its first checkpoint leaves
+    lines no run continues). A line torn by a kill is dropped. So the file holds one consistent curve.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.resume_step = resume_step
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -116,15 +116,15 @@ class JsonlMetricsCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             return
-        kept = []
-        if self.resume_step is not None:
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # torn by a kill mid-write
-                if isinstance(record, dict) and record.get("step", 0) <= self.resume_step:
-                    kept.append(line)
+        keep, kept = len(state.log_history), []
+        for line in self.path.read_text(encoding="utf-8").splitlines() if keep else ():
+            try:
+                json.loads(line)
+            except ValueError:
+                continue  # torn by a kill mid-write
+            kept.append(line)
+            if len(kept) == keep:
+                break
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):

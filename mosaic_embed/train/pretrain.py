@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -173,7 +174,7 @@ class MLMTrainer(Trainer):
         self._excluded_s = 0.0  # validation + checkpoint writing time of this segment
         self._window_start = 0.0
         self._window_excluded = 0.0
-        self.last_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = dict(meta.get("last_eval") or {})  # a resumed run's, from its checkpoint
 
     # ---- clocks and counters -------------------------------------------------------------------------
 
@@ -337,6 +338,19 @@ class MLMTrainer(Trainer):
         return metrics
 
     # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def take_final_checkpoint(self, checkpoint: Path) -> None:
+        """Resume from a checkpoint of the run's last step: its weights and state, and no training.
+        ``Trainer.train`` would train one step past ``max_steps`` from there (it skips the trained batches,
+        then steps once before it checks the limit). The callbacks see a training of no steps, so the metrics
+        file is cut back to the checkpoint's logs."""
+        if self.is_fsdp_enabled:  # FSDP loads weights into the wrapped model inside Trainer.train only
+            raise ValueError(f"--resume: {checkpoint} is the run's last step (train.max_steps); under FSDP the "
+                             "run cannot be finished from it: copy it as final/, or raise train.max_steps")
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
 
     def _get_output_dir(self, trial=None) -> str:
         # Trainer writes checkpoint-N here; _save_checkpoint renames it to checkpoints/step-NNNNNN when complete
@@ -587,8 +601,7 @@ def train_mlm(
     )
     cbs: list[TrainerCallback] = [
         ProgressCallback(),
-        JsonlMetricsCallback(run_dir / "metrics.jsonl",
-                             resume_step=int(resume_meta["step"]) if resume_meta else None),
+        JsonlMetricsCallback(run_dir / "metrics.jsonl"),
     ]
     if tc.save_every_minutes:
         cbs.append(TimedCheckpointCallback(tc.save_every_minutes))
@@ -610,7 +623,10 @@ def train_mlm(
     )
     for cb in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(cb)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_meta is not None and int(resume_meta["step"]) >= tc.max_steps:
+        trainer.take_final_checkpoint(resume_from)  # (the run stopped while it validated or wrote final/)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if trainer.last_eval.get("step") != trainer.state.global_step:
         trainer.evaluate()
     return trainer

@@ -6,7 +6,7 @@ a different place for each seed, the same place class every run. Tests then resu
 and compare the result with an uninterrupted run.
 
 To add a stage (``index build``/``index add``): pick milestones from what the stage writes (``file_appears``,
-``count_at_least``), call :func:`kill_at` with the stage's command line, run it again to completion, and
+``count_at_least``, ``file_contains``), call :func:`kill_at` with the stage's command line, run it again to completion, and
 check :func:`leftovers` of the folders it writes and the result against an uninterrupted run.
 """
 
@@ -78,6 +78,15 @@ def file_appears(path: Path) -> Callable[[], bool]:
 
 def count_at_least(folder: Path, pattern: str, n: int) -> Callable[[], bool]:
     return lambda: len(list(folder.glob(pattern))) >= n
+
+
+def file_contains(path: Path, text: str) -> Callable[[], bool]:
+    def condition() -> bool:
+        try:
+            return text in path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    return condition
 
 
 @dataclass

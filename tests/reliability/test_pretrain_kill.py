@@ -2,15 +2,17 @@
 half-visible, and the same losses and final weights, bit for bit, as a run that was never interrupted.
 
 The run: the tiny recipe on the bundled corpus, 8 steps of 8 sequences, a checkpoint every 2 steps (the
-last 2 kept). Kill points: while the shards are being built (a cache of its own), after the checkpoint of
-step 2, after the checkpoint of step 6 (the last steps, validation, ``final/``); each a seeded delay after its
-milestone. The killed run is a real process; the run after it is the same command (``--resume`` when a
-complete checkpoint exists), in this process with the same single thread.
+last 2 kept). Kill points, each a seeded delay after its milestone: while the shards are being built (a
+cache of its own), after the checkpoint of step 4 (the later steps and checkpoints), after the final
+validation is logged (``final/`` being written; the run then resumes from its last checkpoint, at the end). The killed run is a real process; the run after it is the same command (``--resume`` when a
+complete checkpoint exists), in this process with the same single thread (in a CPU subprocess on a GPU
+machine).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ from tests.reliability.harness import (
     KillPoint,
     cli,
     count_at_least,
+    env,
+    file_contains,
     kill_at,
     leftovers,
     one_thread,
@@ -43,7 +47,13 @@ def args(out: Path, cache: Path, resume: bool = False) -> list[str]:
         + (["--resume"] if resume else [])
 
 
-def run_in_process(out: Path, cache: Path, resume: bool = False) -> None:
+def run_to_end(out: Path, cache: Path, resume: bool = False) -> None:
+    """The command run to completion: in this process (one thread, like the killed runs), or, where this
+    process would train on a GPU, in a subprocess on the CPU like the killed runs (the same arithmetic)."""
+    if torch.cuda.is_available():
+        done = subprocess.run(cli(*args(out, cache, resume)), capture_output=True, text=True, env=env(), timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return
     with one_thread():
         result = CliRunner().invoke(main, args(out, cache, resume))
     assert result.exit_code == 0, result.output[-3000:] + repr(result.exception)
@@ -70,7 +80,7 @@ def assert_complete(run: Path, cache: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain-reference")
-    run_in_process(root / "run", root / "cache")
+    run_to_end(root / "run", root / "cache")
     return root
 
 
@@ -80,13 +90,13 @@ def test_pretrain_killed_at_seeded_points_resumes_to_the_uninterrupted_result(re
     assert [s for s, loss, *_ in ref_curve if loss is not None] == list(range(1, 9))
     delays = seeded_delays(SEED, 3, 0.0, 1.0)
     points = []
-    for i, (name, delay) in enumerate(zip(["building the shards", "after checkpoint 2", "after checkpoint 6"],
-                                          [2 * delays[0], delays[1], delays[2]], strict=True)):
+    for i, (name, delay) in enumerate(zip(["building the shards", "after checkpoint 4", "after the final validation"],
+                                          [2 * delays[0], delays[1], delays[2] / 2], strict=True)):
         run = tmp_path / f"run{i}"
         cache = tmp_path / "fresh-cache" if i == 0 else shared_cache
         condition = {0: count_at_least(cache, ".shards-*.writer", 1),
-                     1: count_at_least(run / "checkpoints", "step-000002/checkpoint_meta.json", 1),
-                     2: count_at_least(run / "checkpoints", "step-000006/checkpoint_meta.json", 1)}[i]
+                     1: count_at_least(run / "checkpoints", "step-000004/checkpoint_meta.json", 1),
+                     2: file_contains(run / "metrics.jsonl", "eval_loss")}[i]
         points.append((run, cache, KillPoint(name, condition, delay)))
 
     landed = []
@@ -96,7 +106,7 @@ def test_pretrain_killed_at_seeded_points_resumes_to_the_uninterrupted_result(re
         landed.append(killed.killed)
         assert_complete(run, cache)
         if killed.killed:
-            run_in_process(run, cache, resume=bool(list_checkpoints(run)))
+            run_to_end(run, cache, resume=bool(list_checkpoints(run)))
         # nothing lost: the same curve and weights as the run that was never interrupted
         assert curve(run) == ref_curve, point.name
         weights = load_file(run / "final" / "model.safetensors")

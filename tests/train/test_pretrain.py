@@ -107,6 +107,27 @@ class _PoisonAt(TrainerCallback):
                 next(model.parameters()).fill_(float("nan"))
 
 
+def test_resume_from_the_last_step_trains_no_further(tmp_path, tok):
+    """A run stopped after its last checkpoint (while it validated or wrote final/) resumes to the same end:
+    no step past max_steps (transformers' own resume would train one), no second validation line."""
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(tmp_path / "a")  # 6 steps, a checkpoint every 2, validation at 3 and 6
+    run(cfg, tok)
+    before = (tmp_path / "a" / "metrics.jsonl").read_text()
+    (tmp_path / "a" / "metrics.jsonl").write_text(before + json.dumps({"step": 6, "eval_loss": 0.5}) + "\n")
+    trainer = run(cfg, tok, resume=True)
+    assert trainer.state.global_step == 6
+    assert train_losses(tmp_path / "a") == train_losses_of(before)
+    weights = load_file(tmp_path / "a" / "checkpoints" / "step-000006" / "model.safetensors")
+    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in weights.items())
+
+
+def train_losses_of(text):
+    rows = [json.loads(line) for line in text.splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tok):
     cfg = make_cfg(tmp_path / "r", max_steps=8, eval_every_steps=0, keep_steps=[])
     with pytest.raises(NonFiniteLossError, match="step-000004"):
@@ -272,17 +293,17 @@ def test_two_ranks_follow_the_one_rank_run(tmp_path):
 
 
 def test_metrics_file_is_cut_back_to_what_the_run_continues_from(tmp_path):
-    """A fresh run into a folder a killed run left (no checkpoint yet) starts an empty curve; a resumed run keeps
-    the lines up to its checkpoint and drops a line a kill tore mid-write."""
+    """On resume the file keeps one line per entry of the checkpoint's log history (not what the run logged
+    after it, nor a line a kill tore mid-write); a fresh run into a folder a killed run left starts empty."""
     from types import SimpleNamespace
 
     from mosaic_embed.train.callbacks import JsonlMetricsCallback
 
     path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
-    state = SimpleNamespace(is_world_process_zero=True)
-    path.write_text("\n".join(lines) + "\n" + '{"step": 5, "lo')
-    JsonlMetricsCallback(path, resume_step=2).on_train_begin(None, state, None)
-    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
-    JsonlMetricsCallback(path).on_train_begin(None, state, None)
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 2, 3)]
+    path.write_text(lines[0] + "\n" + '{"step": 2, "lo\n' + "\n".join(lines[1:]) + "\n" + '{"step": 4, "lo')
+    resumed = SimpleNamespace(is_world_process_zero=True, log_history=[{}, {}, {}])  # step 1, step 2, eval at 2
+    JsonlMetricsCallback(path).on_train_begin(None, resumed, None)
+    assert path.read_text() == "".join(line + "\n" for line in lines[:3])
+    JsonlMetricsCallback(path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, log_history=[]), None)
     assert path.read_text() == ""
