@@ -60,7 +60,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
 
 
-def wait_until(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 120.0) -> bool:
+def wait_until(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300.0) -> bool:
     """Poll until ``condition()`` holds (True) or the process has exited (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,7 +111,7 @@ class Killed:
     log: str
 
 
-def kill_at(cmd: list[str], point: KillPoint, log: Path, timeout: float = 180.0) -> Killed:
+def kill_at(cmd: list[str], point: KillPoint, log: Path, timeout: float = 300.0) -> Killed:
     """Run ``cmd``, wait for the kill point's milestone and delay, then SIGKILL its process group."""
     proc = start(cmd, log)
     try:
