@@ -231,24 +231,48 @@ class FolderLockedError(RuntimeError):
     """Another live process is writing the folder (its pid, host and start time are in the message)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux ``/proc``), or None where unknown: with the
+    pid it tells a lock holder from an unrelated process that was given the same pid later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 22 (starttime); the command name (field 2) may hold spaces, so count from its closing parenthesis
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int, started: str | None = None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by another user
-        return True
-    return True
+        pass
+    # the pid exists: it is the holder unless the holder's recorded start time says it is another process
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 @contextlib.contextmanager
-def writer_lock(folder: str | Path, what: str = "writer") -> Iterator[Path]:
+def writer_lock(folder: str | Path, what: str = "writer", remove_empty: bool = False) -> Iterator[Path]:
     """Hold ``folder/.writer.lock`` while writing a run folder or store: one writer at a time.
 
-    The lock file is created with ``O_EXCL`` and names the holder (pid, host, command, start time). A second
-    writer gets a :class:`FolderLockedError` naming the holder; readers never look at it. A lock left by a
-    process that died (same host, pid gone) is stale: it is taken over, and that is said in the log. A lock
-    from another host cannot be checked and is never broken silently (the message says how to remove it).
+    The lock file is created with ``O_EXCL`` and names the holder (pid, its start time, host, command, since
+    when). A second writer gets a :class:`FolderLockedError` naming the holder; readers never look at it. A
+    lock left by a process that died (same host, pid gone or now another process) is stale: it is taken over,
+    and that is said in the log. A lock from another host cannot be checked and is never broken silently
+    (the message says how to remove it). On release the file is removed only if it is still this process's
+    (a writer that deleted its folder, and a successor that locked it anew, keep theirs); ``remove_empty``
+    then also removes the folder if nothing else is left in it (a scratch folder).
     """
     import logging
     import socket
@@ -256,18 +280,15 @@ def writer_lock(folder: str | Path, what: str = "writer") -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+    me = {"pid": os.getpid(), "started": _process_start(os.getpid()), "host": socket.gethostname(), "what": what,
           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:6]}
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                holder = {}
+            holder = _holder(path)
             pid, host = holder.get("pid"), holder.get("host")
-            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid, holder.get("started")):
                 logging.getLogger(__name__).warning("%s: removing a stale lock of pid %s (no longer running)",
                                                     folder, pid)
                 with contextlib.suppress(FileNotFoundError):
@@ -284,5 +305,33 @@ def writer_lock(folder: str | Path, what: str = "writer") -> Iterator[Path]:
     try:
         yield path
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        held = _holder(path)
+        if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if remove_empty:
+            with contextlib.suppress(OSError):  # not empty (another writer's lock, files): leave it
+                folder.rmdir()
+
+
+def remove_temporaries(folder: str | Path, name: str = "") -> list[Path]:
+    """Remove what killed writers leave in ``folder``: the temporaries of :func:`atomic_write_bytes` and
+    :func:`atomic_directory` (``.NAME.*.tmp``) and replaced folders (``.NAME.old-PID``), of the artifact
+    ``name`` ("" = of any). Call it only while holding the lock of everything written under those names
+    (a live writer's temporaries look the same). Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    prefix = f".{name}." if name else "."
+    for entry in folder.iterdir():
+        n = entry.name
+        if not n.startswith(prefix) or not (n.endswith(".tmp") or ".old-" in n):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed

@@ -10,6 +10,7 @@ Start-up is kept cheap: this module and ``mosaic_embed/__init__`` import neither
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,10 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         from .artifacts import FolderLockedError
+
+        # A stage shows one progress bar of its own, not transformers' bar per model load and save ("Loading
+        # weights", "Writing model shards"). transformers reads this when first imported, inside the command.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
         try:
             return super().invoke(ctx)
@@ -84,12 +89,13 @@ def tokenizer() -> None:
 @recipe_options
 def data_prepare_cmd(corpus, text_field, tokenizer_path, out, num_proc, force, recipe, overrides):
     """Read a corpus, tokenize it into train/validation shards; print the corpus summary and shard counts."""
-    from .artifacts import read_manifest
     from .config import DataConfig, load_config
-    from .data.shards import format_shards_summary, prepare_shards
 
     cfg = load_config(DataConfig, recipe, overrides, corpus=_path(corpus), text_field=text_field,
                       tokenizer=tokenizer_path, out=_path(out), num_proc=num_proc, force=_flag(force))
+    from .artifacts import read_manifest
+    from .data.shards import format_shards_summary, prepare_shards
+
     path = prepare_shards(cfg, log=click.echo)
     click.echo(format_shards_summary(read_manifest(path, expect_stage="data")))
     click.echo(f"shards: {path} (corpus summary: {path / 'corpus_summary.json'})")
@@ -151,12 +157,13 @@ def pretrain_cmd(corpus, out, init_from, resume, recipe, overrides):
     Multi-GPU: ``torchrun --nproc_per_node N -m mosaic_embed.cli pretrain ...`` (same global batch).
     """
     from .config import PretrainConfig, load_config
-    from .train.pretrain import NonFiniteLossError, pretrain
 
     if recipe is None:
         recipe = "mosaic-bert-base" if corpus else "tiny"
     cfg = load_config(PretrainConfig, recipe, overrides, out=_path(out), data={"corpus": _path(corpus)},
                       model={"init_from": _path(init_from)})
+    from .train.pretrain import NonFiniteLossError, pretrain
+
     try:
         run_dir = pretrain(cfg, resume=resume, log=click.echo)
     except NonFiniteLossError as err:
@@ -190,10 +197,8 @@ def glue_cmd(model, checkpoints, tasks, seeds, data_dir, task_dir, num_labels, m
     """Finetune and evaluate a checkpoint (or every checkpoint of a run) on GLUE and custom tasks."""
     import logging
 
-    from .config import GlueConfig, load_config
-    from .train.glue import custom_task_from_cli, run_glue
+    from .config import CustomTaskConfig, GlueConfig, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     task_list = None
     if tasks is not None:
         task_list = [t for t in tasks.split(",") if t.strip()]
@@ -207,12 +212,17 @@ def glue_cmd(model, checkpoints, tasks, seeds, data_dir, task_dir, num_labels, m
             raise click.BadParameter(f"{seeds!r}: expected comma-separated integers", param_hint="--seeds") from None
     custom = None
     if task_dir is not None:
-        custom = [vars(custom_task_from_cli(task_dir, num_labels, metrics))]
+        if num_labels is None:
+            raise ConfigError("--task-dir needs --num-labels N (1 = regression)")
+        custom = [vars(CustomTaskConfig(path=Path(task_dir), num_labels=num_labels, metrics=list(metrics)))]
     elif num_labels is not None or metrics:
         raise ConfigError("--num-labels/--metric describe a custom task: give --task-dir too")
     cfg = load_config(GlueConfig, recipe, overrides, model=_path(model), checkpoints=checkpoints,
                       data_dir=_path(data_dir), out=_path(out), tasks=task_list, seeds=seed_list,
                       custom_tasks=custom)
+    from .train.glue import run_glue
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = run_glue(cfg)
     for p in results["points"]:
         g = p.get("glue_average")
@@ -344,7 +354,6 @@ def train_encoder_cmd(model, pairs, corpus, mining, teacher, teacher_filter, har
     negatives), tiny (CI).
     """
     from .config import ContrastiveConfig, load_config
-    from .train.contrastive import train_encoder
 
     cfg = load_config(ContrastiveConfig, recipe, overrides, model=model, pairs=pairs, corpus=corpus, mining=mining,
                       teacher=teacher, teacher_filter=teacher_filter, hard_negatives=hard_negatives, out=_path(out),
@@ -352,7 +361,14 @@ def train_encoder_cmd(model, pairs, corpus, mining, teacher, teacher_filter, har
                       query_prompt=query_prompt, document_prompt=document_prompt, batch_size=batch_size,
                       max_seq_len=max_seq_len, max_steps=max_steps, eval_fraction=eval_fraction,
                       eval_steps=eval_steps, eval_beir=eval_beir)
-    click.echo(f"wrote {train_encoder(cfg)}")
+    from .train.contrastive import NothingLearnedError, train_encoder
+
+    try:
+        path = train_encoder(cfg, log=click.echo)
+    except NothingLearnedError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    click.echo(f"wrote {path}")
 
 
 @main.command("distill")
@@ -404,12 +420,13 @@ def embed_cmd(model, input_path, out, text_field, title_field, id_field, window,
               batch_size, max_tokens, device, compile_, truncate_dim, recipe, overrides):
     """Embed a JSON-lines file into memory-mapped .npy + ids; resumable; multi-GPU under torchrun."""
     from .config import EmbedConfig, load_config
-    from .encode import embed_file
 
     cfg = load_config(EmbedConfig, recipe, overrides, model=_path(model), input=_path(input_path), out=_path(out),
                       text_field=text_field, title_field=title_field, id_field=id_field, window=window, dtype=dtype,
                       prompt_name=prompt_name,
                       encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_, truncate_dim))
+    from .encode import embed_file
+
     click.echo(f"wrote {embed_file(cfg)}")
 
 
@@ -423,13 +440,14 @@ def embed_cmd(model, input_path, out, text_field, title_field, id_field, window,
 def eval_retrieval_cmd(model, beir_dir, split, out_json, max_seq_len, batch_size, max_tokens, device, compile_,
                        truncate_dim, recipe, overrides):
     """nDCG@10, recall@10/100 and MRR@10 of an encoder on a BEIR split (exact search)."""
-    from .artifacts import atomic_write_json
     from .config import RetrievalEvalConfig, load_config
-    from .index.evaluate import evaluate_encoder
 
     cfg = load_config(RetrievalEvalConfig, recipe, overrides, model=_path(model), beir=_path(beir_dir), split=split,
                       out=_path(out_json),
                       encode=_encode_flags(max_seq_len, batch_size, max_tokens, device, compile_, truncate_dim))
+    from .artifacts import atomic_write_json
+    from .index.evaluate import evaluate_encoder
+
     result = evaluate_encoder(cfg.model, cfg.beir, split=cfg.split, settings=cfg.encode)
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         click.echo(f"{key:>10s}  {result[key]:.4f}")
@@ -475,12 +493,11 @@ def index_build_cmd(input_path, embeddings, out, model, no_texts, like, first_ke
                     batch_size, max_tokens, device, compile_, truncate_dim, recipe, overrides):
     """Build a store (recipes/index: exact, hnsw, ivfpq, sq8, binary; any FAISS factory via --set factory=...)."""
     from .config import EncodeConfig, IndexConfig, load_config
-    from .index import ingest
-    from .index.store import VectorStore
 
     _one_source(input_path, embeddings)
     if like is not None:
         from .index.shards import build_shard
+        from .index.store import VectorStore
 
         if embeddings is None or first_key is None or auto or recipe or overrides:
             raise click.UsageError("--like builds a shard from --embeddings with --first-key; its config is the "
@@ -493,6 +510,9 @@ def index_build_cmd(input_path, embeddings, out, model, no_texts, like, first_ke
     cfg = load_config(IndexConfig, recipe, overrides)
     if input_path is not None and model is None:
         raise click.UsageError("--input needs --model (the encoder that embeds the documents and the queries)")
+    from .index import ingest
+    from .index.store import VectorStore
+
     encoder = None
     if input_path is not None:
         from .encode import Encoder
@@ -652,13 +672,14 @@ def index_search_cmd(store_dir, queries, queries_file, k, mode, where, model, fo
     import json
 
     from .config import SearchConfig, load_config
-    from .index.store import VectorStore
 
     cfg = load_config(SearchConfig, recipe, overrides, store=_path(store_dir), k=k, mode=mode, where=where,
                       model=_path(model), force=_flag(force), device=device)
     texts = list(queries) + (_read_queries(queries_file) if queries_file else [])
     if not texts:
         raise click.UsageError("give --query TEXT (repeatable) or --queries FILE")
+    from .index.store import VectorStore
+
     store = VectorStore(cfg.store)
     store.allowed_keys(cfg.where)  # a bad filter fails before the encoder loads
     mode = cfg.mode or store.fusion.mode

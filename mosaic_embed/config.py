@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from .artifacts import atomic_write_text
+from .data.corpus import MAX_DOCUMENT_CHARS
 
 T = TypeVar("T")
 
@@ -580,6 +581,9 @@ class DataConfig:
     ``out``: the shard folder; None = ``cache_dir/shards-<key>``, the key hashing corpus files (paths,
     sizes, mtimes), tokenizer and settings, so identical inputs reuse the shards and any change rebuilds
     them. ``num_proc``: tokenizer processes (None = all cores). ``force``: rebuild even when cached.
+    ``max_document_chars``: longer documents are split into pieces of at most this many characters while
+    they are read (``data/corpus.py``), so memory is bounded by the settings, not by the files: about
+    ``num_proc x batch_size x max_document_chars x 40`` bytes while tokenizing.
     """
 
     RECIPE_STAGE: ClassVar[str] = "data"
@@ -593,6 +597,7 @@ class DataConfig:
     dedup: bool = True
     num_proc: int | None = None
     batch_size: int = 64  # documents per tokenization batch: a worker holds one batch's encodings (~70 B/token)
+    max_document_chars: int = MAX_DOCUMENT_CHARS  # longer documents are split into pieces while read
     out: Path | None = None
     cache_dir: Path = Path("~/.cache/mosaic_embed")
     force: bool = False
@@ -608,6 +613,8 @@ class DataConfig:
             raise ValueError(f"num_proc must be >= 1 (or null for all cores), got {self.num_proc}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_document_chars < 1000:
+            raise ValueError(f"max_document_chars must be >= 1000, got {self.max_document_chars}")
 
 
 @dataclasses.dataclass
@@ -630,10 +637,13 @@ class TokenizerTrainConfig:
     limit_alphabet: int = 1000
     pad_multiple: int = 64
     dedup: bool = True
+    max_document_chars: int = MAX_DOCUMENT_CHARS  # longer documents reach the trainer in pieces
 
     def __post_init__(self):
         if not self.text_field:
             raise ValueError("text_field must name a JSON key or a column, got an empty string")
+        if self.max_document_chars < 1000:
+            raise ValueError(f"max_document_chars must be >= 1000, got {self.max_document_chars}")
         if self.vocab_size < 6:
             raise ValueError(f"vocab_size must be > 5 (the special tokens), got {self.vocab_size}")
         if self.min_frequency < 1:

@@ -13,13 +13,17 @@ import yaml
 from click.testing import CliRunner
 
 from mosaic_embed.artifacts import (
+    LOCK,
+    FolderLockedError,
     atomic_directory,
     atomic_write_bytes,
     atomic_write_json,
     read_manifest,
+    remove_temporaries,
     sha256_file,
     sha256_json,
     write_manifest,
+    writer_lock,
 )
 from mosaic_embed.cli import main
 from mosaic_embed.config import (
@@ -289,6 +293,67 @@ def test_hashes_and_manifests(tmp_path):
         read_manifest(tmp_path / "bad")
 
 
+def test_writer_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    with writer_lock(folder, "first writer") as lock:
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["what"] == "first writer"
+        with pytest.raises(FolderLockedError, match=rf"run is being written by another process \(first writer, pid "
+                                                     rf"{os.getpid()}"):
+            with writer_lock(folder, "second writer"):
+                pass
+        assert lock.exists()  # the refused writer did not remove the holder's lock
+    assert not (folder / LOCK).exists()
+    # a dead holder's lock is stale; so is a lock whose pid now belongs to another process (pid reuse):
+    # the holder's recorded start time no longer matches
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    for holder in ({"pid": int(dead.stdout), "host": host},
+                   {"pid": os.getpid(), "host": host, "started": "1"}):
+        (folder / LOCK).write_text(json.dumps(holder))
+        with writer_lock(folder, "taker"):
+            assert json.loads((folder / LOCK).read_text())["what"] == "taker"
+    # another host's lock cannot be checked: refused, with how to remove it
+    (folder / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(FolderLockedError, match="or delete .*writer.lock if that process is gone"):
+        with writer_lock(folder):
+            pass
+
+
+def test_writer_lock_release_keeps_a_successors_lock_and_removes_an_empty_scratch_folder(tmp_path):
+    import shutil
+
+    folder = tmp_path / "scratch"
+    with writer_lock(folder, "first", remove_empty=True):
+        shutil.rmtree(folder)  # the writer removed its folder; a successor locks it anew
+        folder.mkdir()
+        (folder / LOCK).write_text(json.dumps({"pid": os.getpid() + 1, "host": "x", "what": "successor"}))
+    assert json.loads((folder / LOCK).read_text())["what"] == "successor"  # not removed: not ours
+    (folder / LOCK).unlink()
+    with writer_lock(folder, "again", remove_empty=True):
+        pass
+    assert not folder.exists()  # nothing else in it: removed with the lock
+
+
+def test_remove_temporaries_removes_only_what_atomic_writes_leave(tmp_path):
+    keep = ["a.json", ".writer.lock", "b.tmp", ".hidden", "run"]
+    for name in keep:
+        (tmp_path / name).mkdir() if name == "run" else (tmp_path / name).write_text("x")
+    gone = [".a.json.x1y2.tmp", ".run.ab12.tmp", ".run.old-123"]
+    (tmp_path / gone[0]).write_text("half")
+    (tmp_path / gone[1]).mkdir()
+    (tmp_path / gone[1] / "f").write_text("half")
+    (tmp_path / gone[2]).mkdir()
+    assert sorted(remove_temporaries(tmp_path, "run")) == [tmp_path / gone[1], tmp_path / gone[2]]
+    assert sorted(os.listdir(tmp_path)) == sorted([*keep, gone[0]])  # another artifact's temporary stays
+    assert remove_temporaries(tmp_path) == [tmp_path / gone[0]]
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------
@@ -347,6 +412,31 @@ def test_cli_tokenizer_train(small_corpus, tmp_path):
                                        "--tokenizer", str(out), "--out", str(tmp_path / "s"), "--num-proc", "1"])
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / "s")["tokenizer_info"]["special_token_ids"]["cls"] == 2
+
+
+def test_data_prepare_records_resolved_paths_and_its_cache_does_not_depend_on_the_directory(small_corpus, tmp_path,
+                                                                                           monkeypatch):
+    from tests.helpers import write_tokenizer
+
+    write_tokenizer(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    args = ["data", "prepare", "--corpus", "corpus", "--text-field", "body", "--tokenizer", "tok", "--recipe", "tiny",
+            "--set", "cache_dir=cache"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (shards,) = (tmp_path / "cache").glob("shards-*")
+    manifest = read_manifest(shards, expect_stage="data")
+    assert manifest["inputs"]["corpus"] == str(small_corpus) and manifest["inputs"]["tokenizer"] == str(tmp_path / "tok")
+    assert manifest["corpus_summary"]["path"] == str(small_corpus)
+    assert all(e.startswith(str(small_corpus)) for e in manifest["corpus_summary"]["examples"]["file:unsupported-type"])
+    # the same inputs named from another directory: the same cache key, the shards reused
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = CliRunner().invoke(main, ["data", "prepare", "--corpus", "../corpus", "--text-field", "body",
+                                      "--tokenizer", str(tmp_path / "tok"), "--recipe", "tiny", "--set",
+                                      f"cache_dir={tmp_path / 'cache'}"])
+    assert again.exit_code == 0 and f"up to date (cache key {shards.name[len('shards-'):]}" in again.output, again.output
 
 
 @pytest.mark.slow

@@ -258,6 +258,44 @@ def pairs_to_dataset(pairs: Iterable[Pair], source: str = "<pairs>", max_pairs: 
     return datasets.Dataset.from_dict(cols)
 
 
+def check_teachable(dataset, source: str, batch_size: int, dropout_views: bool = False) -> list[str]:
+    """Refuse pairs an in-batch ranking loss cannot learn from; return warnings about pairs it learns little from.
+
+    The loss (MNRL) asks each anchor to prefer its own positive over the other positives of its batch, and a
+    batch never holds two pairs that share a text (they would be false negatives). So one pair, the same
+    pair repeated, one anchor (or one positive) shared by every pair -- each batch then holds a single pair
+    and the loss is 0 with a zero gradient -- or every positive equal to its anchor (met by any encoder that
+    maps equal texts to equal vectors) teach nothing: a ``ValueError`` naming ``source`` and the reason.
+    ``batch_size`` is the pairs per optimizer step (all ranks). ``dropout_views`` (SimCSE pairs): a text paired
+    with itself is the point, the two views differing by dropout, so it is neither refused nor warned about.
+    """
+    anchors, positives = dataset["anchor"], dataset["positive"]
+    n = len(anchors)
+    if n < 2:
+        raise ValueError(f"{source}: {n} training pair; the in-batch ranking loss needs at least 2 (each "
+                         "anchor's negatives are the other pairs' positives)")
+    distinct = len(set(zip(anchors, positives, strict=True)))
+    if distinct < 2:
+        raise ValueError(f"{source}: all {n:,} training pairs are the same pair; a batch never holds a text "
+                         "twice, so every batch would hold one pair and the loss would be 0")
+    for column, texts in (("anchor", anchors), ("positive", positives)):
+        if len(set(texts)) < 2:
+            raise ValueError(f"{source}: every one of the {n:,} pairs has the same {column}; pairs that share a "
+                             "text never share a batch, so every batch would hold one pair and the loss would be 0")
+    same = 0 if dropout_views else sum(a == p for a, p in zip(anchors, positives, strict=True))
+    if same == n:
+        raise ValueError(f"{source}: in every one of the {n:,} pairs the positive is the anchor itself; any encoder "
+                         "that gives equal texts equal vectors meets that, so nothing would be learned")
+    warnings = []
+    if distinct < batch_size:
+        warnings.append(f"{source}: only {distinct:,} distinct pairs for batches of {batch_size}: each batch holds "
+                        f"at most {distinct:,} pairs, so each anchor sees few negatives")
+    if same > n // 2:
+        warnings.append(f"{source}: in {same:,} of {n:,} pairs the positive is the anchor itself; those pairs "
+                        "teach nothing")
+    return warnings
+
+
 def load_pairs(
     pairs: str | Path,
     corpus: str | Path | None = None,

@@ -11,6 +11,11 @@ cuts every document into consecutive sequences::
 so nothing is thrown away (the MosaicBERT paper truncated instead); only the last sequence of a document
 can be shorter than ``max_seq_len``. Sequences keep corpus order; the training sampler shuffles them.
 
+Memory does not grow with the corpus or with its longest file: documents longer than
+``max_document_chars`` are split into pieces while read (each piece then chunked as above; the pieces of
+one document stay on one side of the split), the reader writes to Arrow every ~16 M characters, and a
+tokenizing worker holds one batch of ``batch_size`` documents.
+
 The output folder (written under a temporary name and renamed when complete)::
 
     out/train/, out/validation/   Dataset.save_to_disk: column input_ids (list of int32, [CLS] ... [SEP])
@@ -27,6 +32,7 @@ manifest holds the same key is reused as is; anything else is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,15 +44,23 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import MANIFEST, atomic_directory, sha256_json, write_manifest
+from ..artifacts import (
+    MANIFEST,
+    atomic_directory,
+    remove_temporaries,
+    sha256_json,
+    write_manifest,
+    writer_lock,
+)
 from ..config import DataConfig
-from .corpus import CorpusStats, bundled_corpus_path, corpus_files, format_corpus_summary, iter_documents
-from .tokenizer import load_tokenizer, padded_vocab_size, tokenizer_fingerprint
+from .corpus import CorpusStats, bundled_corpus_path, corpus_files, format_corpus_summary, iter_pieces
+from .tokenizer import BUNDLED_NAME, load_tokenizer, padded_vocab_size, tokenizer_fingerprint
 
 #: Bump when the layout or the chunking changes: old caches then stop matching.
 SHARDS_FORMAT = 1
 SPLITS = ("train", "validation")
 STAGE = "data"
+_WRITE_CHARS = 16 << 20  # characters of documents buffered before the reader writes them to Arrow
 
 
 def chunk_ids(ids: list[int], max_seq_len: int, cls_id: int, sep_id: int) -> list[list[int]]:
@@ -101,6 +115,7 @@ def cache_key(cfg: DataConfig, corpus: Path, files: list[Path], tok) -> str:
             "tokenizer": tokenizer_fingerprint(tok),
             "text_field": cfg.text_field,
             "dedup": cfg.dedup,
+            "max_document_chars": cfg.max_document_chars,
             "max_seq_len": cfg.max_seq_len,
             "validation_fraction": cfg.validation_fraction,
             "seed": cfg.seed,
@@ -149,9 +164,8 @@ def chunk_arrays(lengths: np.ndarray, flat: np.ndarray, max_seq_len: int, cls_id
         flat: (sum(lengths),) int32, the documents' ids concatenated.
 
     Returns:
-        ``(offsets, values, chunk)``: the sequences as an Arrow-style list array, ``offsets`` (S+1,) int32
-        into ``values`` (sum(lengths) + 2 S,) int32, and ``chunk`` (S,) int32, each sequence's index within
-        its document (0 = a document's first sequence).
+        ``(offsets, values)``: the sequences as an Arrow-style list array, ``offsets`` (S+1,) int32 into
+        ``values`` (sum(lengths) + 2 S,) int32.
     """
     body = max_seq_len - 2
     n_chunks = -(-lengths // body)  # (D,) ceil; 0 for an empty document
@@ -168,7 +182,7 @@ def chunk_arrays(lengths: np.ndarray, flat: np.ndarray, max_seq_len: int, cls_id
     values[offsets[:-1]] = cls_id
     values[offsets[1:] - 1] = sep_id
     values[is_body] = flat  # chunks are consecutive, so body tokens appear in corpus order
-    return offsets.astype(np.int32), values, chunk.astype(np.int32)
+    return offsets.astype(np.int32), values
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer_json: str, max_seq_len: int, cls_id: int, sep_id: int):
@@ -184,38 +198,56 @@ def _tokenize_batch(batch: dict[str, list], tokenizer_json: str, max_seq_len: in
     ids = [enc.ids for enc in encodings]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    offsets, values, chunk = chunk_arrays(lengths, flat, max_seq_len, cls_id, sep_id)
+    offsets, values = chunk_arrays(lengths, flat, max_seq_len, cls_id, sep_id)
     input_ids = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
-    return pa.table({"input_ids": input_ids, "chunk": pa.array(chunk, pa.int32())})
+    return pa.table({"input_ids": input_ids})
 
 
-def _documents(corpus: str, text_field: str, dedup: bool, seed: int, stats: CorpusStats) -> Iterator[dict]:
-    for text in iter_documents(corpus, text_field=text_field, stats=stats, dedup=dedup):
-        yield {"text": text, "score": split_score(text, seed)}
+def _documents(corpus: str, text_field: str, dedup: bool, seed: int, max_document_chars: int,
+               stats: CorpusStats) -> Iterator[dict]:
+    """Rows ``{text, score, doc}``: the pieces of a split document share its number and its first piece's
+    score, so they all fall on one side of the train/validation split."""
+    doc, score = -1, 0.0
+    for number, text in iter_pieces(corpus, text_field, stats, dedup, max_document_chars):
+        if number != doc:
+            doc, score = number, split_score(text, seed)
+        yield {"text": text, "score": score, "doc": number}
 
 
-def _split_counts(ds) -> tuple[dict[str, Any], dict[int, int]]:
-    """Counts of one tokenized split (columns input_ids, chunk) and its {length: sequences} histogram."""
+def _split_counts(ds, documents: int) -> tuple[dict[str, Any], dict[int, int]]:
+    """Counts of one tokenized split (column input_ids) of ``documents`` documents, and its {length:
+    sequences} histogram."""
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]  # zero-copy view of the memory-mapped table
     if table.num_rows == 0:
         lengths = np.zeros(0, dtype=np.int64)
-        docs = 0
     else:
         lengths = pc.list_value_length(table["input_ids"]).to_numpy().astype(np.int64)
-        docs = int(pc.sum(pc.equal(table["chunk"], 0)).as_py())
     n = int(lengths.size)
     tokens = int(lengths.sum())
     hist = {int(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True), strict=True)}
     counts = {
-        "documents": docs,
+        "documents": documents,
         "sequences": n,
         "tokens": tokens,  # [CLS]/[SEP] included
         "document_tokens": tokens - 2 * n,
         "mean_length": round(tokens / n, 2) if n else 0.0,
     }
     return counts, hist
+
+
+@contextlib.contextmanager
+def _datasets_bars_off() -> Iterator[None]:
+    import datasets
+
+    were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
 
 
 def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) -> Path:
@@ -228,7 +260,8 @@ def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) ->
     import datasets
 
     say = log or (lambda msg: None)
-    corpus = Path(cfg.corpus).expanduser() if cfg.corpus is not None else bundled_corpus_path()
+    # resolved: the cache key, the manifest and the corpus summary do not depend on the working directory
+    corpus = (Path(cfg.corpus).expanduser() if cfg.corpus is not None else bundled_corpus_path()).resolve()
     files = corpus_files(corpus)
     tok = load_tokenizer(cfg.tokenizer)
     cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
@@ -251,105 +284,115 @@ def prepare_shards(cfg: DataConfig, log: Callable[[str], None] | None = None) ->
     num_proc = cfg.num_proc or os.cpu_count() or 1
     start = time.perf_counter()
     stats = CorpusStats()
-    with atomic_directory(out) as tmp:
-        work = tmp / ".work"  # datasets' intermediate Arrow files; deleted before the folder is published
-        features = datasets.Features({"text": datasets.Value("string"), "score": datasets.Value("float64")})
-        say(f"reading {corpus}")
-        bars_were_on = not datasets.are_progress_bars_disabled()
-        datasets.disable_progress_bars()  # its "Generating train split" bar would only confuse here
-        try:
-            # One process reads the corpus: dedup needs one set of digests over all files.
-            docs = datasets.Dataset.from_generator(
-                _documents,
-                gen_kwargs={"corpus": str(corpus), "text_field": cfg.text_field, "dedup": cfg.dedup,
-                            "seed": cfg.seed, "stats": stats},
-                features=features,
-                cache_dir=str(work),
-                fingerprint=f"docs-{key[:32]}",
-            )
-        except datasets.exceptions.DatasetGenerationError as err:
-            # Our own errors (no documents, missing corpus) arrive wrapped: raise them as they were.
-            if isinstance(err.__cause__, (ValueError, OSError)):
-                raise err.__cause__ from None
-            raise
-        finally:
-            if bars_were_on:
-                datasets.enable_progress_bars()
-        read_s = time.perf_counter() - start
-        say(f"read {stats.documents:,} documents ({stats.characters:,} characters) in {read_s:.1f} s")
+    # one build of these shards at a time; the lock lives beside them (the folder itself is renamed into place)
+    with writer_lock(out.parent / f".{out.name}.writer", "mosaic-embed data prepare", remove_empty=True):
+        if not cfg.force and _cached(out, key):  # built by another process since the check above
+            say(f"shards up to date (cache key {key[:16]}): reusing {out}")
+            return out
+        remove_temporaries(out.parent, out.name)  # what a killed build of these shards left
+        with atomic_directory(out) as tmp:
+            work = tmp / ".work"  # datasets' intermediate Arrow files; deleted before the folder is published
+            features = datasets.Features({"text": datasets.Value("string"), "score": datasets.Value("float64"),
+                                          "doc": datasets.Value("int64")})
+            say(f"reading {corpus}")
+            try:
+                # One process reads the corpus: dedup needs one set of digests over all files.
+                with _datasets_bars_off():  # its "Generating train split" bar would only confuse here
+                    docs = datasets.Dataset.from_generator(
+                        _documents,
+                        gen_kwargs={"corpus": str(corpus), "text_field": cfg.text_field, "dedup": cfg.dedup,
+                                    "seed": cfg.seed, "max_document_chars": cfg.max_document_chars, "stats": stats},
+                        features=features,
+                        cache_dir=str(work),
+                        fingerprint=f"docs-{key[:32]}",
+                        # rows buffered before each Arrow write: ~_WRITE_CHARS characters, whatever the documents
+                        writer_batch_size=max(1, min(1000, _WRITE_CHARS // cfg.max_document_chars)),
+                    )
+            except datasets.exceptions.DatasetGenerationError as err:
+                # Our own errors (no documents, missing corpus) arrive wrapped: raise them as they were.
+                if isinstance(err.__cause__, (ValueError, OSError)):
+                    raise err.__cause__ from None
+                raise
+            read_s = time.perf_counter() - start
+            split = f", {stats.split_documents:,} of them split into pieces" if stats.split_documents else ""
+            say(f"read {stats.documents:,} documents ({stats.characters:,} characters{split}) in {read_s:.1f} s")
 
-        scores = np.asarray(docs.with_format("numpy")["score"], dtype=np.float64)
-        n_val = validation_count(len(scores), cfg.validation_fraction)
-        if cfg.validation_fraction > 0 and n_val == 0:
-            say("only one document: the validation split is empty")
-        order = np.argsort(scores, kind="stable")
-        indices = {"validation": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+            columns = docs.with_format("numpy")
+            scores = np.asarray(columns["score"], dtype=np.float64)
+            numbers = np.asarray(columns["doc"], dtype=np.int64)
+            first = np.unique(numbers, return_index=True)[1]  # each document's first row (piece)
+            n_val = validation_count(len(first), cfg.validation_fraction)
+            if cfg.validation_fraction > 0 and n_val == 0:
+                say("only one document: the validation split is empty")
+            # the n_val documents of lowest score, with all their pieces
+            held_out = np.isin(numbers, numbers[first[np.argsort(scores[first], kind="stable")[:n_val]]])
+            indices = {"validation": np.flatnonzero(held_out), "train": np.flatnonzero(~held_out)}
 
-        out_features = datasets.Features(
-            {"input_ids": datasets.Sequence(datasets.Value("int32")), "chunk": datasets.Value("int32")}
-        )
-        fn_kwargs = {"tokenizer_json": tok.backend_tokenizer.to_str(), "max_seq_len": cfg.max_seq_len,
-                     "cls_id": cls_id, "sep_id": sep_id}
-        splits, counts, hists = {}, {}, {}
-        tok_start = time.perf_counter()
-        for name in SPLITS:
-            part = docs.select(indices[name])
-            if len(part) == 0:
-                tokenized = datasets.Dataset.from_dict({"input_ids": [], "chunk": []}, features=out_features)
-            else:
-                # More processes than batches only adds start-up cost (and tiny corpora stay in-process).
-                procs = max(1, min(num_proc, -(-len(part) // cfg.batch_size)))
-                tokenized = part.map(
-                    _tokenize_batch,
-                    batched=True,
-                    batch_size=cfg.batch_size,
-                    num_proc=procs if procs > 1 else None,
-                    remove_columns=["text", "score"],
-                    features=out_features,
-                    fn_kwargs=fn_kwargs,
-                    new_fingerprint=f"{name}-{key[:32]}",  # datasets caps fingerprints at 64 chars
-                    desc=f"tokenizing {name}",
-                )
-            counts[name], hists[name] = _split_counts(tokenized)
-            splits[name] = tokenized.remove_columns("chunk")
-        tokenize_s = time.perf_counter() - tok_start
+            out_features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+            fn_kwargs = {"tokenizer_json": tok.backend_tokenizer.to_str(), "max_seq_len": cfg.max_seq_len,
+                         "cls_id": cls_id, "sep_id": sep_id}
+            splits, counts, hists = {}, {}, {}
+            tok_start = time.perf_counter()
+            for name in SPLITS:
+                part = docs.select(indices[name])
+                if len(part) == 0:
+                    tokenized = datasets.Dataset.from_dict({"input_ids": []}, features=out_features)
+                else:
+                    # More processes than batches only adds start-up cost (and tiny corpora stay in-process).
+                    procs = max(1, min(num_proc, -(-len(part) // cfg.batch_size)))
+                    tokenized = part.map(
+                        _tokenize_batch,
+                        batched=True,
+                        batch_size=cfg.batch_size,
+                        num_proc=procs if procs > 1 else None,
+                        remove_columns=["text", "score", "doc"],
+                        features=out_features,
+                        fn_kwargs=fn_kwargs,
+                        new_fingerprint=f"{name}-{key[:32]}",  # datasets caps fingerprints at 64 chars
+                        desc=f"tokenizing {name}",
+                    )
+                counts[name], hists[name] = _split_counts(tokenized, len(np.unique(numbers[indices[name]])))
+                splits[name] = tokenized
+            tokenize_s = time.perf_counter() - tok_start
 
-        # An empty split must still be written as one (empty) shard: datasets cannot load a split of 0 shards.
-        empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
-        datasets.DatasetDict(splits).save_to_disk(str(tmp), num_shards={**dict.fromkeys(splits), **empty})
-        del docs, splits, part, tokenized
-        shutil.rmtree(work, ignore_errors=True)
-        tok.save_pretrained(str(tmp / "tokenizer"))
-        stats.save(tmp / "corpus_summary.json")
-        total_s = time.perf_counter() - start
-        write_manifest(
-            tmp,
-            STAGE,
-            config=cfg,
-            inputs={
-                "corpus": str(corpus.resolve()),
-                "corpus_files": len(files),
-                "corpus_files_fingerprint": sha256_json([_file_entry(p) for p in files]),
-                "tokenizer": cfg.tokenizer or "bert-base-uncased (bundled)",
-                "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-            },
-            outputs=counts,
-            timings={"read_s": round(read_s, 3), "tokenize_s": round(tokenize_s, 3), "total_s": round(total_s, 3)},
-            cache_key=key,
-            format=SHARDS_FORMAT,
-            max_seq_len=cfg.max_seq_len,
-            num_proc=num_proc,
-            tokenizer_info={
-                "vocab_size": len(tok),
-                "padded_vocab_size": padded_vocab_size(tok),
-                "special_token_ids": {
-                    "pad": tok.pad_token_id, "unk": tok.unk_token_id, "cls": cls_id, "sep": sep_id,
-                    "mask": tok.mask_token_id,
+            # An empty split must still be written as one (empty) shard: datasets cannot load a split of 0 shards.
+            empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
+            with _datasets_bars_off():  # one "Saving the dataset" bar per split: the tokenizing bars suffice
+                datasets.DatasetDict(splits).save_to_disk(str(tmp), num_shards={**dict.fromkeys(splits), **empty})
+            del docs, splits, part, tokenized
+            shutil.rmtree(work, ignore_errors=True)
+            tok.save_pretrained(str(tmp / "tokenizer"))
+            stats.save(tmp / "corpus_summary.json")
+            total_s = time.perf_counter() - start
+            write_manifest(
+                tmp,
+                STAGE,
+                config=cfg,
+                inputs={
+                    "corpus": str(corpus.resolve()),
+                    "corpus_files": len(files),
+                    "corpus_files_fingerprint": sha256_json([_file_entry(p) for p in files]),
+                    "tokenizer": str(Path(cfg.tokenizer).expanduser().resolve())
+                    if cfg.tokenizer and cfg.tokenizer != BUNDLED_NAME else f"{BUNDLED_NAME} (bundled)",
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tok),
                 },
-            },
-            length_histogram={name: {str(k): v for k, v in hists[name].items()} for name in SPLITS},
-            corpus_summary=stats.to_dict(),
-        )
+                outputs=counts,
+                timings={"read_s": round(read_s, 3), "tokenize_s": round(tokenize_s, 3), "total_s": round(total_s, 3)},
+                cache_key=key,
+                format=SHARDS_FORMAT,
+                max_seq_len=cfg.max_seq_len,
+                num_proc=num_proc,
+                tokenizer_info={
+                    "vocab_size": len(tok),
+                    "padded_vocab_size": padded_vocab_size(tok),
+                    "special_token_ids": {
+                        "pad": tok.pad_token_id, "unk": tok.unk_token_id, "cls": cls_id, "sep": sep_id,
+                        "mask": tok.mask_token_id,
+                    },
+                },
+                length_histogram={name: {str(k): v for k, v in hists[name].items()} for name in SPLITS},
+                corpus_summary=stats.to_dict(),
+            )
     say(f"wrote {out} in {total_s:.1f} s")
     return out
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_directory, write_manifest
-from .corpus import CorpusStats, corpus_files, iter_documents
+from .corpus import MAX_DOCUMENT_CHARS, CorpusStats, corpus_files, iter_documents
 
 #: The bert-base-uncased WordPiece vocabulary (Apache-2.0; see resources/README.md).
 BUNDLED_VOCAB = Path(__file__).resolve().parent.parent / "resources" / "bert-base-uncased-vocab.txt"
@@ -195,11 +195,13 @@ def train_tokenizer(
     limit_alphabet: int = 1000,
     pad_multiple: int = 64,
     dedup: bool = True,
+    max_document_chars: int = MAX_DOCUMENT_CHARS,
     stats: CorpusStats | None = None,
 ) -> Path:
     """Train a BERT-style WordPiece tokenizer on a corpus and save it (atomically) as an HF tokenizer folder.
 
-    The corpus is streamed (:func:`~mosaic_embed.data.corpus.iter_documents`) into the Rust trainer.
+    The corpus is streamed (:func:`~mosaic_embed.data.corpus.iter_documents`, documents longer than
+    ``max_document_chars`` in pieces) into the Rust trainer.
     The learned vocabulary has at most ``vocab_size`` entries, the five special tokens first
     ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4); ``[unusedN]`` entries then pad it so that
     ``len(tokenizer)`` is a multiple of ``pad_multiple`` (module docstring).
@@ -220,6 +222,7 @@ def train_tokenizer(
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
     out_dir = Path(out_dir)
+    corpus = Path(corpus).expanduser().resolve()  # the summary and manifest name it from any directory
     stats = stats if stats is not None else CorpusStats()
     files = corpus_files(corpus)  # raises FileNotFoundError naming the corpus before any work
     start = time.perf_counter()
@@ -242,7 +245,8 @@ def train_tokenizer(
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    docs = iter_documents(corpus, text_field=text_field, stats=stats, dedup=dedup)
+    docs = iter_documents(corpus, text_field=text_field, stats=stats, dedup=dedup,
+                          max_document_chars=max_document_chars)
     backend.train_from_iterator(_batches(docs, _TRAIN_BATCH), trainer=trainer)
     learned = backend.get_vocab_size(with_added_tokens=True)
     added = _pad_vocabulary(backend, pad_multiple)
@@ -259,6 +263,7 @@ def train_tokenizer(
         "limit_alphabet": limit_alphabet,
         "pad_multiple": pad_multiple,
         "dedup": dedup,
+        "max_document_chars": max_document_chars,
     }
     with atomic_directory(out_dir) as tmp:
         tok.save_pretrained(tmp)
@@ -266,7 +271,7 @@ def train_tokenizer(
             tmp,
             "tokenizer",
             config=settings,
-            inputs={"corpus": str(Path(corpus).resolve()), "corpus_files": len(files)},
+            inputs={"corpus": str(corpus), "corpus_files": len(files)},
             outputs={
                 "vocab_size": len(tok),
                 "learned_vocab_size": learned,

@@ -13,6 +13,7 @@ error naming the record it came from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -23,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import atomic_write_json, read_json, sha256_file, sha256_json, write_manifest, writer_lock
+from ..artifacts import (
+    atomic_write_json,
+    read_json,
+    remove_temporaries,
+    sha256_file,
+    sha256_json,
+    write_manifest,
+    writer_lock,
+)
 from ..config import EmbedConfig
 from ..data.corpus import iter_lines, parse_json_object
 from ..runtime import dist_state
@@ -122,8 +131,6 @@ def embed_file(cfg: EmbedConfig, show_progress: bool = True) -> Path:
     Re-running with the same config after an interruption skips the windows already written; an existing
     folder made from another input, encoder or settings is an error.
     """
-    from tqdm.auto import tqdm
-
     out = Path(cfg.out)
     if not Path(cfg.input).is_file():
         raise FileNotFoundError(f"input not found: {cfg.input}")
@@ -134,56 +141,65 @@ def embed_file(cfg: EmbedConfig, show_progress: bool = True) -> Path:
     t_loaded = time.perf_counter()
 
     created = not out.exists()
-    lock = writer_lock(out, "mosaic-embed embed") if rank == 0 else None
     try:
-        if lock is not None:
-            lock.__enter__()
-        if rank == 0:
-            settings = embed_settings(cfg, encoder, sha256_file(cfg.input))
-            key = sha256_json(settings)
-            state_path = out / STATE
-            state = read_json(state_path) if state_path.is_file() else None
-            if state is not None and state.get("key") != key:
-                raise ValueError(f"{out} holds embeddings made {_difference(state, settings)}; "
-                                 "use a new --out or delete it")
-            if state is None or not (out / EMBEDDINGS).is_file() or not (out / IDS).is_file():
-                n = _count_and_write_ids(cfg, out)
-                np.lib.format.open_memmap(out / EMBEDDINGS, mode="w+", dtype=cfg.dtype,
-                                          shape=(n, encoder.dim)).flush()
-                (out / PROGRESS_DIR).mkdir(exist_ok=True)
-                for stale in (out / PROGRESS_DIR).glob("rank-*.json"):
-                    stale.unlink()
-                atomic_write_json(state_path, {"key": key, "n": n, "complete": False, **settings})
-        state_dist.wait_for_everyone()
-        n_tokens, t_first = _embed_windows(cfg, encoder, out, rank, world, show_progress, tqdm)
-        state_dist.wait_for_everyone()
-        if rank == 0:
-            state = read_json(out / STATE)
-            n = state["n"]
-            missing = set(range((n + cfg.window - 1) // cfg.window)) - _done_windows(out)
-            if missing:
-                raise RuntimeError(f"embed: windows {sorted(missing)[:5]}... were not written; re-run to resume")
-            state["complete"] = True
-            atomic_write_json(out / STATE, state)
-            write_manifest(
-                out, "embed", cfg,
-                inputs={"input": str(Path(cfg.input).resolve()), "input_sha256": state["input_sha256"],
-                        "model": str(Path(cfg.model).resolve())},
-                outputs={"embeddings": EMBEDDINGS, "ids": IDS, "shape": [n, encoder.dim], "dtype": cfg.dtype},
-                timings={"total_s": time.perf_counter() - t_start, "load_s": t_loaded - t_start,
-                         "first_window_after_load_s": (t_first - t_loaded) if t_first else None,
-                         "real_tokens_rank0": n_tokens},
-                encoder=state["encoder"], path=encoder.path_used, world_size=world,
-            )
-    except BaseException:
-        if rank == 0 and created and not (out / STATE).is_file():
-            shutil.rmtree(out, ignore_errors=True)  # a bad input leaves no output folder behind
-        raise
+        # a second writer stops here, before it reads or removes anything of the folder
+        with writer_lock(out, "mosaic-embed embed") if rank == 0 else contextlib.nullcontext():
+            try:
+                _embed_locked(cfg, encoder, out, rank, world, state_dist, show_progress, t_start, t_loaded)
+            except BaseException:
+                if rank == 0 and created and not (out / STATE).is_file():
+                    shutil.rmtree(out, ignore_errors=True)  # a bad input leaves no output folder behind
+                raise
     finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
         if world > 1:
             state_dist.destroy_process_group()
+    return out
+
+
+def _embed_locked(cfg: EmbedConfig, encoder: Encoder, out: Path, rank: int, world: int, state_dist: Any,
+                  show_progress: bool, t_start: float, t_loaded: float) -> None:
+    """The body of :func:`embed_file`, run while rank 0 holds the folder's lock."""
+    from tqdm.auto import tqdm
+
+    if rank == 0:
+        remove_temporaries(out)  # of a killed writer: the lock is ours
+        remove_temporaries(out / PROGRESS_DIR)
+        settings = embed_settings(cfg, encoder, sha256_file(cfg.input))
+        key = sha256_json(settings)
+        state_path = out / STATE
+        state = read_json(state_path) if state_path.is_file() else None
+        if state is not None and state.get("key") != key:
+            raise ValueError(f"{out} holds embeddings made {_difference(state, settings)}; "
+                             "use a new --out or delete it")
+        if state is None or not (out / EMBEDDINGS).is_file() or not (out / IDS).is_file():
+            n = _count_and_write_ids(cfg, out)
+            np.lib.format.open_memmap(out / EMBEDDINGS, mode="w+", dtype=cfg.dtype,
+                                      shape=(n, encoder.dim)).flush()
+            (out / PROGRESS_DIR).mkdir(exist_ok=True)
+            for stale in (out / PROGRESS_DIR).glob("rank-*.json"):
+                stale.unlink()
+            atomic_write_json(state_path, {"key": key, "n": n, "complete": False, **settings})
+    state_dist.wait_for_everyone()
+    n_tokens, t_first = _embed_windows(cfg, encoder, out, rank, world, show_progress, tqdm)
+    state_dist.wait_for_everyone()
+    if rank == 0:
+        state = read_json(out / STATE)
+        n = state["n"]
+        missing = set(range((n + cfg.window - 1) // cfg.window)) - _done_windows(out)
+        if missing:
+            raise RuntimeError(f"embed: windows {sorted(missing)[:5]}... were not written; re-run to resume")
+        state["complete"] = True
+        atomic_write_json(out / STATE, state)
+        write_manifest(
+            out, "embed", cfg,
+            inputs={"input": str(Path(cfg.input).resolve()), "input_sha256": state["input_sha256"],
+                    "model": str(Path(cfg.model).resolve())},
+            outputs={"embeddings": EMBEDDINGS, "ids": IDS, "shape": [n, encoder.dim], "dtype": cfg.dtype},
+            timings={"total_s": time.perf_counter() - t_start, "load_s": t_loaded - t_start,
+                     "first_window_after_load_s": (t_first - t_loaded) if t_first else None,
+                     "real_tokens_rank0": n_tokens},
+            encoder=state["encoder"], path=encoder.path_used, world_size=world,
+        )
     return out
 
 

@@ -36,7 +36,7 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
     """
     from sentence_transformers import SentenceTransformer, models
 
-    import mosaic_embed.model  # noqa: F401  (registers MosaicBERT with the Auto classes)
+    from ..model.loading import switching_heads  # (also registers MosaicBERT with the Auto classes)
 
     backbone = Path(backbone)
     if (backbone / "modules.json").is_file():
@@ -45,7 +45,8 @@ def build_encoder(backbone: str | Path, pooling: str = "mean", normalize: bool =
         return model.float()  # fp32 master weights (a folder saved in fp16, e.g. a teacher, loads as fp16)
     if not (backbone / "config.json").is_file():
         raise FileNotFoundError(f"{backbone}: no config.json (expected a saved model folder such as runs/NAME/final)")
-    transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
+    with switching_heads():  # a pretraining run's MLM head (or a classifier's) is left behind: expected
+        transformer = models.Transformer(str(backbone), max_seq_length=max_seq_len)
     get_dim = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
     modules = [transformer, models.Pooling(get_dim(), pooling_mode=pooling)]
     if normalize:
@@ -58,7 +59,7 @@ def load_sentence_transformer(path: str | Path, device: torch.device | str = "cp
     pooling). A missing folder, or one that holds no model, is an error naming it."""
     from sentence_transformers import SentenceTransformer
 
-    import mosaic_embed.model  # noqa: F401  (registers MosaicBERT with the Auto classes)
+    from ..model.loading import switching_heads  # (also registers MosaicBERT with the Auto classes)
 
     path = Path(path)
     if not path.exists():
@@ -67,7 +68,8 @@ def load_sentence_transformer(path: str | Path, device: torch.device | str = "cp
         # else transformers says "Unrecognized model ... should have a `model_type` key", about a missing file
         raise FileNotFoundError(f"{path}: not an encoder folder (no modules.json or config.json); give a "
                                 "train-encoder output or a saved model folder")
-    return SentenceTransformer(str(path), device=str(device))
+    with switching_heads():  # a bare pretraining or classifier folder leaves its head behind: expected
+        return SentenceTransformer(str(path), device=str(device))
 
 
 # ----------------------------------------------------------------------------------------------------------

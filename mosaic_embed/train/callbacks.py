@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from ..artifacts import atomic_write_text
+
 
 def _fmt_rate(x: float) -> str:
     for unit, div in (("M", 1e6), ("k", 1e3)):
@@ -25,9 +27,14 @@ def _fmt_rate(x: float) -> str:
 
 
 class ProgressCallback(TrainerCallback):
-    """A tqdm bar over optimizer steps (tqdm's ETA) whose postfix shows loss, tokens/s and MFU of the last log."""
+    """A tqdm bar over optimizer steps (tqdm's ETA) whose postfix shows loss, tokens/s and MFU of the last log.
 
-    def __init__(self, peak_note: str | None = None) -> None:
+    It replaces transformers' own bar and printer callbacks, which print every log as a raw dictionary.
+    """
+
+    def __init__(self, desc: str = "pretrain", peak_note: str | None = None) -> None:
+        self.desc = desc
+        self.peak_note = peak_note  # what the MFU is measured against (runtime.peak_flops), said once
         self.bar: tqdm | None = None
         self.peak_note = peak_note  # what the MFU is measured against (runtime.peak_flops), said once
 
@@ -35,7 +42,7 @@ class ProgressCallback(TrainerCallback):
         if state.is_world_process_zero:
             if self.peak_note:
                 tqdm.write(f"MFU = 6 x parameters x real tokens/s over {self.peak_note}")
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="pretrain", unit="step",
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
                             dynamic_ncols=True)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -67,21 +74,31 @@ class ProgressCallback(TrainerCallback):
 class JsonlMetricsCallback(TrainerCallback):
     """Appends every log (training and validation) to ``path`` as one JSON object per line, with its step.
 
-    On resume the file is first cut back to the checkpoint's step, so the file holds one consistent curve.
+    At the start the file is cut back to the logs the run continues from, one line per entry of the
+    trainer's log history: on resume, the checkpoint's (not the logs a killed or finished run made after
+    it, such as a final validation); on a fresh run, none (a run killed before its first checkpoint leaves
+    lines no run continues). A line torn by a kill is dropped. So the file holds one consistent curve.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.resume_step = resume_step
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if not self.path.exists():
+            return
+        keep, kept = len(state.log_history), []
+        for line in self.path.read_text(encoding="utf-8").splitlines() if keep else ():
+            try:
+                json.loads(line)
+            except ValueError:
+                continue  # torn by a kill mid-write
+            kept.append(line)
+            if len(kept) == keep:
+                break
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -24,15 +24,18 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
-from ..artifacts import atomic_directory, write_manifest, writer_lock
+from ..artifacts import atomic_directory, remove_temporaries, write_manifest, writer_lock
 from ..config import ContrastiveConfig
 from ..encode import build_encoder, save_encoder
 from ..runtime import dist_state, resolve_device, resolve_precision
+from .callbacks import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +45,23 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_loss(model: Any, cfg: ContrastiveConfig):
-    """The ranking loss of ``cfg.loss``, wrapped in MatryoshkaLoss when ``cfg.matryoshka_dims`` is set."""
+class NothingLearnedError(RuntimeError):
+    """Training ran but could not learn (loss exactly 0 at every step): no encoder is written."""
+
+
+def make_loss(model: Any, cfg: ContrastiveConfig, world: int = 1):
+    """The ranking loss of ``cfg.loss``, wrapped in MatryoshkaLoss when ``cfg.matryoshka_dims`` is set. In-batch
+    negatives are gathered across ranks only when there are several (``world`` from ``runtime.dist_state``),
+    so a single process neither gathers nor warns that it cannot."""
     from sentence_transformers import losses
 
+    gather = cfg.gather_across_devices and world > 1
     if cfg.loss == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(
-            model, scale=cfg.scale, mini_batch_size=cfg.mini_batch_size,
-            gather_across_devices=cfg.gather_across_devices,
+            model, scale=cfg.scale, mini_batch_size=cfg.mini_batch_size, gather_across_devices=gather,
         )
     else:
-        loss = losses.MultipleNegativesRankingLoss(model, scale=cfg.scale,
-                                                   gather_across_devices=cfg.gather_across_devices)
+        loss = losses.MultipleNegativesRankingLoss(model, scale=cfg.scale, gather_across_devices=gather)
     if cfg.matryoshka_dims:
         return losses.MatryoshkaLoss(model, loss, matryoshka_dims=matryoshka_dims(model, cfg.matryoshka_dims))
     return loss
@@ -110,10 +118,12 @@ def teacher_folder(cfg: ContrastiveConfig) -> str:
                      "encoder; give --teacher (a sentence-transformers folder)")
 
 
-def _prepare_pairs(cfg: ContrastiveConfig) -> tuple[Any, Any, dict[str, Any]]:
+def _prepare_pairs(cfg: ContrastiveConfig, world: int = 1, say: Callable[[str], None] = lambda _msg: None
+                   ) -> tuple[Any, Any, dict[str, Any]]:
     """(training pairs, evaluator or None, what was done to them) for ``cfg``: read or mine the pairs, hold out
-    the evaluation slice, then apply the teacher (consistency filter, hard negatives)."""
-    from ..data.pairs import add_hard_negatives, load_pairs, teacher_filter
+    the evaluation slice, refuse pairs that cannot teach (``data.pairs.check_teachable``; its warnings go to
+    ``say``), then apply the teacher (consistency filter, hard negatives)."""
+    from ..data.pairs import add_hard_negatives, check_teachable, load_pairs, teacher_filter
 
     dataset = load_pairs(cfg.pairs, corpus=cfg.corpus, strategy=cfg.mining, max_pairs=cfg.max_pairs,
                          seed=cfg.seed, beir_split=cfg.beir_split, text_field=cfg.text_field)
@@ -126,6 +136,10 @@ def _prepare_pairs(cfg: ContrastiveConfig) -> tuple[Any, Any, dict[str, Any]]:
         info["n_pairs_held_out"] = len(split["test"])
     elif cfg.eval_beir:
         evaluator = _ir_evaluator_from_beir(cfg.eval_beir, cfg.eval_split, cfg)
+    source = f"pairs mined from {cfg.corpus}" if str(cfg.pairs) == "auto" else str(cfg.pairs)
+    simcse = str(cfg.pairs) == "auto" and cfg.mining == "simcse"
+    for warning in check_teachable(dataset, source, cfg.batch_size * world, dropout_views=simcse):
+        say(f"warning: {warning}")
     if cfg.teacher_filter or cfg.hard_negatives:
         from ..config import EncodeConfig
         from ..encode import Encoder
@@ -147,6 +161,32 @@ def _prepare_pairs(cfg: ContrastiveConfig) -> tuple[Any, Any, dict[str, Any]]:
     return dataset, evaluator, info
 
 
+class _LossLog(TrainerCallback):
+    """Keeps the logged training losses and gradient norms: the run's summary, and the proof it learned."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+            if logs.get("grad_norm") is not None:
+                self.grad_norms.append(float(logs["grad_norm"]))
+
+
+def check_learned(training_loss: float, grad_norms: list[float], steps: int) -> None:
+    """A ranking loss is exactly 0 only when no batch held a negative (a batch of one pair): the gradient is
+    zero and the weights never moved. Raise :class:`NothingLearnedError` instead of saving that encoder."""
+    if steps > 0 and training_loss == 0.0 and all(g == 0.0 for g in grad_norms):
+        raise NothingLearnedError(
+            f"train-encoder: the loss was exactly 0 at every one of {steps} steps"
+            + (" with a zero gradient norm" if grad_norms else "")
+            + ": no batch held two pairs that share no text, so there were no negatives to learn from and "
+            "the weights did not change. No encoder was written; give pairs with more distinct texts."
+        )
+
+
 def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     """The evaluations run during training (step and the evaluator's nDCG@10 / recall@100 / MRR@10)."""
     rows = []
@@ -158,9 +198,16 @@ def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     return rows
 
 
-def train_encoder(cfg: ContrastiveConfig) -> Path:
-    """Train and save the encoder; returns ``cfg.out``. Writes ``manifest.json`` with the final metrics."""
+def train_encoder(cfg: ContrastiveConfig, log: Callable[[str], None] | None = None) -> Path:
+    """Train and save the encoder; returns ``cfg.out``. Writes ``manifest.json`` with the final metrics.
+
+    Pairs that cannot teach are refused before training (``data.pairs.check_teachable``), a run whose loss
+    stayed exactly 0 is refused before saving (:class:`NothingLearnedError`). ``log`` (the main process
+    only) receives warnings about the pairs and the run's summary; the progress is one bar.
+    """
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgressCallback
     try:
         from sentence_transformers.base.sampler import BatchSamplers
     except ImportError:  # older ST layouts
@@ -170,10 +217,13 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
         raise ValueError("train-encoder: no backbone given (--model runs/NAME/final)")
     if not cfg.pairs:
         raise ValueError("train-encoder: no pairs given (--pairs PATH|auto)")
+    state = dist_state()
+    world = state.num_processes
+    say = log if (log is not None and state.is_main_process) else (lambda _msg: None)
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dataset, evaluator, pair_info = _prepare_pairs(cfg)
+    dataset, evaluator, pair_info = _prepare_pairs(cfg, world, say)
     t_data = time.perf_counter() - t0
 
     model = build_encoder(cfg.model, cfg.pooling, cfg.normalize, cfg.max_seq_len)
@@ -182,20 +232,20 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
         model.prompts = {**model.prompts, "query": cfg.query_prompt, "document": cfg.document_prompt}
         # column -> prompt for the trainer: the anchor is the query, every other column a document
         prompts = {c: (cfg.query_prompt if c == "anchor" else cfg.document_prompt) for c in dataset.column_names}
-    loss = make_loss(model, cfg)
+    loss = make_loss(model, cfg, world)
     device = resolve_device("auto")
     cuda = device.type == "cuda"
     bf16 = resolve_precision(cfg.precision, device) == torch.bfloat16
     out = Path(cfg.out)
-    work = out.parent / f".{out.name}.trainer"
-    state = dist_state()
-    world = state.num_processes
+    work = out.parent / f".{out.name}.trainer"  # the trainer's scratch folder, and the lock of this output
     evaluate_during = evaluator is not None and cfg.eval_steps > 0
     with contextlib.ExitStack() as stack:
         if state.is_main_process:  # one writer of this output at a time
-            stack.enter_context(writer_lock(work, "mosaic-embed train-encoder"))
+            stack.enter_context(writer_lock(work, "mosaic-embed train-encoder", remove_empty=True))
+            stack.callback(shutil.rmtree, work / "trainer", ignore_errors=True)  # success or not, before unlocking
+            remove_temporaries(out.parent, out.name)  # a killed run's half-written output folder
         args = SentenceTransformerTrainingArguments(
-            output_dir=str(work),
+            output_dir=str(work / "trainer"),
             per_device_train_batch_size=cfg.batch_size,
             num_train_epochs=cfg.epochs,
             max_steps=cfg.max_steps,
@@ -216,35 +266,46 @@ def train_encoder(cfg: ContrastiveConfig) -> Path:
             eval_steps=cfg.eval_steps if evaluate_during else None,
             prompts=prompts or None,
             report_to="none",
-            disable_tqdm=False,
+            disable_tqdm=True,  # our one bar (ProgressCallback) instead of tqdm plus printed log dicts
         )
+        losses = _LossLog()
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                             evaluator=evaluator)
+                                             evaluator=evaluator, callbacks=[ProgressCallback("train-encoder"),
+                                                                             losses])
+        for cb in (PrinterCallback, HFProgressCallback):
+            trainer.remove_callback(cb)
         t1 = time.perf_counter()
         train_out = trainer.train()
         t_train = time.perf_counter() - t1
+        steps = int(train_out.global_step)
+        check_learned(float(train_out.training_loss), losses.grad_norms, steps)
         metrics: dict[str, float] = {}
         main_process = trainer.is_world_process_zero()
         if evaluator is not None and main_process:
             metrics = {k: float(v) for k, v in evaluator(model).items()}
-            logger.warning("train-encoder: %s", {k: round(v, 4) for k, v in metrics.items() if "ndcg" in k})
+        curve = f"loss {losses.losses[0]:.4f} -> {losses.losses[-1]:.4f}" if losses.losses else \
+            f"mean loss {train_out.training_loss:.4f}"
+        say(f"train-encoder: {steps} steps on {len(dataset):,} pairs in {t_train:.1f} s, {curve}"
+            + "".join(f", {k} {v:.4f}" for k, v in metrics.items() if "ndcg@10" in k))
         if main_process:
             with atomic_directory(out) as tmp:
                 save_encoder(model, tmp)
                 write_manifest(
                     tmp, "train-encoder", cfg,
-                    inputs={"model": str(cfg.model), "pairs": str(cfg.pairs), "corpus": cfg.corpus,
+                    inputs={"model": str(Path(cfg.model).resolve()),
+                            "pairs": "auto" if str(cfg.pairs) == "auto" else str(Path(cfg.pairs).resolve()),
+                            "corpus": str(Path(cfg.corpus).resolve()) if cfg.corpus else None,
+                            "eval_beir": str(Path(cfg.eval_beir).resolve()) if cfg.eval_beir else None,
                             "teacher": pair_info.get("teacher", {}).get("path")},
                     outputs={"n_pairs": len(dataset), "columns": dataset.column_names,
-                             "train_loss": float(train_out.training_loss), "steps": int(train_out.global_step),
-                             "prompts": dict(model.prompts), "pairs": pair_info,
+                             "train_loss": float(train_out.training_loss), "steps": steps,
+                             "logged_losses": losses.losses, "prompts": dict(model.prompts), "pairs": pair_info,
                              "matryoshka_dims": matryoshka_dims(model, cfg.matryoshka_dims)
                              if cfg.matryoshka_dims else None},
                     timings={"data_s": t_data, "train_s": t_train, "total_s": time.perf_counter() - t0},
                     metrics=metrics, eval_history=_eval_history(trainer.state.log_history),
                     world_size=trainer.args.world_size,
-                    gathered_negatives=bool(cfg.gather_across_devices and trainer.args.world_size > 1),
+                    gathered_negatives=bool(cfg.gather_across_devices and world > 1),
                     gpu_minutes=((t_train + t_data) / 60 * trainer.args.world_size) if cuda else 0.0,
                 )
-            shutil.rmtree(work, ignore_errors=True)
     return out

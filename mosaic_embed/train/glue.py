@@ -37,8 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import atomic_directory, atomic_write_json, atomic_write_text, read_json, write_manifest
-from ..config import ConfigError, CustomTaskConfig, GlueConfig, GlueTaskHParams, save_config, to_dict
+from ..artifacts import (
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    remove_temporaries,
+    write_manifest,
+    writer_lock,
+)
+from ..config import GlueConfig, GlueTaskHParams, save_config, to_dict
 from ..data import packing
 from ..data.glue import GLUE_TASKS, Examples, TaskData, load_custom_task, load_glue_task, resolve_tasks
 from ..runtime import WarmupLinearDecay, autocast, resolve_device, resolve_precision
@@ -83,12 +91,13 @@ def load_classifier(model_dir: str | Path, num_labels: int, backbone_from: str |
     """
     import transformers
 
-    import mosaic_embed  # noqa: F401  (registers MosaicBERT with the Auto classes)
+    from ..model.loading import switching_heads  # (also registers MosaicBERT with the Auto classes)
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder not found")
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+    with switching_heads():  # the MLM head stays behind, pooler and classifier start new: expected
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
     if backbone_from is None:
         return model
     donor = transformers.AutoModelForSequenceClassification.from_pretrained(str(backbone_from))
@@ -119,7 +128,7 @@ def pretraining_meta(model_dir: str | Path) -> dict[str, Any]:
         data = read_json(cm)
         if "wall_clock_s" not in data:
             raise ValueError(f"{cm}: no 'wall_clock_s' field")
-        meta.update({k: data.get(k) for k in ("wall_clock_s", "step", "tokens_seen")}, source=str(cm))
+        meta.update({k: data.get(k) for k in ("wall_clock_s", "step", "tokens_seen")}, source=str(cm.resolve()))
         return meta
     mf = model_dir / "manifest.json"
     if mf.is_file():
@@ -138,7 +147,7 @@ def pretraining_meta(model_dir: str | Path) -> dict[str, Any]:
             if isinstance(pool.get("tokens_seen"), int) and meta["tokens_seen"] is None:
                 meta["tokens_seen"] = pool["tokens_seen"]
         if meta["wall_clock_s"] is not None:
-            meta["source"] = str(mf)
+            meta["source"] = str(mf.resolve())
     return meta
 
 
@@ -353,7 +362,6 @@ def finetune_one(
         with atomic_directory(save_to) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        result["saved"] = str(save_to)
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -380,11 +388,17 @@ def load_tasks(cfg: GlueConfig) -> list[TaskData]:
     return tasks
 
 
-def evaluate_model(model_dir: str | Path, cfg: GlueConfig, out: Path, tasks: list[TaskData]) -> dict[str, Any]:
-    """Finetune + evaluate ``model_dir`` on every task and seed; returns one result point (see module doc)."""
+def evaluate_model(model_dir: str | Path, cfg: GlueConfig, out: Path, tasks: list[TaskData],
+                   run_dir: Path | None = None) -> dict[str, Any]:
+    """Finetune + evaluate ``model_dir`` on every task and seed; returns one result point (see module doc).
+
+    Paths in the point: the model resolved; saved models relative to ``run_dir`` (default ``out``), the
+    folder the results are written to, so that the folder can move.
+    """
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).resolve()
+    run_dir = Path(run_dir if run_dir is not None else out)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     point: dict[str, Any] = {"model": str(model_dir), "pretrain": pretraining_meta(model_dir), "tasks": {}}
     mnli_model: Path | None = None
@@ -408,6 +422,8 @@ def evaluate_model(model_dir: str | Path, cfg: GlueConfig, out: Path, tasks: lis
                      "from MNLI" if from_mnli and mnli_model else "from pretrained")
             r = finetune_one(model_dir, task, hp, seed, cfg, tokenizer, encoded,
                              backbone_from=mnli_model if from_mnli else None, save_to=save_to)
+            if save_to is not None:  # relative to the results folder, which may move
+                r["saved"] = save_to.resolve().relative_to(run_dir.resolve()).as_posix()
             log.info("%s seed %d: %s", spec.name, seed, json.dumps(r["metrics"]))
             runs.append(r)
             if keep:
@@ -495,26 +511,33 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
     """
     out = Path(cfg.out)
     models = find_checkpoints(cfg.checkpoints) if cfg.checkpoints else [Path(cfg.model)]
-    models = [check_model_dir(m) for m in models]
+    # resolved: results and manifest name the models wherever they are read from
+    models = [check_model_dir(m).resolve() for m in models]
     resolve_precision(cfg.precision, resolve_device(cfg.device))  # an impossible precision fails before any output
     tasks = load_tasks(cfg)  # load (and validate) every file before the first finetuning step
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    t0 = time.perf_counter()
-    results: dict[str, Any] = {
-        "kind": RESULTS_KIND,
-        "run": _run_name(models[0]) if cfg.checkpoints else models[0].name,
-        "points": [],
-    }
-    for m in models:
-        sub = out / m.name if cfg.checkpoints else out
-        log.info("evaluating %s", m)
-        point = evaluate_model(m, cfg, sub, tasks)
-        results["points"].append(point)
-        _write_results(out, results)  # after every point: a long Pareto sweep keeps what it has done
-    write_manifest(out, "glue", cfg, inputs={"models": [str(m) for m in models]},
-                   outputs={"results": "results.json", "table": "results.md"},
-                   timings={"total_s": time.perf_counter() - t0})
+    with writer_lock(out, "mosaic-embed glue"):  # one writer per output folder
+        remove_temporaries(out)
+        save_config(cfg, out / "config.yaml")
+        t0 = time.perf_counter()
+        results: dict[str, Any] = {
+            "kind": RESULTS_KIND,
+            "run": _run_name(models[0]) if cfg.checkpoints else models[0].name,
+            "points": [],
+        }
+        for m in models:
+            sub = out / m.name if cfg.checkpoints else out
+            log.info("evaluating %s", m)
+            point = evaluate_model(m, cfg, sub, tasks, run_dir=out)
+            results["points"].append(point)
+            _write_results(out, results)  # after every point: a long Pareto sweep keeps what it has done
+        write_manifest(out, "glue", cfg,
+                       inputs={"models": [str(m) for m in models],
+                               "checkpoints": str(Path(cfg.checkpoints).expanduser().absolute())
+                               if cfg.checkpoints else None,
+                               "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+                               "custom_tasks": [str(Path(ct.path).resolve()) for ct in cfg.custom_tasks]},
+                       outputs={"results": "results.json", "table": "results.md"},
+                       timings={"total_s": time.perf_counter() - t0})
     return results
 
 
@@ -565,10 +588,3 @@ def markdown_table(results: dict[str, Any]) -> str:
         "accuracy otherwise (the MosaicBERT reference code's rule).", "",
     ]
     return "\n".join(lines)
-
-
-def custom_task_from_cli(task_dir: str | Path, num_labels: int | None, metrics: Sequence[str]) -> CustomTaskConfig:
-    """The ``--task-dir DIR --num-labels N [--metric M]`` flags as a :class:`CustomTaskConfig`."""
-    if num_labels is None:
-        raise ConfigError("--task-dir needs --num-labels N (1 = regression)")
-    return CustomTaskConfig(path=Path(task_dir), num_labels=num_labels, metrics=list(metrics))

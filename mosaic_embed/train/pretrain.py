@@ -41,11 +41,12 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..artifacts import atomic_write_json, read_manifest, write_manifest, writer_lock
+from ..artifacts import atomic_write_json, read_manifest, remove_temporaries, write_manifest, writer_lock
 from ..config import ConfigError, PretrainConfig, PretrainModelConfig, save_config
 from ..data.mlm import (
     IGNORE_INDEX,
@@ -289,7 +290,7 @@ class MLMTrainer(Trainer):
         self._excluded_s = 0.0  # validation + checkpoint writing time of this segment
         self._window_start = 0.0
         self._window_excluded = 0.0
-        self.last_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = dict(meta.get("last_eval") or {})  # a resumed run's, from its checkpoint
 
     # ---- clocks and counters -------------------------------------------------------------------------
 
@@ -455,6 +456,19 @@ class MLMTrainer(Trainer):
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
+    def take_final_checkpoint(self, checkpoint: Path) -> None:
+        """Resume from a checkpoint of the run's last step: its weights and state, and no training.
+        ``Trainer.train`` would train one step past ``max_steps`` from there (it skips the trained batches,
+        then steps once before it checks the limit). The callbacks see a training of no steps, so the metrics
+        file is cut back to the checkpoint's logs."""
+        if self.is_fsdp_enabled:  # FSDP loads weights into the wrapped model inside Trainer.train only
+            raise ValueError(f"--resume: {checkpoint} is the run's last step (train.max_steps); under FSDP the "
+                             "run cannot be finished from it: copy it as final/, or raise train.max_steps")
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+
     def _get_output_dir(self, trial=None) -> str:
         # Trainer writes checkpoint-N here; _save_checkpoint renames it to checkpoints/step-NNNNNN when complete
         return str(self.ckpt_root / ".staging")
@@ -527,6 +541,16 @@ def list_checkpoints(run_dir_or_ckpts: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def _remove_partial_writes(run_dir: Path) -> None:
+    """What a killed run leaves half-written, removed by the next writer (which holds the lock): a checkpoint
+    or ``final/`` being staged, and the temporaries of atomic writes. Complete checkpoints are never touched."""
+    for partial in (run_dir / "checkpoints" / ".staging", run_dir / ".final.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    remove_temporaries(run_dir)
+    for _, ckpt in list_checkpoints(run_dir):
+        remove_temporaries(ckpt)
 
 
 def _guard_run_dir(run_dir: Path, resume: bool) -> Path | None:
@@ -698,9 +722,8 @@ def train_mlm(
         fsdp="full_shard auto_wrap" if tc.fsdp else None,
     )
     cbs: list[TrainerCallback] = [
-        ProgressCallback(peak_flops(args.device, tc.peak_tflops)[1]),
-        JsonlMetricsCallback(run_dir / "metrics.jsonl",
-                             resume_step=int(resume_meta["step"]) if resume_meta else None),
+        ProgressCallback(peak_note=peak_flops(args.device, tc.peak_tflops)[1]),
+        JsonlMetricsCallback(run_dir / "metrics.jsonl"),
     ]
     if tc.save_every_minutes:
         cbs.append(TimedCheckpointCallback(tc.save_every_minutes))
@@ -722,7 +745,10 @@ def train_mlm(
     )
     for cb in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(cb)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_meta is not None and int(resume_meta["step"]) >= tc.max_steps:
+        trainer.take_final_checkpoint(resume_from)  # (the run stopped while it validated or wrote final/)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if trainer.last_eval.get("step") != trainer.state.global_step:
         trainer.evaluate()
     return trainer
@@ -772,6 +798,8 @@ def pretrain(
             # the run folder appears only once its inputs are known good: a bad corpus, tokenizer or model
             # setting leaves nothing behind; from here on it has one writer
             stack.enter_context(writer_lock(run_dir, "mosaic-embed pretrain"))
+            _guard_run_dir(run_dir, resume)  # again, locked: another writer may have finished a run meanwhile
+            _remove_partial_writes(run_dir)
             if not resume:
                 save_config(cfg, run_dir / "config.yaml")
         t_setup = time.perf_counter() - t_start

@@ -17,6 +17,8 @@ from mosaic_embed.data.corpus import (
     file_format,
     format_corpus_summary,
     iter_documents,
+    iter_pieces,
+    split_text,
 )
 
 
@@ -203,7 +205,17 @@ def test_a_file_is_used_whole_or_skipped_whole(tmp_path):
     assert dict(stats.skipped_files) == {"not-utf8": 1}
 
 
-def test_every_record_skip_reason_is_counted_with_file_and_line(tmp_path):
+@pytest.fixture(params=["in-memory", "streamed"])
+def streaming(request, monkeypatch):
+    """Run a test twice: JSON parsed whole, and every JSON line or file over 8 characters taken apart by the
+    streaming reader in blocks of 5 characters (escapes, keys and values cut by block ends)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(corpus_mod, "_in_memory_limit", lambda max_chars: 8)
+        monkeypatch.setattr(corpus_mod, "_READ_CHARS", 5)
+    return request.param
+
+
+def test_every_record_skip_reason_is_counted_with_file_and_line(tmp_path, streaming):
     path = tmp_path / "mixed.jsonl"
     path.write_text(
         "\n".join([
@@ -257,6 +269,126 @@ def test_examples_are_capped_counts_are_not(tmp_path):
     _, stats = read(tmp_path)
     assert stats.skipped_records["bad-line"] == 50
     assert len(stats.examples["record:bad-line"]) == corpus_mod.MAX_EXAMPLES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# long documents: split while read, streamed JSON
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_split_text_gives_bounded_pieces_that_join_to_the_text():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice("ab \n\tcé") for _ in range(rng.randint(0, 400)))
+        max_chars = rng.randint(1, 60)
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        pieces = list(split_text(chunks, max_chars))
+        assert "".join(pieces) == text and all(0 < len(p) <= max_chars for p in pieces)
+        for p in pieces[:-1]:  # a piece ends at whitespace whenever its second half holds some
+            tail = p[len(p) - (len(p) - max_chars // 2):] if len(p) == max_chars else ""
+            assert p[-1].isspace() or not any(c.isspace() for c in tail[:-1])
+
+
+def test_long_documents_are_split_while_read(tmp_path):
+    words = [f"w{i}" for i in range(3000)]
+    long_text = " ".join(words)  # ~16k characters
+    (tmp_path / "a.txt").write_text(long_text, encoding="utf-8")
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "short"}, {"text": long_text[:5000]}])
+    stats = CorpusStats()
+    pieces = list(iter_pieces(tmp_path, stats=stats, dedup=False, max_document_chars=1000))
+    by_doc: dict[int, list[str]] = {}
+    for number, piece in pieces:
+        assert len(piece) <= 1000
+        by_doc.setdefault(number, []).append(piece)
+    assert ["".join(p) for p in by_doc.values()] == [long_text, "short", long_text[:5000]]
+    assert all(p.endswith(" ") for p in by_doc[0][:-1])  # cut between words, never inside one
+    assert stats.documents == 3 and stats.split_documents == 2 and stats.pieces == len(pieces)
+    assert "documents over 1,000 characters are split while read: 2 split" in stats.format()
+    assert stats.to_dict()["max_document_chars"] == 1000
+    # the pieces are documents for what follows: iter_documents yields them
+    assert list(iter_documents(tmp_path, dedup=False, max_document_chars=1000)) == [p for _, p in pieces]
+
+
+def test_an_io_error_while_a_long_document_streams_skips_the_rest_of_its_file(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("word " * 1000, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("next file", encoding="utf-8")
+    real = corpus_mod._read_text
+
+    def failing(path, *args):
+        for doc in real(path, *args):
+            if path.name == "a.txt":
+                def chunks(inner=doc.chunks):
+                    yield next(inner)
+                    raise OSError("device went away")
+                doc.chunks = chunks()
+            yield doc
+
+    monkeypatch.setattr(corpus_mod, "_read_text", failing)
+    monkeypatch.setattr(corpus_mod, "_READ_CHARS", 1000)
+    docs, stats = read(tmp_path, max_document_chars=300)
+    assert docs[-1] == "next file" and 1 <= len(docs) - 1 <= 4  # a.txt's pieces read before the error, then b.txt
+    assert stats.skipped_files == {"unreadable": 1}
+    assert "device went away (after 1 documents were read)" in stats.examples["file:unreadable"][0]
+
+
+def _tricky_text(rng, n):
+    alphabet = list("ab cd\n\t\"\\/é€") + ["\U0001F600", "[", "]", "{", "}", ",", ":", "\x7f"]
+    return "".join(rng.choice(alphabet) for _ in range(n)) + "."
+
+
+def test_streamed_json_gives_what_json_gives(tmp_path, monkeypatch):
+    """Records full of escapes (surrogate pairs among them), other keys before and after the text holding
+    nested values and brackets inside strings: read at 5 characters per block, as json.loads reads them."""
+    import random
+
+    rng = random.Random(1)
+    records = []
+    for i in range(40):
+        rec = {"n": i, "other": {"x": [1, -2.5e3, True, None, "s\"]}", {"y": [[]]}]}} if i % 3 == 0 else {}
+        rec["text"] = _tricky_text(rng, rng.randint(1, 500))
+        if i % 2:
+            rec["after"] = ["[{\\", _tricky_text(rng, 40), {"t": "not the text"}]
+        records.append(rec if i % 7 else rec["text"])
+    lines = "".join(json.dumps(r, ensure_ascii=bool(i % 2)) + "\n" for i, r in enumerate(records))
+    (tmp_path / "a.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    (tmp_path / "c.json").write_text(json.dumps({"meta": records[:3], "text": "the one document"}), encoding="utf-8")
+    expected = [r["text"] if isinstance(r, dict) else r for r in records]
+    reference = read(tmp_path, dedup=False)[0]
+    assert reference == expected * 2 + ["the one document"]
+    monkeypatch.setattr(corpus_mod, "_in_memory_limit", lambda max_chars: 16)
+    monkeypatch.setattr(corpus_mod, "_READ_CHARS", 5)
+    docs, stats = read(tmp_path, dedup=False)
+    assert docs == reference and not stats.skipped_records and not stats.skipped_files
+    pieces, stats = read(tmp_path, dedup=False, max_document_chars=50)  # streamed and split
+    assert "".join(pieces) == "".join(reference) and max(map(len, pieces)) <= 50
+    assert stats.documents == len(reference) and stats.pieces == len(pieces) > len(reference)
+
+
+def test_a_broken_long_record_is_skipped_after_its_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "_in_memory_limit", lambda max_chars: 16)
+    monkeypatch.setattr(corpus_mod, "_READ_CHARS", 7)
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "first record text", "x": [1, 2}\n'  # broken after the text
+                    '{"text": "second record text"}\n'
+                    '{"id": "no text field in this long record"}\n'
+                    '{"text": 12345678901234567890}\n'
+                    '"a top-level string record"   x\n'  # extra data after the value
+                    '{"text": "third" "oops"}\n', encoding="utf-8")
+    items = '[{"text": "item zero"}, "one", {"text": "item two is long", "x": ]}, "never read"]'
+    (tmp_path / "b.json").write_text(items, encoding="utf-8")
+    docs, stats = read(tmp_path)
+    assert docs == ["first record text", "second record text", "a top-level string record", "third", "item zero",
+                    "one", "item two is long"]
+    assert dict(stats.skipped_records) == {"bad-line": 3, "missing-field": 1, "non-text-field": 1, "bad-item": 1}
+    ex = stats.examples["record:bad-line"]
+    assert any(e.startswith(f"{path}:1: not JSON") and "the text read before it was used" in e for e in ex)
+    assert any(e.startswith(f"{path}:5: extra data after the record") for e in ex)
+    assert stats.skipped_files == {"invalid-json": 1}
+    assert "item 2 is not valid JSON; items after it skipped" in stats.examples["file:invalid-json"][0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from mosaic_embed.config import DataConfig
 from mosaic_embed.data.shards import (
     chunk_arrays,
     chunk_ids,
+    format_shards_summary,
     load_shards,
     prepare_shards,
     shards_tokenizer,
@@ -68,11 +69,10 @@ def test_chunk_arrays_matches_chunk_ids():
         lengths[:3] = [0, max_seq_len - 2, max_seq_len - 1]  # empty, exactly full, one over
         docs = [list(rng.integers(1000, 2000, size=n)) for n in lengths]
         flat = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs])
-        offsets, values, chunk = chunk_arrays(lengths, flat, max_seq_len, CLS, SEP)
+        offsets, values = chunk_arrays(lengths, flat, max_seq_len, CLS, SEP)
         expected = [c for d in docs for c in chunk_ids(d, max_seq_len, CLS, SEP)]
         got = [values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
         assert got == expected
-        assert chunk.tolist() == [j for d in docs for j in range(len(chunk_ids(d, max_seq_len, CLS, SEP)))]
 
 
 @pytest.mark.parametrize("n, frac, expected", [(10, 0.3, 3), (10, 0.0, 0), (1, 0.5, 0), (2, 0.01, 1),
@@ -150,6 +150,26 @@ def test_split_is_by_document_and_seeded(tmp_path):
             assert splits[seed] == val  # same seed, same split
         splits[seed] = val
     assert len({frozenset(v) for v in splits.values()}) > 1  # another seed picks other documents
+
+
+def test_long_documents_are_split_and_their_pieces_stay_on_one_side(tmp_path):
+    # ~3,600-5,400 characters each; dedup off: the pieces of "apple apple ..." repeat one another
+    write_docs(tmp_path / "c" / "d.jsonl", [repeat(w, 600) for w in WORDS])
+    out = prepare_shards(config(tmp_path / "c", tmp_path / "s", max_seq_len=32, validation_fraction=0.3,
+                                max_document_chars=1000, dedup=False))
+    ds = load_shards(out)
+    train = [_doc_of(s) for s in ds["train"]["input_ids"]]
+    val = [_doc_of(s) for s in ds["validation"]["input_ids"]]
+    assert not set(train) & set(val) and len(set(val)) == 3 and len(set(train)) == 7
+    # every token is kept: 600 per document, in sequences of at most 30 between [CLS] and [SEP]
+    assert len(train) + len(val) >= 10 * 20 and all(len(s) <= 32 for s in ds["train"]["input_ids"])
+    assert sum(len(s) - 2 for split in ("train", "validation") for s in ds[split]["input_ids"]) == 10 * 600
+    manifest = json.loads((out / "manifest.json").read_text())
+    summary = manifest["corpus_summary"]
+    assert summary["documents"] == 10 and summary["split_documents"] == 10 and summary["pieces"] > 10
+    assert summary["max_document_chars"] == 1000 and manifest["config"]["max_document_chars"] == 1000
+    assert manifest["outputs"]["validation"]["documents"] == 3 and manifest["outputs"]["train"]["documents"] == 7
+    assert "documents over 1,000 characters are split while read: 10 split" in format_shards_summary(manifest)
 
 
 def test_parallel_tokenization_gives_the_same_shards(tmp_path):

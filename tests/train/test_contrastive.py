@@ -97,7 +97,7 @@ def _gather_worker(rank: int, world: int, folder: str, port: int, out: str) -> N
         model = _load(folder)
         half = len(ANCHORS) // world
         sl = slice(rank * half, (rank + 1) * half)
-        loss_fn = make_loss(model, ContrastiveConfig(loss="mnrl", gather_across_devices=True, scale=SCALE))
+        loss_fn = make_loss(model, ContrastiveConfig(loss="mnrl", gather_across_devices=True, scale=SCALE), world)
         loss = loss_fn([_features(model, ANCHORS[sl]), _features(model, DOCS[sl])], None)
         loss.backward()
         # What DDP does: average the parameter gradients over ranks.
@@ -278,3 +278,91 @@ def test_cli_train_encoder_new_options(encoder_dir, tmp_path):
     assert cfg["matryoshka_dims"] == [16, 8] and cfg["query_prompt"] == "q: "
     r = CliRunner().invoke(main, ["train-encoder", "--model", "x", "--pairs", str(pairs), "--matryoshka-dims", "a,b"])
     assert r.exit_code == 2 and "expected comma-separated integers" in r.output
+
+
+def _pairs_file(path, rows):
+    path.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in rows))
+    return path
+
+
+@pytest.mark.parametrize("rows, reason", [
+    ([("storm news", "the storm brought rain")], "1 training pair"),
+    ([("storm news", "the storm brought rain")] * 20, "all 20 training pairs are the same pair"),
+    ([("storm news", f"document {i}") for i in range(20)], "every one of the 20 pairs has the same anchor"),
+    ([(f"query {i}", "one document") for i in range(20)], "every one of the 20 pairs has the same positive"),
+    ([(f"text {i}", f"text {i}") for i in range(20)], "the positive is the anchor itself"),
+])
+def test_pairs_that_cannot_teach_are_refused_before_training(encoder_dir, tmp_path, rows, reason):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", rows)
+    cfg = ContrastiveConfig(model=str(encoder_dir / "backbone"), pairs=str(pairs), out=tmp_path / "enc",
+                            batch_size=4, max_steps=2, max_seq_len=32)
+    with pytest.raises(ValueError, match=rf"pairs.jsonl: .*{reason}"):
+        train_encoder(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # refused before anything was written
+
+
+def test_pairs_that_teach_little_are_trained_with_a_warning():
+    import datasets
+
+    from mosaic_embed.data.pairs import check_teachable
+
+    few = datasets.Dataset.from_dict({"anchor": ["a", "b", "c"] * 10, "positive": ["x", "y", "z"] * 10})
+    assert check_teachable(few, "few", batch_size=16) == [
+        "few: only 3 distinct pairs for batches of 16: each batch holds at most 3 pairs, so each anchor sees few "
+        "negatives"]
+    copies = datasets.Dataset.from_dict({"anchor": ["a", "b", "c", "d"], "positive": ["a", "b", "c", "w"]})
+    assert "in 3 of 4 pairs the positive is the anchor itself" in check_teachable(copies, "copies", 2)[0]
+    fine = datasets.Dataset.from_dict({"anchor": [f"q{i}" for i in range(32)], "positive": [f"d{i}" for i in range(32)]})
+    assert check_teachable(fine, "fine", 16) == []
+    views = datasets.Dataset.from_dict({"anchor": [f"p{i}" for i in range(32)], "positive": [f"p{i}" for i in range(32)]})
+    with pytest.raises(ValueError, match="the positive is the anchor itself"):
+        check_teachable(views, "views", 16)
+    assert check_teachable(views, "views", 16, dropout_views=True) == []  # SimCSE: dropout makes the views differ
+
+
+def test_a_run_whose_loss_stayed_zero_writes_no_encoder(encoder_dir, tmp_path):
+    """(a, b) and (b, a) pass the checks, but share their texts: no batch ever holds both (no duplicates in a
+    batch), so every batch is one pair, the loss is exactly 0 and nothing moves. Reported, not saved."""
+    from mosaic_embed.train.contrastive import NothingLearnedError
+
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", [("storm news", "the city market"), ("the city market", "storm news")])
+    cfg = ContrastiveConfig(model=str(encoder_dir / "backbone"), pairs=str(pairs), out=tmp_path / "enc",
+                            batch_size=2, max_steps=3, max_seq_len=32, logging_steps=1)
+    with pytest.raises(NothingLearnedError, match="the loss was exactly 0 at every one of 3 steps with a zero "
+                                                  "gradient norm.*No encoder was written"):
+        train_encoder(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # no encoder, no scratch folder
+
+
+def test_train_encoder_records_resolved_paths(encoder_dir, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(encoder_dir / "backbone", tmp_path / "backbone")
+    write_pairs_jsonl(tmp_path / "pairs.jsonl", n=12)
+    monkeypatch.chdir(tmp_path)
+    out = train_encoder(ContrastiveConfig(model="backbone", pairs="pairs.jsonl", out="enc", batch_size=4,
+                                          max_steps=1, max_seq_len=32))
+    inputs = json.loads((out / "manifest.json").read_text())["inputs"]
+    assert inputs["model"] == str(tmp_path / "backbone") and inputs["pairs"] == str(tmp_path / "pairs.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "enc", "pairs.jsonl"]  # no scratch, no lock
+
+
+def test_train_encoder_cli_shows_one_bar_and_a_summary(encoder_dir, tmp_path):
+    """The real command in one process: no raw log dictionaries, no load report for the MLM head it leaves
+    behind, no warning about gathering negatives without other ranks; a summary line instead."""
+    import re
+    import subprocess
+    import sys
+
+    pairs = write_pairs_jsonl(tmp_path / "pairs.jsonl", n=24)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "mosaic_embed.cli", "train-encoder", "--recipe", "tiny",
+                           "--model", str(tiny_mosaic(tmp_path / "mlm", mlm=True)), "--pairs", str(pairs),
+                           "--out", str(tmp_path / "enc"), "--max-steps", "3"],
+                          capture_output=True, text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert not re.search(r"\{'(loss|train_runtime|grad_norm)'", output), output[-3000:]
+    assert "LOAD REPORT" not in output and "Trying to gather" not in output and "Loading weights" not in output
+    assert re.search(r"train-encoder: 3 steps on 24 pairs in [\d.]+ s, loss [\d.]+ -> [\d.]+", done.stdout)
+    assert f"wrote {tmp_path / 'enc'}" in done.stdout

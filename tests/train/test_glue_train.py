@@ -302,3 +302,50 @@ def test_cli_wrong_model_folder_is_a_clear_error_before_any_output(tmp_path):
         assert r.exit_code == 2, r.output
         assert r.output.startswith(f"error: {model}: {why}"), r.output
         assert not out.exists()
+
+
+def test_glue_run_folder_works_from_any_directory_and_has_one_writer(tiny_model, tmp_path, monkeypatch):
+    """Relative --checkpoints and --data-dir given in one directory; the results, read from another, name the
+    checkpoints by resolved paths and the saved models relative to the results folder. A second writer of
+    the same --out is refused before it writes anything."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mosaic_embed.artifacts import writer_lock
+    from mosaic_embed.cli import main
+
+    work = tmp_path / "work"
+    ckpts = work / "runs" / "tiny" / "checkpoints"
+    for step in (10, 20):
+        d = shutil.copytree(tiny_model, ckpts / f"step-{step:06d}")
+        (d / "checkpoint_meta.json").write_text(json.dumps({"step": step, "wall_clock_s": 1.0 * step}))
+    shutil.copytree(FIXTURES, work / "glue")
+    monkeypatch.chdir(work)
+    args = ["glue", "--checkpoints", "runs/tiny/checkpoints/*", "--tasks", "rte", "--seeds", "1",
+            "--data-dir", "glue", "--recipe", "tiny", "--out", "out", "--set", "save_models=true"]
+    with writer_lock(work / "out", "another glue"):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "out is being written by another process (another glue" in r.output, r.output
+        assert sorted(p.name for p in (work / "out").iterdir()) == [".writer.lock"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = work / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert [p["model"] for p in results["points"]] == [str(ckpts / "step-000010"), str(ckpts / "step-000020")]
+    for point in results["points"]:
+        assert Path(point["pretrain"]["source"]).is_file()
+        saved = point["tasks"]["rte"]["seeds"][0]["saved"]
+        assert not Path(saved).is_absolute() and (out / saved / "config.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["models"] == [p["model"] for p in results["points"]]
+    assert manifest["inputs"]["checkpoints"] == str(work / "runs/tiny/checkpoints/*")
+    assert manifest["inputs"]["data_dir"] == str(work / "glue")
+    assert not (out / ".writer.lock").exists()
+    r = CliRunner().invoke(main, ["plot", "pareto", str(out / "results.json"), "--out", "pareto"])
+    assert r.exit_code == 0, r.output
+    assert (elsewhere / "pareto.png").is_file()

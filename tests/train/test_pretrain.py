@@ -108,6 +108,27 @@ class _PoisonAt(TrainerCallback):
                 next(model.parameters()).fill_(float("nan"))
 
 
+def test_resume_from_the_last_step_trains_no_further(tmp_path, tok):
+    """A run stopped after its last checkpoint (while it validated or wrote final/) resumes to the same end:
+    no step past max_steps (transformers' own resume would train one), no second validation line."""
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(tmp_path / "a")  # 6 steps, a checkpoint every 2, validation at 3 and 6
+    run(cfg, tok)
+    before = (tmp_path / "a" / "metrics.jsonl").read_text()
+    (tmp_path / "a" / "metrics.jsonl").write_text(before + json.dumps({"step": 6, "eval_loss": 0.5}) + "\n")
+    trainer = run(cfg, tok, resume=True)
+    assert trainer.state.global_step == 6
+    assert train_losses(tmp_path / "a") == train_losses_of(before)
+    weights = load_file(tmp_path / "a" / "checkpoints" / "step-000006" / "model.safetensors")
+    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in weights.items())
+
+
+def train_losses_of(text):
+    rows = [json.loads(line) for line in text.splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tok):
     cfg = make_cfg(tmp_path / "r", max_steps=8, eval_every_steps=0, keep_steps=[])
     with pytest.raises(NonFiniteLossError, match="step-000004"):
@@ -186,6 +207,24 @@ def test_cli_pretrain_bundled_corpus_end_to_end(tmp_path):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+def test_cli_pretrain_shows_the_corpus_summary_for_cached_shards_too(tmp_path):
+    from mosaic_embed.cli import main
+
+    outputs = []
+    for name in ("first", "second"):
+        args = ["pretrain", "--out", str(tmp_path / name), "--set", "train.max_steps=1", "--set",
+                "train.global_batch_size=4", "--set", "train.microbatch_size=4", "--set", "train.eval_samples=4",
+                "--set", "train.save_every_steps=0", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set",
+                "data.num_proc=1"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        outputs.append(result.output)
+    assert "shards up to date" not in outputs[0] and "shards up to date" in outputs[1]
+    for output in outputs:  # the corpus summary (files, documents, skips) and the shard counts, both times
+        assert "139 documents" in output and "duplicate documents dropped: 0" in output and "skipped files" in output
+        assert "tokens (mean length" in output
+
+
 def test_cli_bad_input_leaves_no_run_folder(tmp_path):
     """A bad corpus, or a --resume/--out mistake, fails before the run folder is made or its config touched."""
     from mosaic_embed.cli import main
@@ -231,6 +270,9 @@ def _torchrun_pretrain(nproc, out, cache):
         args += ["--set", s]
     done = run_cli_torchrun(nproc, args, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # one corpus summary and one result line, however many ranks (the shards are cached for the second run)
+    assert done.stdout.count("duplicate documents dropped") == 1 and done.stdout.count("pretrained: ") == 1, \
+        done.stdout[-3000:]
     return json.loads((out / "final" / "manifest.json").read_text())
 
 
@@ -341,3 +383,20 @@ def test_init_from_refuses_another_tokenizer_and_another_architecture(tmp_path):
     r = CliRunner().invoke(main, _init_args(tmp_path, folder, out, "--set", "model.overrides.hidden_size=64"))
     assert r.exit_code == 2 and "model.overrides.hidden_size=64 but the checkpoint" in r.output, r.output
     assert not out.exists()
+
+
+def test_metrics_file_is_cut_back_to_what_the_run_continues_from(tmp_path):
+    """On resume the file keeps one line per entry of the checkpoint's log history (not what the run logged
+    after it, nor a line a kill tore mid-write); a fresh run into a folder a killed run left starts empty."""
+    from types import SimpleNamespace
+
+    from mosaic_embed.train.callbacks import JsonlMetricsCallback
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 2, 3)]
+    path.write_text(lines[0] + "\n" + '{"step": 2, "lo\n' + "\n".join(lines[1:]) + "\n" + '{"step": 4, "lo')
+    resumed = SimpleNamespace(is_world_process_zero=True, log_history=[{}, {}, {}])  # step 1, step 2, eval at 2
+    JsonlMetricsCallback(path).on_train_begin(None, resumed, None)
+    assert path.read_text() == "".join(line + "\n" for line in lines[:3])
+    JsonlMetricsCallback(path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, log_history=[]), None)
+    assert path.read_text() == ""
