@@ -243,13 +243,15 @@ def plot() -> None:
 @plot.command("pareto")
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output path without suffix (writes .png and .svg).")
-@click.option("--label", "labels", multiple=True, help="Curve label per RESULTS file (default: the run name).")
+@click.option("--label", "labels", multiple=True, help="Curve label per GLUE RESULTS file (default: the run name).")
+@click.option("--run", "runs", multiple=True, help="A run of a Pareto study file to draw (repeatable; default: all).")
 @click.option("--title", default=None)
-def plot_pareto_cmd(results, out, labels, title):
-    """GLUE score (per task + average) vs pretraining hours, one curve per RESULTS file, error bars over seeds."""
+def plot_pareto_cmd(results, out, labels, runs, title):
+    """Score (per task + average) vs pretraining time, error bars over seeds: one curve per GLUE RESULTS file
+    (mosaic-embed glue --checkpoints) or per run of a Pareto study file (benchmarks/pareto/run.py)."""
     from .plot import plot_pareto
 
-    for path in plot_pareto(results, out, title=title, labels=labels or None):
+    for path in plot_pareto(results, out, title=title, labels=labels or None, runs=runs or None):
         click.echo(f"wrote {path}")
 
 
