@@ -884,6 +884,24 @@ def status_lines(ctx: Ctx) -> tuple[list[str], bool]:
     return lines, left
 
 
+#: What comes back from a lent machine is at most 8 files of 16 MiB: the tarball stays under this.
+EXPORT_LIMIT = 15 << 20
+
+
+def light_tarball(work: Path, patterns: tuple[str, ...]) -> bytes:
+    """The small files of the work folder as a .tar.gz: no weights, no tokenizer copies, no shards."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for pattern in patterns:
+            for path in sorted(work.rglob(pattern)):
+                rel = path.relative_to(work)
+                if (rel.parts[0] in ("cache", "tiny-tasks") or path.name.startswith((".", "tokenizer"))
+                        or path.name == "special_tokens_map.json" or path.stat().st_size > 4 << 20):
+                    continue
+                tar.add(path, arcname=f"pareto_work/{rel}")
+    return buf.getvalue()
+
+
 def export(ctx: Ctx, dest: Path, lines: list[str]) -> None:
     """Copy what a lent machine must give back into ``dest``: results, plots, light files, the status."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -891,19 +909,16 @@ def export(ctx: Ctx, dest: Path, lines: list[str]) -> None:
         src = ctx.results.with_suffix(suffix)
         if src.is_file():
             shutil.copy2(src, dest / src.name)
-    light = ("*.json", "metrics.jsonl", "*.log", "config.yaml", "results.md")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for pattern in light:
-            for path in sorted(ctx.work.rglob(pattern)):
-                rel = path.relative_to(ctx.work)
-                # no weights, no tokenizer copies; a checkpoint's trainer state and meta are small and kept
-                if (rel.parts[0] in ("cache", "tiny-tasks") or path.name.startswith((".", "tokenizer"))
-                        or path.name == "special_tokens_map.json" or path.stat().st_size > 4 << 20):
-                    continue
-                tar.add(path, arcname=f"pareto_work/{rel}")
+    records = ("*.json", "metrics.jsonl", "config.yaml", "results.md")
+    data = light_tarball(ctx.work, (*records, "*.log"))
+    if len(data) > EXPORT_LIMIT:  # the logs are the bulk; the records must come back
+        lines = [*lines, "(pareto_work.tar.gz: logs left out, over the size that comes back)"]
+        data = light_tarball(ctx.work, records)
+    if len(data) <= EXPORT_LIMIT:
+        (dest / "pareto_work.tar.gz").write_bytes(data)
+    else:
+        lines = [*lines, f"(pareto_work.tar.gz not written: {len(data) >> 20} MiB even without logs)"]
     atomic_write_text(dest / "status.txt", "\n".join(lines) + "\n")
-    (dest / "pareto_work.tar.gz").write_bytes(buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------
