@@ -147,14 +147,21 @@ def demo_cmd(out):
 @click.option("--init-from", type=click.Path(file_okay=False), default=None,
               help="Continue from this model folder's weights (domain-adaptive pretraining) instead of random ones.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--stop-after-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Save a checkpoint and stop this command after this many minutes of training (exit status 4; "
+                   "continue with --resume): for jobs under a time limit.")
+@click.option("--stop-after-steps", type=click.IntRange(min=1), default=None,
+              help="The same after this many optimizer steps of this command.")
 @recipe_options
-def pretrain_cmd(corpus, out, init_from, resume, recipe, overrides):
+def pretrain_cmd(corpus, out, init_from, resume, stop_after_minutes, stop_after_steps, recipe, overrides):
     """MLM-pretrain an encoder: corpus -> shards -> training -> OUT/final (save_pretrained + manifest).
 
     Recipes: mosaic-bert-base (default with --corpus; a GPU recipe), mosaic-bert-large, bert-base (the HF
     BERT baseline), mosaic-bert-small, mosaic-bert-mini, tiny (default without --corpus; CPU-sized),
     continue (domain-adaptive pretraining with --init-from; its tokenizer and architecture are kept).
     Multi-GPU: ``torchrun --nproc_per_node N -m mosaic_embed.cli pretrain ...`` (same global batch).
+    Exit status: 0 finished (OUT/final written), 2 bad input, 3 loss became NaN/inf, 4 stopped at
+    --stop-after-minutes/--stop-after-steps with a checkpoint (not finished; --resume continues it).
     """
     from .config import PretrainConfig, load_config
 
@@ -162,15 +169,23 @@ def pretrain_cmd(corpus, out, init_from, resume, recipe, overrides):
         recipe = "mosaic-bert-base" if corpus else "tiny"
     cfg = load_config(PretrainConfig, recipe, overrides, out=_path(out), data={"corpus": _path(corpus)},
                       model={"init_from": _path(init_from)})
+    from .runtime import is_main_process
+    from .train.callbacks import SegmentLimitCallback, SegmentLimitReached
     from .train.pretrain import NonFiniteLossError, pretrain
 
+    limits = []
+    if stop_after_minutes is not None or stop_after_steps is not None:
+        limits.append(SegmentLimitCallback(stop_after_minutes, stop_after_steps))
+
     try:
-        run_dir = pretrain(cfg, resume=resume, log=click.echo)
+        run_dir = pretrain(cfg, resume=resume, log=click.echo, callbacks=limits)
     except NonFiniteLossError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(3)
-    from .runtime import is_main_process
-
+    except SegmentLimitReached as stop:
+        if is_main_process():
+            click.echo(f"{cfg.out}: {stop}")
+        sys.exit(4)
     if is_main_process():
         click.echo(f"pretrained: {run_dir / 'final'}")
 
@@ -239,13 +254,15 @@ def plot() -> None:
 @plot.command("pareto")
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output path without suffix (writes .png and .svg).")
-@click.option("--label", "labels", multiple=True, help="Curve label per RESULTS file (default: the run name).")
+@click.option("--label", "labels", multiple=True, help="Curve label per GLUE RESULTS file (default: the run name).")
+@click.option("--run", "runs", multiple=True, help="A run of a Pareto study file to draw (repeatable; default: all).")
 @click.option("--title", default=None)
-def plot_pareto_cmd(results, out, labels, title):
-    """GLUE score (per task + average) vs pretraining hours, one curve per RESULTS file, error bars over seeds."""
+def plot_pareto_cmd(results, out, labels, runs, title):
+    """Score (per task + average) vs pretraining time, error bars over seeds: one curve per GLUE RESULTS file
+    (mosaic-embed glue --checkpoints) or per run of a Pareto study file (benchmarks/pareto/run.py)."""
     from .plot import plot_pareto
 
-    for path in plot_pareto(results, out, title=title, labels=labels or None):
+    for path in plot_pareto(results, out, title=title, labels=labels or None, runs=runs or None):
         click.echo(f"wrote {path}")
 
 

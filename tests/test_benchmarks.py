@@ -12,12 +12,16 @@ from tests.helpers import TOPICS, write_beir, write_pairs_jsonl
 
 
 def load_benchmark(name):
+    """benchmarks/NAME.py as a module (NAME may name a subfolder: ``pareto/run``)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module_name = "bench_" + name.replace("/", "_")
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -208,3 +212,146 @@ def test_store_news_runs_at_tiny_size(tiny_store, tmp_path):
     fusion = doc["details"]["fusion"]
     assert fusion["tuned"]["best"] >= max(fusion["tuned"]["scores"]["dense"], fusion["tuned"]["scores"]["lexical"])
     assert json.loads(out.read_text())["dense"] == doc["dense"]
+
+
+# ---- benchmarks/pareto: the recipes of the study, and its runner at tiny size ----------------------------
+
+#: What every recipe of the study must build: our model's switches (or transformers' BERT) and the masking.
+MOSAIC = dict(position="alibi", mlp="geglu", unpad=True, low_precision_layernorm=True,
+              attention_probs_dropout_prob=0.0, attn_impl="auto")
+BERT_MODE = dict(position="learned", mlp="gelu", unpad=False, low_precision_layernorm=False,
+                 attention_probs_dropout_prob=0.1, attn_impl="auto")
+PARETO_RECIPES = {
+    "mosaic-small": (MOSAIC, 0.30),
+    "mosaic-small-padded": ({**MOSAIC, "unpad": False}, 0.30),
+    "mosaic-small-torch-attn": ({**MOSAIC, "attn_impl": "torch"}, 0.30),
+    "bert-mode": (BERT_MODE, 0.15),
+    "bert-mode-glu": ({**BERT_MODE, "mlp": "geglu"}, 0.15),
+    "bert-mode-alibi": ({**BERT_MODE, "position": "alibi"}, 0.15),
+    "bert-mode-lpln": ({**BERT_MODE, "low_precision_layernorm": True}, 0.15),
+    "bert-mode-mask30": (BERT_MODE, 0.30),
+    "bert-mode-no-attn-dropout": ({**BERT_MODE, "attention_probs_dropout_prob": 0.0}, 0.15),
+}
+
+
+def test_pareto_recipes_load_and_build_the_intended_models():
+    """Each recipe loads as a PretrainConfig and builds the model its name promises, at MosaicBERT-Small's shape;
+    every bert-mode-X differs from bert-mode in exactly one switch (Fig. 4's "BERT + one change"), and all
+    recipes share the optimizer, schedule, batch and data settings."""
+    from pathlib import Path
+
+    import torch
+    from transformers import BertForMaskedLM
+
+    from mosaic_embed.config import PretrainConfig, load_config, to_dict
+    from mosaic_embed.data.tokenizer import load_tokenizer
+    from mosaic_embed.model import MosaicBertForMaskedLM
+    from mosaic_embed.train.pretrain import build_model
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto" / "recipes"
+    assert {p.stem for p in folder.glob("*.yaml")} == {*PARETO_RECIPES, "bert-small"}
+    tok = load_tokenizer(None)
+    cfgs = {name: load_config(PretrainConfig, folder / f"{name}.yaml") for name in [*PARETO_RECIPES, "bert-small"]}
+    shared = {k: v for k, v in to_dict(cfgs["bert-small"].train).items() if k not in ("mask_prob", "lr")}
+    switches = {}
+    for name, cfg in cfgs.items():
+        assert {k: v for k, v in to_dict(cfg.train).items() if k not in ("mask_prob", "lr")} == shared, name
+        assert to_dict(cfg.data) == to_dict(cfgs["bert-small"].data), name
+        with torch.device("meta"):  # the real modules and shapes, without allocating or initialising weights
+            model = build_model(cfg.model, tok)
+        c = model.config
+        assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (512, 8, 8, 2048)
+        if name == "bert-small":
+            assert type(model) is BertForMaskedLM and cfg.train.mask_prob == 0.15
+            assert c.attention_probs_dropout_prob == 0.1 and c._attn_implementation == "sdpa"
+            continue
+        flags, mask = PARETO_RECIPES[name]
+        assert type(model) is MosaicBertForMaskedLM and cfg.train.mask_prob == mask, name
+        assert {k: getattr(c, k) for k in flags} == flags, name
+        layer = model.bert.encoder.layers[0]
+        assert layer.mlp.wi.out_features == (4096 if c.mlp == "geglu" else 2048), name
+        assert (model.bert.embeddings.position_embeddings is None) == (c.position == "alibi"), name
+        switches[name] = {**flags, "mask_prob": mask}
+        del model
+    for name, s in switches.items():
+        if name.startswith("bert-mode-"):
+            changed = {k for k in s if s[k] != switches["bert-mode"][k]}
+            assert len(changed) == 1, (name, changed)
+
+
+def test_pareto_study_runs_every_phase_at_tiny_size(tmp_path, capsys):
+    """sweep -> pretrain (stopped after 6 steps, then resumed) -> finetune -> merge -> plot, as the GPU runs go:
+    chained commands, each idempotent, in a work folder; the results file has the issue's keys."""
+    bench = load_benchmark("pareto/run")
+    work, out = tmp_path / "work", tmp_path / "out"
+    base = ["--tiny", "--work", str(work), "--jobs", "2", "--export", str(out)]
+    # command 1: both sweeps, then the first pretraining process stops after 6 of its 10 steps
+    assert bench.main(["all", *base, "--segment-steps", "6"]) == bench.EXIT_DEADLINE
+    said = capsys.readouterr().out
+    assert "sweep mosaic-small: winner lr" in said and "stopped at step 6" in said
+    mosaic_run = work / "pretrain" / "mosaic-small"
+    assert (mosaic_run / "checkpoints" / "step-000006").is_dir() and not (mosaic_run / "final").exists()
+    assert "stopped at step 6" in (out / "status.txt").read_text()
+    # a stopped run is not continued without --resume
+    assert bench.main(["pretrain", *base]) == 1
+    assert "pass --resume" in capsys.readouterr().err
+    # command 2: resume, pretrain the other model, finetune, merge, plot
+    assert bench.main(["all", *base, "--resume"]) == 0
+    doc = json.loads((work / "pareto.json").read_text())
+    assert doc["kind"] == "mosaic_embed.pareto" and [r["name"] for r in doc["runs"]] == ["mosaic-small", "bert-small"]
+    for run in doc["runs"]:
+        assert {"name", "lr", "tokens_per_s", "points"} <= set(run) and run["tokens_per_s"] > 0
+        assert run["lr"] == doc["sweeps"][run["name"]]["winner"] == run["sweep"]["winner"]
+        for p in run["points"]:
+            assert {"minutes", "tokens", "task", "seed", "metric"} <= set(p) and 0.0 <= p["metric"] <= 1.0
+        checkpoints = {p["checkpoint"] for p in run["points"]}
+        assert "final" in checkpoints and len(checkpoints) <= 2  # max_points of tiny.yaml
+        assert len(run["points"]) == len(checkpoints) * 2 * 3  # x tasks x seeds
+    assert sorted(doc["sweeps"]["mosaic-small"]["runs"]) == ["0.004"]
+    mosaic = doc["runs"][0]
+    assert mosaic["segments"] == 2 and "step-000006" not in {p["checkpoint"] for p in mosaic["points"]}
+    assert (work / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"pareto.json", "pareto.png", "pareto.svg", "pareto_work.tar.gz", "status.txt"} <= {
+        p.name for p in out.iterdir()}
+    # command 3: nothing left, nothing redone
+    before = (work / "pareto.json").read_text()
+    assert bench.main(["all", *base, "--resume"]) == 0
+    assert "finished in an earlier session" in capsys.readouterr().out
+    assert json.loads((work / "pareto.json").read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_pareto_sweep_grid_winner_extension_and_lr_from(tmp_path):
+    """The sweep's decisions, from its records alone: the lowest validation loss wins; a winning edge adds one
+    value past it (sweep_extend); diverged runs never win; lr_from takes another model's winner."""
+    from types import SimpleNamespace
+
+    from mosaic_embed.config import from_dict
+
+    bench = load_benchmark("pareto/run")
+    study = from_dict(bench.StudyConfig, {
+        "models": {"a": {"recipe": "mosaic-small", "lrs": [1e-3, 2e-3]}, "b": {"recipe": "bert-mode", "lr_from": "a"}},
+        "tasks": [{"name": "t"}], "seeds": [1], "sweep_extend": 1, "sweep_factor": 2.0})
+    ctx = SimpleNamespace(study=study, previous={"sweeps": {}}, sweep_dir=lambda m: tmp_path / m)
+
+    def rec(**losses):
+        return {bench.lr_tag(float(k.replace("_", "."))): {"lr": float(k.replace("_", ".")), "eval_loss": v,
+                                                            "diverged": v is None} for k, v in losses.items()}
+
+    assert bench.sweep_grid(ctx, "a", {}) == ([1e-3, 2e-3], None)  # nothing run yet
+    assert bench.sweep_grid(ctx, "a", rec(**{"0_001": 3.0, "0_002": 3.5})) == ([5e-4, 1e-3, 2e-3], None)  # extends down
+    assert bench.sweep_grid(ctx, "a", rec(**{"0_0005": 3.2, "0_001": 3.0, "0_002": 3.5}))[1] == 1e-3
+    # the new edge wins again: extension is spent, the edge is the answer (the summary says so)
+    assert bench.sweep_grid(ctx, "a", rec(**{"0_0005": 2.9, "0_001": 3.0, "0_002": 3.5})) == ([5e-4, 1e-3, 2e-3], 5e-4)
+    # a diverged top edge does not extend the grid upwards and never wins
+    assert bench.sweep_grid(ctx, "a", rec(**{"0_001": 3.0, "0_002": None}))[0] == [5e-4, 1e-3, 2e-3]
+    with pytest.raises(RuntimeError, match="every learning rate of the sweep diverged"):
+        bench.sweep_grid(ctx, "a", rec(**{"0_001": None, "0_002": None}))
+    # lr_from: waits for the other model's sweep, then one run at its winner
+    with pytest.raises(bench.ConfigError, match="takes its lr from a, whose sweep is not finished"):
+        bench.sweep_grid(ctx, "b", {})
+    ctx.previous = {"sweeps": {"a": {"runs": rec(**{"0_0005": 3.2, "0_001": 3.0, "0_002": 3.5})}}}
+    assert bench.sweep_grid(ctx, "b", {}) == ([1e-3], None)
+    assert bench.sweep_grid(ctx, "b", rec(**{"0_001": 3.1})) == ([1e-3], 1e-3)
+    with pytest.raises(ValueError, match="must be a model with a grid of its own, listed before it"):
+        from_dict(bench.StudyConfig, {"models": {"b": {"recipe": "x", "lr_from": "a"}, "a": {"recipe": "y", "lrs": [1e-3]}},
+                                      "tasks": [{"name": "t"}], "seeds": [1]})

@@ -112,6 +112,20 @@ class JsonlMetricsCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+def _rank0_decides(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a broadcast under torch.distributed; the flag itself otherwise).
+
+    Every rank must take the same decision to save, or the collectives inside saving would hang; clocks
+    differ between ranks, so rank 0's answer is the one that counts. All ranks must call this together.
+    """
+    due = torch.tensor([flag], dtype=torch.int32)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        due = due.to(backend_device)
+        torch.distributed.broadcast(due, src=0)
+    return bool(due.item())
+
+
 class TimedCheckpointCallback(TrainerCallback):
     """Asks for a checkpoint every ``minutes`` of wall-clock time (rank 0's clock decides for all ranks)."""
 
@@ -123,13 +137,7 @@ class TimedCheckpointCallback(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        due = torch.tensor([time.monotonic() - self.last >= self.interval], dtype=torch.int32)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank must take the same decision or the collective inside saving would hang
-            backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            due = due.to(backend_device)
-            torch.distributed.broadcast(due, src=0)
-        if bool(due.item()):
+        if _rank0_decides(time.monotonic() - self.last >= self.interval):
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
@@ -145,3 +153,56 @@ class StopAtStepCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step >= self.step:
             raise KeyboardInterrupt(f"stopped at step {state.global_step} (StopAtStepCallback)")
+
+
+class SegmentLimitReached(Exception):
+    """This process's share of a run ended at its time or step limit, after writing a checkpoint.
+
+    Not an error of the run: ``checkpoint`` is complete and ``--resume`` continues from it exactly.
+    """
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"stopped at step {step} ({reason}) after saving a checkpoint; continue with --resume")
+        self.step, self.reason = step, reason
+
+
+class SegmentLimitCallback(TrainerCallback):
+    """Ends this process's part of a run after ``minutes`` of wall-clock time or ``steps`` optimizer steps
+    (counted from where it started or resumed), with a checkpoint: for jobs that run under a time limit
+    (a scheduler's wall time, a device lease), which would otherwise be killed mid-step and lose
+    everything since the last checkpoint.
+
+    The limit asks for a checkpoint at the end of the step that reaches it; once that checkpoint is saved
+    (complete, renamed into place) :class:`SegmentLimitReached` is raised, so no ``final/`` is written. The
+    last step of the run is never cut: the run then just finishes. Rank 0's clock decides for all ranks.
+    """
+
+    def __init__(self, minutes: float | None = None, steps: int | None = None) -> None:
+        if minutes is None and steps is None:
+            raise ValueError("SegmentLimitCallback: give minutes or steps")
+        if (minutes is not None and minutes <= 0) or (steps is not None and steps < 1):
+            raise ValueError(f"SegmentLimitCallback: minutes must be > 0 and steps >= 1, got {minutes}, {steps}")
+        self.minutes, self.steps = minutes, steps
+        self.start = time.monotonic()
+        self.start_step = 0
+        self.stopping = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_step, self.stopping = time.monotonic(), state.global_step, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            return
+        due = ((self.minutes is not None and time.monotonic() - self.start >= 60.0 * self.minutes)
+               or (self.steps is not None and state.global_step - self.start_step >= self.steps))
+        if _rank0_decides(bool(due)):
+            control.should_save = True
+            self.stopping = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopping:
+            limit = f"{self.minutes:g} minutes" if self.minutes is not None else ""
+            if self.steps is not None:
+                limit = " or ".join(x for x in (limit, f"{self.steps} steps") if x)
+            raise SegmentLimitReached(state.global_step, f"the limit of {limit} for this command")
+

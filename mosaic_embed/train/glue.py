@@ -41,7 +41,6 @@ from ..artifacts import (
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
-    read_json,
     remove_temporaries,
     write_manifest,
     writer_lock,
@@ -50,6 +49,7 @@ from ..config import GlueConfig, GlueTaskHParams, save_config, to_dict
 from ..data import packing
 from ..data.glue import GLUE_TASKS, Examples, TaskData, load_custom_task, load_glue_task, resolve_tasks
 from ..runtime import WarmupLinearDecay, autocast, resolve_device, resolve_precision
+from .checkpoints import pretraining_meta
 from .glue_metrics import compute_metrics, glue_average, mean_std, task_score
 
 log = logging.getLogger(__name__)
@@ -114,41 +114,6 @@ def load_classifier(model_dir: str | Path, num_labels: int, backbone_from: str |
     model.load_state_dict({k: theirs[k] for k in ours}, strict=False)
     del donor
     return model
-
-
-def pretraining_meta(model_dir: str | Path) -> dict[str, Any]:
-    """How long the checkpoint was pretrained: ``checkpoint_meta.json``, else the folder's ``manifest.json``.
-
-    Returns ``{"wall_clock_s", "step", "tokens_seen", "source"}`` (values None when unknown).
-    """
-    model_dir = Path(model_dir)
-    meta: dict[str, Any] = {"wall_clock_s": None, "step": None, "tokens_seen": None, "source": None}
-    cm = model_dir / "checkpoint_meta.json"
-    if cm.is_file():
-        data = read_json(cm)
-        if "wall_clock_s" not in data:
-            raise ValueError(f"{cm}: no 'wall_clock_s' field")
-        meta.update({k: data.get(k) for k in ("wall_clock_s", "step", "tokens_seen")}, source=str(cm.resolve()))
-        return meta
-    mf = model_dir / "manifest.json"
-    if mf.is_file():
-        data = read_json(mf)
-        # A pretraining manifest keeps the run's totals; accept the few names a run may use for them.
-        pools = [data, data.get("timings") or {}, data.get("outputs") or {}, data.get("final") or {}]
-        for pool in pools:
-            if not isinstance(pool, dict):
-                continue
-            for key in ("wall_clock_s", "train_wall_clock_s", "train_s", "pretrain_s", "total_s"):
-                if isinstance(pool.get(key), int | float) and meta["wall_clock_s"] is None:
-                    meta["wall_clock_s"] = float(pool[key])
-            for key in ("step", "steps", "global_step"):
-                if isinstance(pool.get(key), int) and meta["step"] is None:
-                    meta["step"] = pool[key]
-            if isinstance(pool.get("tokens_seen"), int) and meta["tokens_seen"] is None:
-                meta["tokens_seen"] = pool["tokens_seen"]
-        if meta["wall_clock_s"] is not None:
-            meta["source"] = str(mf.resolve())
-    return meta
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -59,11 +58,10 @@ from ..data.mlm import (
 )
 from ..runtime import WarmupLinearDecay, dist_state, peak_flops, resolve_device, resolve_precision
 from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback
+from .checkpoints import CHECKPOINT_META, latest_checkpoint, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_META = "checkpoint_meta.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 #: transformers ``BertConfig`` shapes for the baseline (Devlin et al.; small/mini as in Turc et al. 2019).
 HF_BERT_PRESETS: dict[str, dict[str, int]] = {
@@ -521,26 +519,6 @@ class MLMTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------------------
 # checkpoint folders
 # ----------------------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(run_dir_or_ckpts: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with ``checkpoint_meta.json``), sorted by step."""
-    root = Path(run_dir_or_ckpts)
-    if (root / "checkpoints").is_dir():
-        root = root / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / CHECKPOINT_META).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1][1] if ckpts else None
 
 
 def _remove_partial_writes(run_dir: Path) -> None:

@@ -13,7 +13,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenize
 
 import mosaic_embed  # noqa: F401  (registers the Auto classes)
 from mosaic_embed.config import ConfigError, PretrainConfig, PretrainModelConfig, from_dict, load_config
-from mosaic_embed.train.callbacks import StopAtStepCallback
+from mosaic_embed.train.callbacks import SegmentLimitCallback, SegmentLimitReached, StopAtStepCallback
 from mosaic_embed.train.pretrain import (
     NonFiniteLossError,
     WarmupLinearDecay,
@@ -258,6 +258,28 @@ def test_time_based_checkpoints(tmp_path, tok):
                    keep_last=2, keep_steps=[])
     run(cfg, tok)
     assert [s for s, _ in list_checkpoints(tmp_path / "t")] == [2, 3]
+
+
+def test_segment_limit_saves_stops_and_resumes(tmp_path, tok):
+    """A command's step (or time) limit ends it with a complete checkpoint and no final/; --resume finishes the
+    run with the same losses as one uninterrupted run; the run's last step is never cut."""
+    cfg = make_cfg(tmp_path / "s", max_steps=5, eval_every_steps=0, save_every_steps=0, keep_steps=[], keep_last=5)
+    with pytest.raises(SegmentLimitReached, match="stopped at step 2 .*2 steps.*--resume"):
+        run(cfg, tok, callbacks=[SegmentLimitCallback(steps=2)])
+    assert [s for s, _ in list_checkpoints(tmp_path / "s")] == [2] and not (tmp_path / "s/final").exists()
+    with pytest.raises(SegmentLimitReached, match="stopped at step 4"):  # counted from where it resumed
+        run(cfg, tok, resume=True, callbacks=[SegmentLimitCallback(steps=2)])
+    run(cfg, tok, resume=True, callbacks=[SegmentLimitCallback(steps=1)])  # step 5 is the last: not cut
+    assert [s for s, _ in list_checkpoints(tmp_path / "s")] == [2, 4]
+    whole = make_cfg(tmp_path / "w", max_steps=5, eval_every_steps=0, save_every_steps=0, keep_steps=[])
+    run(whole, tok)
+    assert train_losses(tmp_path / "s")[0] == train_losses(tmp_path / "w")[0]
+    # a time limit far below one step's time stops after the first step
+    with pytest.raises(SegmentLimitReached, match="stopped at step 1 .*minutes"):
+        run(make_cfg(tmp_path / "m", max_steps=3, eval_every_steps=0, save_every_steps=0, keep_steps=[]), tok,
+            callbacks=[SegmentLimitCallback(minutes=1e-6)])
+    with pytest.raises(ValueError, match="minutes or steps"):
+        SegmentLimitCallback()
 
 
 def _torchrun_pretrain(nproc, out, cache):
