@@ -173,9 +173,13 @@ def plot_pareto(results_paths: Sequence[str | Path], out: str | Path, title: str
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize="small")
+    # one legend under the panels: inside a panel it hides the points it names
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    ncol = min(4, len(names)) or 1
+    legend_rows = math.ceil(len(names) / ncol)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize="small", frameon=False)
     fig.suptitle(title or "dev score vs pretraining time (error bars: spread over seeds)", fontsize="medium")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * legend_rows / nrows, 1, 1))
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".png", ".svg") else out
     written = []
