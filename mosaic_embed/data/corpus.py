@@ -349,6 +349,16 @@ def parse_json_object(line: str, path: str | Path, lineno: int) -> dict[str, Any
     return obj
 
 
+def record_id(obj: dict[str, Any], path: str | Path, lineno: int, id_field: str | None, position: int) -> str:
+    """A JSON-lines record's id: ``id_field`` when one is named (then required), else ``_id``, ``id``, or the
+    record's position in the file."""
+    if id_field is not None:
+        if id_field not in obj:
+            raise ValueError(f"{path}:{lineno}: missing id field '{id_field}'")
+        return str(obj[id_field])
+    return str(obj.get("_id", obj.get("id", position)))
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line of a JSON-lines file (``.gz`` allowed).
 

@@ -34,7 +34,7 @@ from ..artifacts import (
     writer_lock,
 )
 from ..config import EmbedConfig
-from ..data.corpus import iter_lines, parse_json_object
+from ..data.corpus import iter_lines, parse_json_object, record_id
 from ..runtime import dist_state
 from .packed import Encoder
 
@@ -62,13 +62,7 @@ def _count_and_write_ids(cfg: EmbedConfig, out: Path) -> int:
             for lineno, line in iter_lines(path):
                 obj = parse_json_object(line, path, lineno)
                 record_text(obj, path, lineno, cfg.text_field, cfg.title_field)
-                if cfg.id_field is not None:
-                    if cfg.id_field not in obj:
-                        raise ValueError(f"{path}:{lineno}: missing id field '{cfg.id_field}'")
-                    rid = obj[cfg.id_field]
-                else:
-                    rid = obj.get("_id", obj.get("id", n))
-                ids.write(json.dumps(str(rid)) + "\n")
+                ids.write(json.dumps(record_id(obj, path, lineno, cfg.id_field, n)) + "\n")
                 n += 1
         if n == 0:
             raise ValueError(f"{path}: no records (the file is empty or blank)")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..config import EncodeConfig, IndexConfig
-from ..data.corpus import iter_jsonl
+from ..data.corpus import iter_jsonl, record_id
 from .store import Doc, StoreWriter, open_encoder, open_writer
 
 WINDOW = 2048  # records read, chunked and embedded at a time
@@ -50,13 +50,7 @@ def iter_records(path: str | Path, cfg: IndexConfig) -> Iterator[Record]:
         text = obj.get(cfg.text_field)
         if not isinstance(text, str):
             raise ValueError(f"{path}:{lineno}: field '{cfg.text_field}' missing or not a string")
-        if cfg.id_field is not None:
-            if cfg.id_field not in obj:
-                raise ValueError(f"{path}:{lineno}: missing id field '{cfg.id_field}'")
-            rid = obj[cfg.id_field]
-        else:
-            rid = obj.get("_id", obj.get("id", n))
-        rid = str(rid)
+        rid = record_id(obj, path, lineno, cfg.id_field, n)
         if rid in seen:
             raise ValueError(f"{path}:{lineno}: document id {rid!r} was already given on line {seen[rid]}")
         seen[rid] = lineno
