@@ -167,6 +167,14 @@ def varlen_attention(
                                                    softmax_scale)
 
 
+def announce_padded_attention() -> None:
+    """Say once that attention runs the torch path on padded batches. ``warm_dispatch`` calls it before
+    torch.compile traces: a first call inside the traced layer loop is a graph break there, and torch.compile
+    then runs the whole encoder eagerly."""
+    if ("attention", "torch", "unpad=False") not in _announced:
+        _announce("attention", "torch", "unpad=False")
+
+
 def padded_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,8 +188,7 @@ def padded_attention(
 
     q, k, v: (B, H, S, D); key_padding_mask (B, S) bool, True for real keys -> (B, H, S, D).
     """
-    if ("attention", "torch", "unpad=False") not in _announced:
-        _announce("attention", "torch", "unpad=False")
+    announce_padded_attention()
     return _torch_attention.padded_attention_torch(q, k, v, key_padding_mask, alibi_slopes, dropout_p,
                                                    softmax_scale)
 

@@ -79,14 +79,25 @@ class MosaicBertEmbeddings(nn.Module):
         """input_ids, token_type_ids, position_ids: (...) of one shape -> (..., H)."""
         hidden = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
-            limit = self.position_embeddings.num_embeddings
-            if position_ids.numel() and int(position_ids.max()) >= limit:
-                raise ValueError(
-                    f"position='learned' embeds at most max_position_embeddings={limit} positions; got a "
-                    f"sequence of {int(position_ids.max()) + 1} tokens (ALiBi models have no such limit)"
-                )
             hidden = hidden + self.position_embeddings(position_ids)
         return self.dropout(self.norm(hidden))
+
+    def check_length(self, longest: int | None, position_ids: torch.Tensor | None) -> None:
+        """Learned positions embed at most ``max_position_embeddings`` positions: an error naming the limit.
+
+        Checked on the host int the caller already has (the longest sequence) when the positions are the
+        implicit 0..n-1, so the hot path has no ``.item()``: no device sync, no torch.compile graph break.
+        Only positions the caller passed explicitly are read back from the device."""
+        if self.position_embeddings is None:
+            return
+        limit = self.position_embeddings.num_embeddings
+        if position_ids is not None:
+            longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if longest is not None and longest > limit:
+            raise ValueError(
+                f"position='learned' embeds at most max_position_embeddings={limit} positions; got a "
+                f"sequence of {longest} tokens (ALiBi models have no such limit)"
+            )
 
 
 class MosaicBertAttention(nn.Module):
@@ -272,6 +283,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             if cu_seqlens.dtype != torch.int32:
                 raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
             max_seqlen = int(max_seqlen)  # a 0-d tensor from a collator works too
+            self.embeddings.check_length(max_seqlen, position_ids)
             total, batch = input_ids.shape[0], cu_seqlens.numel() - 1
             flat_index, positions = cu_seqlens_to_indices(cu_seqlens, max_seqlen, total)  # (T,), (T,)
             if position_ids is None:
@@ -293,6 +305,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"padded input: input_ids must be (B, S), got {tuple(input_ids.shape)}")
         batch, seqlen = input_ids.shape
+        self.embeddings.check_length(seqlen, position_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:

@@ -574,9 +574,11 @@ def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) 
     config = getattr(model, "config", None)
     if getattr(config, "model_type", "") != "mosaic_bert":
         return
-    from ..kernels.dispatch import resolve_impl
+    from ..kernels.dispatch import announce_padded_attention, resolve_impl
 
     device = torch.device(device_type)
+    if not config.unpad:
+        announce_padded_attention()
     head_dim = config.hidden_size // config.num_attention_heads
     for dropout_p in {0.0, float(config.attention_probs_dropout_prob)}:  # eval, train
         resolve_impl("attention", config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
