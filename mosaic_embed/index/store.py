@@ -546,18 +546,38 @@ class VectorStore:
             return None
         scores = self._similarity(d)
         if self.config.rescore:
-            block = max(1, 2**24 // max(1, fetch * self.dim))  # ~64 MB of gathered vectors at a time
-            for a in range(0, len(q), block):
-                vecs = self.vectors_of(ids[a : a + block].reshape(-1)).reshape(-1, fetch, self.dim)
-                if self.config.metric == "ip":
-                    exact = np.einsum("qd,qkd->qk", q[a : a + block], vecs)
-                else:
-                    exact = self._similarity(((vecs - q[a : a + block, None, :]) ** 2).sum(-1))
-                order = np.argsort(-exact, axis=1, kind="stable")
-                ids[a : a + block] = np.take_along_axis(ids[a : a + block], order, 1)
-                scores[a : a + block] = np.take_along_axis(exact, order, 1)
+            exact = self._rescore(q, ids)
+            order = np.argsort(-exact, axis=1, kind="stable")
+            ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(exact, order, 1)
         ids, scores = ids[:, :want], scores[:, :want].astype(np.float32, copy=False)
         return [(ids[i], scores[i], None) for i in range(len(q))]
+
+    def _rescore(self, q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Exact scores (Q, F) of each query against the vectors of its candidate ``keys`` (Q, F).
+
+        With the float vectors kept (a memory map in key order), FAISS's by-index kernels compute them in
+        place over all cores, reading only the candidates' rows: this is what ``IndexRefineFlat`` does, with
+        the vectors on disk instead of in memory. Else the vectors are gathered (decoded) in blocks."""
+        vectors = self._vectors
+        if vectors is not None and vectors.dtype == np.float32 and vectors.flags.c_contiguous:
+            faiss = _faiss()
+            q = np.ascontiguousarray(q, dtype=np.float32)
+            rows = np.ascontiguousarray(np.searchsorted(self._vkeys, keys), dtype=np.int64)
+            out = np.empty(keys.shape, dtype=np.float32)
+            kernel = faiss.fvec_inner_products_by_idx if self.config.metric == "ip" else faiss.fvec_L2sqr_by_idx
+            kernel(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(vectors), faiss.swig_ptr(rows),
+                   self.dim, keys.shape[0], keys.shape[1])
+            return self._similarity(out)
+        fetch = keys.shape[1]
+        out = np.empty(keys.shape, dtype=np.float32)
+        block = max(1, 2**24 // max(1, fetch * self.dim))  # ~64 MB of gathered vectors at a time
+        for a in range(0, len(q), block):
+            vecs = self.vectors_of(keys[a : a + block].reshape(-1)).reshape(-1, fetch, self.dim)
+            if self.config.metric == "ip":
+                out[a : a + block] = np.einsum("qd,qkd->qk", q[a : a + block], vecs)
+            else:
+                out[a : a + block] = self._similarity(((vecs - q[a : a + block, None, :]) ** 2).sum(-1))
+        return out
 
     def _torch_search(self, q: np.ndarray, want: int, block: int = 1024) -> list:
         import torch

@@ -46,6 +46,24 @@ def test_recall_against_brute_force(tmp_path, factory, params, min_recall):
         np.testing.assert_allclose([[h.score for h in hs] for hs in hits], exact_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_rescored_candidates_get_exact_scores(tmp_path, metric):
+    """SQ8 codes find the candidates; the kept float vectors (rescored by FAISS's by-index kernels) give the
+    exact cosine of each hit, under either metric, and the exact top 10."""
+    x, q, k = clustered(2000, 24), clustered(50, 24, seed=1), 10
+    cfg = IndexConfig(factory="SQ8", metric=metric, rescore=4)
+    store = VectorStore(build_store(x, [f"doc{i}" for i in range(len(x))], tmp_path / "store", cfg))
+    results = store.search(q, k, with_text=False)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    for r, qv in zip(results, qn, strict=True):
+        keys = np.array([h.key for h in r.hits])
+        np.testing.assert_allclose([h.score for h in r.hits], xn[keys] @ qv, rtol=1e-5, atol=1e-5)
+    _, exact_rows = exact_top_k(x, q, k)
+    recall = np.mean([len({h.key for h in r.hits} & set(er)) / k for r, er in zip(results, exact_rows, strict=True)])
+    assert recall >= 0.98
+
+
 def test_round_trip_with_texts_and_memmap(tmp_path):
     x = clustered(300, 16)
     np.save(tmp_path / "emb.npy", x.astype(np.float16))
