@@ -36,7 +36,6 @@ class ProgressCallback(TrainerCallback):
         self.desc = desc
         self.peak_note = peak_note  # what the MFU is measured against (runtime.peak_flops), said once
         self.bar: tqdm | None = None
-        self.peak_note = peak_note  # what the MFU is measured against (runtime.peak_flops), said once
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -69,6 +68,28 @@ class ProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def one_bar(trainer: Any) -> None:
+    """A trainer that shows only our :class:`ProgressCallback` (built with ``disable_tqdm=True`` and given it):
+    transformers' printer and bar callbacks removed, as they print each log as a raw dictionary."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgressCallback
+
+    for cb in (PrinterCallback, HFProgressCallback):
+        trainer.remove_callback(cb)
+
+
+def card_widget_from_first_rows(model: Any, dataset: Any) -> None:
+    """Before a sentence-transformers trainer is built: its model card's widget from the first rows of the
+    training set; the trainer otherwise samples 1,000 rows for it under a progress bar of its own."""
+    card = getattr(model, "model_card_data", None)
+    if card is None or getattr(card, "widget", None) or not len(dataset):
+        return
+    column = next((c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string"), None)
+    if column is not None:
+        texts = dataset[:4][column]
+        card.widget = [{"source_sentence": texts[0], "sentences": texts[1:] or texts[:1]}]
 
 
 class JsonlMetricsCallback(TrainerCallback):

@@ -35,7 +35,7 @@ from ..artifacts import atomic_directory, remove_temporaries, write_manifest, wr
 from ..config import ContrastiveConfig
 from ..encode import build_encoder, save_encoder
 from ..runtime import dist_state, resolve_device, resolve_precision
-from .callbacks import ProgressCallback
+from .callbacks import ProgressCallback, card_widget_from_first_rows, one_bar
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,6 @@ def train_encoder(cfg: ContrastiveConfig, log: Callable[[str], None] | None = No
     only) receives warnings about the pairs and the run's summary; the progress is one bar.
     """
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_callback import ProgressCallback as HFProgressCallback
     try:
         from sentence_transformers.base.sampler import BatchSamplers
     except ImportError:  # older ST layouts
@@ -269,11 +267,11 @@ def train_encoder(cfg: ContrastiveConfig, log: Callable[[str], None] | None = No
             disable_tqdm=True,  # our one bar (ProgressCallback) instead of tqdm plus printed log dicts
         )
         losses = _LossLog()
+        card_widget_from_first_rows(model, dataset)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                              evaluator=evaluator, callbacks=[ProgressCallback("train-encoder"),
                                                                              losses])
-        for cb in (PrinterCallback, HFProgressCallback):
-            trainer.remove_callback(cb)
+        one_bar(trainer)
         t1 = time.perf_counter()
         train_out = trainer.train()
         t_train = time.perf_counter() - t1

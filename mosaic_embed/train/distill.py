@@ -48,6 +48,7 @@ from ..artifacts import (
 from ..config import DistillConfig, EmbedConfig
 from ..encode import build_encoder, encoder_identity, load_sentence_transformer, save_encoder
 from ..runtime import dist_state, resolve_device, resolve_precision
+from .callbacks import ProgressCallback, card_widget_from_first_rows, one_bar
 
 logger = logging.getLogger(__name__)
 
@@ -295,9 +296,13 @@ def distill(cfg: DistillConfig) -> Path:
             max_steps=cfg.max_steps, learning_rate=cfg.lr, warmup_steps=cfg.warmup_fraction,
             weight_decay=cfg.weight_decay, bf16=bf16, seed=cfg.seed, use_cpu=device.type != "cuda",
             logging_steps=cfg.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
+            disable_tqdm=True,
         )
+        card_widget_from_first_rows(student, dataset)
         trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset,
-                                             loss=EmbedDistillLoss(student, distance_metric=cfg.loss))
+                                             loss=EmbedDistillLoss(student, distance_metric=cfg.loss),
+                                             callbacks=[ProgressCallback("distill")])
+        one_bar(trainer)
         t1 = time.perf_counter()
         result = trainer.train()
         t_train = time.perf_counter() - t1

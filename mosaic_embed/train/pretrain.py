@@ -41,8 +41,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import PrinterCallback, TrainerState
-from transformers.trainer_callback import ProgressCallback as HFProgressCallback
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..artifacts import atomic_write_json, read_manifest, remove_temporaries, write_manifest, writer_lock
@@ -57,7 +56,7 @@ from ..data.mlm import (
     UnpaddedMLMCollator,
 )
 from ..runtime import WarmupLinearDecay, dist_state, peak_flops, resolve_device, resolve_precision
-from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback
+from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback, one_bar
 from .checkpoints import CHECKPOINT_META, latest_checkpoint, list_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -723,8 +722,7 @@ def train_mlm(
         data_order=data_order,
         resume_meta=resume_meta,
     )
-    for cb in (PrinterCallback, HFProgressCallback):
-        trainer.remove_callback(cb)
+    one_bar(trainer)
     if resume_meta is not None and int(resume_meta["step"]) >= tc.max_steps:
         trainer.take_final_checkpoint(resume_from)  # (the run stopped while it validated or wrote final/)
     else:

@@ -349,7 +349,8 @@ def test_train_encoder_records_resolved_paths(encoder_dir, tmp_path, monkeypatch
 
 def test_train_encoder_cli_shows_one_bar_and_a_summary(encoder_dir, tmp_path):
     """The real command in one process: no raw log dictionaries, no load report for the MLM head it leaves
-    behind, no warning about gathering negatives without other ranks; a summary line instead."""
+    behind, no warning about gathering negatives without other ranks, no second bar for the model card; a
+    summary line instead."""
     import re
     import subprocess
     import sys
@@ -364,5 +365,6 @@ def test_train_encoder_cli_shows_one_bar_and_a_summary(encoder_dir, tmp_path):
     assert done.returncode == 0, output[-3000:]
     assert not re.search(r"\{'(loss|train_runtime|grad_norm)'", output), output[-3000:]
     assert "LOAD REPORT" not in output and "Trying to gather" not in output and "Loading weights" not in output
+    assert "Computing widget examples" not in output  # the model card's widget comes from the first rows
     assert re.search(r"train-encoder: 3 steps on 24 pairs in [\d.]+ s, loss [\d.]+ -> [\d.]+", done.stdout)
     assert f"wrote {tmp_path / 'enc'}" in done.stdout

@@ -164,8 +164,9 @@ def test_cli_distill_tiny_recipe(setup):
     root, teacher, corpus = setup
     r = CliRunner().invoke(main, ["distill", "--recipe", "tiny", "--teacher", str(teacher), "--corpus", str(corpus),
                                   "--student", "mosaic-bert-tiny", "--out", str(root / "cli"), "--max-passages", "10",
-                                  ])
+                                  "--set", "logging_steps=1"])
     assert r.exit_code == 0, r.output
+    assert "{'loss'" not in r.output and "{'train_runtime'" not in r.output, r.output  # one bar, no raw logs
     manifest = json.loads((root / "cli" / "manifest.json").read_text())
     assert manifest["outputs"]["passages"] == 10 and manifest["outputs"]["student"]["projection"] is None
     r = CliRunner().invoke(main, ["distill", "--teacher", str(root / "nope"), "--corpus", str(corpus),
