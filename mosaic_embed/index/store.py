@@ -557,9 +557,10 @@ class VectorStore:
 
         With the float vectors kept (a memory map in key order), FAISS's by-index kernels compute them in
         place over all cores, reading only the candidates' rows: this is what ``IndexRefineFlat`` does, with
-        the vectors on disk instead of in memory. Else the vectors are gathered (decoded) in blocks."""
-        vectors = self._vectors
-        if vectors is not None and vectors.dtype == np.float32 and vectors.flags.c_contiguous:
+        the vectors on disk instead of in memory. A store without them (its vectors file lost) decodes the
+        candidates from the index instead, in blocks."""
+        vectors = self._vectors  # float32, C-contiguous: a memory map of vectors.f32
+        if vectors is not None:
             faiss = _faiss()
             q = np.ascontiguousarray(q, dtype=np.float32)
             rows = np.ascontiguousarray(np.searchsorted(self._vkeys, keys), dtype=np.int64)
