@@ -298,8 +298,14 @@ def test_pareto_study_runs_every_phase_at_tiny_size(tmp_path, capsys):
     # command 2: resume, pretrain the other model, finetune, merge, plot
     assert bench.main(["all", *base, "--resume"]) == 0
     doc = json.loads((work / "pareto.json").read_text())
-    assert doc["kind"] == "mosaic_embed.pareto" and [r["name"] for r in doc["runs"]] == ["mosaic-small", "bert-small"]
-    for run in doc["runs"]:
+    assert doc["kind"] == "mosaic_embed.pareto"
+    assert [r["name"] for r in doc["runs"]] == ["mosaic-small", "bert-small", "bert-mode"]
+    # the ablation: one probe run of probe_steps at its baseline's winner, no timed checkpoints, its end point only
+    ablation = doc["runs"][2]
+    assert ablation["lr"] == doc["sweeps"]["bert-small"]["winner"] and doc["sweeps"]["bert-mode"]["steps"] == 3
+    assert {p["checkpoint"] for p in ablation["points"]} == {"final"} and len(ablation["points"]) == 2 * 3
+    assert not list((work / "pretrain" / "bert-mode" / "checkpoints").glob("step-*"))
+    for run in doc["runs"][:2]:
         assert {"name", "lr", "tokens_per_s", "points"} <= set(run) and run["tokens_per_s"] > 0
         assert run["lr"] == doc["sweeps"][run["name"]]["winner"] == run["sweep"]["winner"]
         for p in run["points"]:

@@ -137,6 +137,9 @@ class StudyConfig:
     pretrain_steps: int | None = None  # fixed steps instead of budget x measured steps/s (tiny mode)
     pretrain_evals: int = 4  # validations during pretraining (excluded from its wall clock)
     sweep_steps: int = 300
+    # the one run of an ``lr_from`` model (its throughput and a divergence check): shorter than a sweep run,
+    # its steady steps/s is measured after the first quarter of the steps all the same
+    probe_steps: int = 150
     sweep_extend: int = 1
     sweep_factor: float = 2.0
     pretrain_overrides: list[str] = dataclasses.field(default_factory=list)  # --set for every pretraining run
@@ -153,8 +156,10 @@ class StudyConfig:
             raise ValueError("budget_minutes and checkpoint_every_minutes must be > 0")
         if self.pretrain_steps is not None and self.pretrain_steps < 1:
             raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
-        if self.sweep_steps < 1 or self.pretrain_evals < 0 or self.sweep_extend < 0 or self.sweep_factor <= 1:
-            raise ValueError("sweep_steps >= 1, pretrain_evals >= 0, sweep_extend >= 0 and sweep_factor > 1")
+        if (self.sweep_steps < 1 or self.probe_steps < 1 or self.pretrain_evals < 0 or self.sweep_extend < 0
+                or self.sweep_factor <= 1):
+            raise ValueError("sweep_steps >= 1, probe_steps >= 1, pretrain_evals >= 0, sweep_extend >= 0 and "
+                             "sweep_factor > 1")
         if self.max_points is not None and self.max_points < 1:
             raise ValueError(f"max_points must be >= 1, got {self.max_points}")
         names = [t.name for t in self.tasks]
@@ -166,6 +171,10 @@ class StudyConfig:
                                              or self.models[plan.lr_from].lr_from is not None):
                 raise ValueError(f"models.{name}.lr_from: {plan.lr_from!r} must be a model with a grid of its own, "
                                  "listed before it")
+
+    def run_steps(self, model: str) -> int:
+        """Steps of each of ``model``'s sweep runs (one probe run for an ``lr_from`` model)."""
+        return self.probe_steps if self.models[model].lr_from is not None else self.sweep_steps
 
 
 def load_study(path: Path) -> StudyConfig:
@@ -434,7 +443,7 @@ def sweep_summary(ctx: Ctx, model: str) -> dict[str, Any] | None:
         return None
     win = records[lr_tag(best)]
     plan = ctx.study.models[model]
-    return {"recipe": plan.recipe, "steps": ctx.study.sweep_steps, "lr_from": plan.lr_from,
+    return {"recipe": plan.recipe, "steps": ctx.study.run_steps(model), "lr_from": plan.lr_from,
             "grid": list(plan.lrs) or grid, "tried": grid, "winner": best,
             "winner_at_edge": best in (grid[0], grid[-1]) and len(grid) > 1,
             "criterion": "validation MLM loss (15 % masking) after the sweep run",
@@ -464,14 +473,15 @@ def run_sweep_lr(ctx: Ctx, model: str, lr: float, records: dict[str, dict[str, A
         done = [r["process_s"] for r in records.values() if r.get("process_s")]
         ctx.check_fits(statistics.mean(done) if done else ctx.study.estimates.sweep_run_s, f"sweep run {model} lr {lr:g}")
         fresh_folder(run_dir)
-    sets = [f"train.lr={lr!r}", f"train.max_steps={ctx.study.sweep_steps}", "train.eval_every_steps=0",
+    steps = ctx.study.run_steps(model)
+    sets = [f"train.lr={lr!r}", f"train.max_steps={steps}", "train.eval_every_steps=0",
             "train.save_every_steps=0", "train.save_every_minutes=0"]
-    print(f"sweep {model}: lr {lr:g} ({'resuming' if state == 'partial' else f'{ctx.study.sweep_steps} steps'})",
+    print(f"sweep {model}: lr {lr:g} ({'resuming' if state == 'partial' else f'{steps} steps'})",
           flush=True)
     log = ctx.log_path(f"sweep-{model}-lr-{lr_tag(lr)}")
     rc, seconds = ctx.pretrain_cli(model, run_dir, sets, log, resume=state == "partial",
                                    stop_after_steps=ctx.args.segment_steps)
-    record: dict[str, Any] = {"lr": lr, "steps": ctx.study.sweep_steps, "process_s": round(seconds, 1)}
+    record: dict[str, Any] = {"lr": lr, "steps": steps, "process_s": round(seconds, 1)}
     if rc == EXIT_NAN:
         record.update(eval_loss=None, eval_accuracy=None, diverged=True, steps_per_s=None, tokens_per_s=None)
     elif rc == 0:
@@ -514,7 +524,7 @@ def pretrain_model(ctx: Ctx, model: str) -> None:
         if study.pretrain_steps is not None:
             max_steps = study.pretrain_steps
             estimate = (statistics.mean(r["process_s"] for r in summary["runs"].values())
-                        * max_steps / study.sweep_steps)
+                        * max_steps / study.run_steps(model))
         else:
             if not summary["steps_per_s"]:
                 raise RuntimeError(f"{model}: its sweep run measured no steps/s (no training log in its metrics)")
@@ -522,10 +532,13 @@ def pretrain_model(ctx: Ctx, model: str) -> None:
             estimate = study.budget_minutes * 60.0 + study.estimates.pretrain_overhead_s
         ctx.check_fits(estimate, f"pretraining {model}")
         warm_compile_cache(ctx, model)
+        # a model finetuned at its end point only needs no timed checkpoints and one validation, at the end
+        curve = study.models[model].finetune == "all"
         plan = {"model": model, "recipe": study.models[model].recipe, "lr": summary["winner"],
                 "max_steps": max_steps, "steps_per_s_from_sweep": summary["steps_per_s"],
-                "budget_minutes": study.budget_minutes, "checkpoint_every_minutes": study.checkpoint_every_minutes,
-                "eval_every_steps": max(1, max_steps // study.pretrain_evals) if study.pretrain_evals else 0,
+                "budget_minutes": study.budget_minutes,
+                "checkpoint_every_minutes": study.checkpoint_every_minutes if curve else 0.0,
+                "eval_every_steps": max(1, max_steps // study.pretrain_evals) if curve and study.pretrain_evals else 0,
                 "segments": 0, "stops": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         fresh_folder(run_dir)
         atomic_write_json(plan_path, plan)
