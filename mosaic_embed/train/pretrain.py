@@ -596,6 +596,13 @@ def compile_in_place(model: torch.nn.Module, packed: bool, device_type: str | No
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     warm_dispatch(model, device_type, dtype or torch.float32)
+    if getattr(getattr(model, "config", None), "unpad", True) is False:
+        # torch 2.11's Inductor fails an assertion in its coalescing analysis (tiling_utils.get_pw_red_splits)
+        # on the padded MosaicBERT graph with dynamic shapes (seen on an H200 with every `unpad: false` recipe);
+        # the analysis only chooses a tiling, so the padded path compiles without it.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.coalesce_tiling_analysis = False
     model.compile(dynamic=True if packed else None)
 
 
