@@ -61,6 +61,26 @@ PACKED, FALLBACK = "packed", "sentence-transformers"
 DOCUMENT_PROMPTS = ("document", "passage", "corpus")
 
 
+def resolve_prompt(prompts: dict[str, str], default_prompt_name: str | None, prompt_name: str | None,
+                   where: str = "") -> str:
+    """The text an encoder with ``prompts`` prepends for ``prompt_name``, as sentence-transformers resolves it:
+    "query" -> ``prompts["query"]`` (``encode_query``), "document" -> the first of document/passage/corpus
+    (``encode_document``), each falling back to the default prompt when the folder defines none; any other
+    name must be one of ``prompts``; None -> the default prompt, or nothing. A prompt of None is "none"."""
+    prompts = {k: v or "" for k, v in prompts.items()}
+    if prompt_name == "query" and "query" in prompts:
+        return prompts["query"]
+    if prompt_name == "document":
+        for name in DOCUMENT_PROMPTS:
+            if name in prompts:
+                return prompts[name]
+    if prompt_name in (None, "query", "document"):
+        return prompts.get(default_prompt_name, "") if default_prompt_name else ""
+    if prompt_name not in prompts:
+        raise ValueError(f"prompt_name {prompt_name!r}: the encoder {where} defines the prompts {sorted(prompts) or 'none'}")
+    return prompts[prompt_name]
+
+
 DEFAULT_MAX_TOKENS = 32768  # real tokens per packed batch on GPU (see Encoder)
 
 #: The longest input an ALiBi model is run at. ALiBi has no position table, so this is a bound on memory
@@ -276,23 +296,8 @@ class Encoder:
         }
 
     def prompt(self, prompt_name: str | None) -> str:
-        """The text prepended for ``prompt_name``, as sentence-transformers resolves it: "query" ->
-        ``prompts["query"]`` (``encode_query``), "document" -> the first of document/passage/corpus
-        (``encode_document``), falling back to the default prompt when the folder defines neither; any other
-        name must be one of the folder's prompts; None -> the default prompt, or nothing."""
-        if prompt_name == "query" and "query" in self.prompts:
-            return self.prompts["query"]
-        if prompt_name == "document":
-            for name in DOCUMENT_PROMPTS:
-                if name in self.prompts:
-                    return self.prompts[name]
-        if prompt_name in (None, "query", "document"):
-            default = self.default_prompt_name
-            return self.prompts.get(default, "") if default else ""
-        if prompt_name not in self.prompts:
-            raise ValueError(f"prompt_name {prompt_name!r}: the encoder {self.path} defines the prompts "
-                             f"{sorted(self.prompts) or 'none'}")
-        return self.prompts[prompt_name]
+        """The text prepended for ``prompt_name`` (see :func:`resolve_prompt`)."""
+        return resolve_prompt(self.prompts, self.default_prompt_name, prompt_name, str(self.path))
 
     def _finish(self, emb: np.ndarray) -> np.ndarray:
         """Matryoshka truncation (re-normalised when the encoder normalises, so cosine stays inner product)."""

