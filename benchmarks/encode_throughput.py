@@ -19,6 +19,14 @@ Writes ``benchmarks/results/encode_throughput.json`` with ``{"speedup": ours / b
     python benchmarks/encode_throughput.py                        # GPU, full size
     python benchmarks/encode_throughput.py --check 2048 --variants eager,none,65536   # + correctness, sweep
     python benchmarks/encode_throughput.py --tiny --n 64          # CPU smoke run (tests use this)
+
+``--same-model`` (the CPU row: users without a GPU): both systems run *one* network. The baseline is a
+transformers ``BertModel`` (``--shape minilm``: all-MiniLM-L6-v2's 6 x 384, the usual CPU embedder; ``base``:
+BERT-Base) in sentence-transformers; ours is that folder through ``mosaic-embed convert --from-hf`` (BERT mode:
+learned positions, GELU MLP) on our packed Encoder, fp32 both on CPU. ``--check N`` then compares the vectors.
+
+    python benchmarks/encode_throughput.py --device cpu --same-model --shape minilm --n 2000 --warmup 200 \
+        --batch-size 32 --check 256 --out benchmarks/results/encode_cpu.json
 """
 
 from __future__ import annotations
@@ -97,6 +105,29 @@ def build_models(workdir: Path, tiny: bool, max_seq_len: int):
     return workdir / "ours", workdir / "baseline"
 
 
+def build_same_model(workdir: Path, shape: str, max_seq_len: int):
+    """Save (ours, baseline) encoder folders holding one network: a random transformers BertModel in
+    sentence-transformers (baseline) and the same folder converted to MosaicBERT's BERT mode (ours)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mosaic_embed.data.tokenizer import load_tokenizer
+    from mosaic_embed.encode import build_encoder, save_encoder
+    from mosaic_embed.model.convert import convert_hf
+
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    dims = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+            "base": {},
+            "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)}[shape]
+    BertModel(BertConfig(vocab_size=len(tok), **dims)).save_pretrained(workdir / "baseline-backbone")
+    tok.save_pretrained(workdir / "baseline-backbone")
+    save_encoder(build_encoder(workdir / "baseline-backbone", "mean", True, max_seq_len, device="cpu"),
+                 workdir / "baseline")
+    convert_hf(workdir / "baseline", workdir / "ours")
+    return workdir / "ours", workdir / "baseline"
+
+
 def _budget(value: str) -> int | None:
     """--max-tokens: "auto" = the Encoder's default (None), "none" = batch_size texts per batch, else tokens."""
     return {"auto": None, "none": 1 << 40}[value] if value in ("auto", "none") else int(value)
@@ -142,7 +173,7 @@ def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, 
          "attn_impl": getattr(enc.backbone.config, "attn_impl", None), "max_tokens": enc.max_tokens,
          "compiled_layers": enc.compiled, "n_batches": int(len(win.bounds) - 1), "warmup_s": warmup_s,
          "tokenize_only_s": tokenize_s, "device_only_s": device_s,
-         "device_only_note": "all 50k texts as one pre-tokenized window: forwards + pooling + readback"}
+         "device_only_note": f"all {len(texts)} texts as one pre-tokenized window: forwards + pooling + readback"}
     if check:
         ref = enc.st.encode(texts[:check], batch_size=batch_size, convert_to_numpy=True)
         got = emb[:check]
@@ -151,11 +182,12 @@ def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, 
         ids = enc.tokenize(texts[:check])
         f2, l2 = enc.tokenize_flat(texts[:check])
         r["check_vs_st_encode"]["same_token_ids"] = bool(f2.tolist() == [x for i in ids for x in i])
+        r["_vectors"] = got  # for the same-model check against the baseline's own vectors (not written)
     return r
 
 
 def run_baseline(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, device: str,
-                 warmup: int) -> dict:
+                 warmup: int, keep: int = 0) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -174,7 +206,7 @@ def run_baseline(folder: Path, texts: list[str], batch_size: int, max_seq_len: i
     model = st[0].auto_model
     return {"seconds": seconds, "tokens": tokens, "params": n_params(model), "path": "SentenceTransformer.encode",
             "dtype": str(next(model.parameters()).dtype), "dim": int(emb.shape[1]),
-            "attn_impl": getattr(model.config, "_attn_implementation", None)}
+            "attn_impl": getattr(model.config, "_attn_implementation", None), "_vectors": emb[:keep]}
 
 
 def main(argv=None) -> dict:
@@ -184,6 +216,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--corpus", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="mini-sized models (CPU smoke run)")
+    p.add_argument("--same-model", action="store_true",
+                   help="one network for both: a BertModel, and it converted to MosaicBERT (see the module doc)")
+    p.add_argument("--shape", choices=("minilm", "base", "tiny"), default="minilm", help="--same-model's BERT")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=2048)
     p.add_argument("--max-tokens", default="auto", help="ours: real tokens per packed batch ('auto': 32768 on GPU)")
@@ -202,14 +237,21 @@ def main(argv=None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     texts = make_texts(args.corpus or corpus_dir(), args.n)
     with tempfile.TemporaryDirectory() as tmp:
-        ours_dir, base_dir = build_models(Path(tmp), args.tiny, args.max_seq_len)
+        ours_dir, base_dir = (build_same_model(Path(tmp), args.shape, args.max_seq_len) if args.same_model
+                              else build_models(Path(tmp), args.tiny, args.max_seq_len))
         warmup = min(args.warmup, len(texts))
         # "auto" = the Encoder's default budget (None); "none" = batch_size texts per batch (a huge budget)
         max_tokens = _budget(args.max_tokens)
         compile_ = args.compile == "on"
         ours = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, max_tokens,
                         compile_, args.check)
-        base = run_baseline(base_dir, texts, args.batch_size, args.max_seq_len, device, warmup)
+        base = run_baseline(base_dir, texts, args.batch_size, args.max_seq_len, device, warmup, args.check)
+        mine, theirs = ours.pop("_vectors", None), base.pop("_vectors")
+        if args.same_model and mine is not None:  # one network: our vectors against the original's
+            import numpy as np
+
+            cos = (mine * theirs).sum(1) / np.linalg.norm(mine, axis=1) / np.linalg.norm(theirs, axis=1)
+            ours["check_vs_baseline"] = {"n": len(cos), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
         from mosaic_embed.runtime import peak_flops
 
         peak, peak_note = peak_flops(device)
@@ -224,6 +266,7 @@ def main(argv=None) -> dict:
             budget = _budget(budget)
             run = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, budget,
                            mode == "compile", min(args.check, 512))
+            run.pop("_vectors", None)
             run["variant"] = v
             _rates(run, len(texts), peak)
             run["speedup"] = run["sentences_per_s"] / base["sentences_per_s"]
@@ -262,6 +305,8 @@ def _write(args, ours: dict, base: dict, texts: list[str], peak: float, peak_not
         "batch_size": args.batch_size,
         "max_seq_len": args.max_seq_len,
         "tiny": args.tiny,
+        "same_model": (f"one network: a random BertModel ({args.shape}) in sentence-transformers vs it converted "
+                       "to MosaicBERT (BERT mode) on our Encoder") if args.same_model else False,
         "matmul_peak_flops": peak,
         "mfu_peak": peak_note,
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",

@@ -458,7 +458,7 @@ class EncodeConfig:
 
     ``max_seq_len``: truncation length (None = the encoder folder's own). ``precision``: "auto" = bf16 on
     CUDA, fp32 elsewhere (``runtime.resolve_precision``). ``max_tokens``: real tokens per packed batch
-    (None = 32768 on GPU, ``batch_size`` texts per batch on CPU). ``compile``: torch.compile the layers,
+    (None = 32768 on GPU, 4096 on CPU). ``compile``: torch.compile the layers,
     off by default: measured on an H100 it saves ~7 % of device time for ~10 s of compilation before the
     first batch, which pays only beyond a few million texts (``--compile`` for those). ``device``: "auto" =
     ``cuda:LOCAL_RANK`` when CUDA is present, else CPU. ``truncate_dim``: keep the first dimensions of each

@@ -41,6 +41,11 @@ def test_encode_throughput_benchmark_runs_at_tiny_size(tmp_path):
     assert saved["speedup"] == pytest.approx(result["ours"]["sentences_per_s"] / result["baseline"]["sentences_per_s"])
     assert saved["ours"]["path"] == PACKED and saved["baseline"]["attn_impl"] == "sdpa"
     assert saved["ours"]["tokens"] > 16 * 8 and saved["n_texts"] == 16
+    # the CPU row: one network on both sides (a BertModel, and it converted), so the vectors must agree
+    same = bench.main(["--same-model", "--shape", "tiny", "--n", "16", "--warmup", "4", "--device", "cpu",
+                       "--check", "16", "--corpus", str(corpus), "--out", str(tmp_path / "same.json")])
+    assert same["ours"]["params"] == pytest.approx(same["baseline"]["params"], rel=0.01)  # vocab padded to 64
+    assert same["ours"]["check_vs_baseline"]["min_cosine"] > 0.9999 and "one network" in same["same_model"]
 
 
 def test_retrieval_news_benchmark_merges_systems(encoders, tmp_path):  # noqa: F811
