@@ -129,7 +129,7 @@ def build_same_model(workdir: Path, shape: str, max_seq_len: int):
 
 
 def _budget(value: str) -> int | None:
-    """--max-tokens: "auto" = the Encoder's default (None), "none" = batch_size texts per batch, else tokens."""
+    """--max-tokens: "auto" = the Encoder's default (None), "none" = no budget (a whole window per batch), else tokens."""
     return {"auto": None, "none": 1 << 40}[value] if value in ("auto", "none") else int(value)
 
 
@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
         ours_dir, base_dir = (build_same_model(Path(tmp), args.shape, args.max_seq_len) if args.same_model
                               else build_models(Path(tmp), args.tiny, args.max_seq_len))
         warmup = min(args.warmup, len(texts))
-        # "auto" = the Encoder's default budget (None); "none" = batch_size texts per batch (a huge budget)
+        # "auto" = the Encoder's default budget (None); "none" = no budget (a whole window per batch)
         max_tokens = _budget(args.max_tokens)
         compile_ = args.compile == "on"
         ours = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, max_tokens,
@@ -260,7 +260,7 @@ def main(argv=None) -> dict:
         result = _write(args, ours, base, texts, peak, peak_note, device)
         variants = []
         for v in filter(None, args.variants.split(",")):
-            # "16384" / "none" (batch_size texts per batch) / "eager" / "eager:16384" / "compile" / "compile:16384"
+            # "16384" / "none" (a whole window per batch) / "eager" / "eager:16384" / "compile" / "compile:16384"
             mode, _, budget = v.rpartition(":") if ":" in v else ((v, "", "auto") if v in ("eager", "compile")
                                                                    else ("", "", v))
             budget = _budget(budget)

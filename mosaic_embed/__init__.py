@@ -5,8 +5,10 @@
 ``trust_remote_code``.
 
 It does so without importing torch or transformers itself (seconds of start-up that the command line's
-``--help`` must not pay): if transformers is already imported the registration happens at once, otherwise
-when transformers is first imported (a post-import hook, the pattern of PEP 369 / ``wrapt.when_imported``).
+``--help`` must not pay), and in two steps, each when transformers first imports the Auto module it extends
+(a post-import hook, the pattern of PEP 369 / ``wrapt.when_imported``), or at once when that module is already
+imported: ``AutoConfig`` (and so ``AutoTokenizer``) learns the configuration, ``AutoModel*`` the models. The
+Encoder needs only the first: it runs saved backbones without importing transformers' ``modeling_utils``.
 """
 
 from __future__ import annotations
@@ -18,32 +20,65 @@ import sys
 __version__ = "0.1.0"
 
 
-def _register() -> None:
-    from . import model  # noqa: F401  (model/__init__ registers the Auto classes)
+def _register_config() -> None:
+    from .model import register_config
+
+    register_config()
 
 
-class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; when ``transformers`` is about to be imported it wraps the real loader so that
-    the registration runs right after transformers' own module code, then removes itself."""
+def _register_models() -> None:
+    from .model import register_models
+
+    register_models()
+
+
+# transformers module -> what to register right after it has run
+_AFTER_IMPORT = {
+    "transformers.models.auto.configuration_auto": _register_config,
+    "transformers.models.auto.modeling_auto": _register_models,
+}
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; when one of ``_AFTER_IMPORT``'s modules is about to be imported it wraps the real
+    loader so that the registration runs right after the module's own code; removes itself when all ran."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        hook = _AFTER_IMPORT.get(name)
+        if hook is None or self.active:  # active: our own lookup of the real spec below
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.pending.discard(name)
+        if not self.pending:
+            sys.meta_path.remove(self)
+        try:
+            self.active = True
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.active = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
-            _register()
+            hook()
 
         spec.loader.exec_module = exec_then_register
         return spec
 
+    def __init__(self, pending: set[str]):
+        self.pending, self.active = pending, False
 
-if "transformers" in sys.modules:
-    _register()
-elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterAfterTransformers())
+
+def _install() -> None:
+    pending = set()
+    for name, hook in _AFTER_IMPORT.items():
+        if name in sys.modules:
+            hook()
+        else:
+            pending.add(name)
+    if pending and not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport(pending))
+
+
+_install()

@@ -187,12 +187,24 @@ def read_packed_folder(path: str | Path) -> PackedParts | None:
     mode = pooling_mode(_json_or_none(path / modules[1].get("path", "") / "config.json") or {})
     if mode not in ("mean", "cls"):
         return None
-    from transformers import AutoTokenizer
+    # Neither AutoTokenizer (its import pulls in transformers' AutoModel module, whose registration imports
+    # PreTrainedModel) nor MosaicBertModel.from_pretrained: the inference model loads the same weights
+    # without transformers' modeling_utils, seconds of imports before the first vector.
+    from ..model.blocks import load_inference_model
 
-    from ..model import MosaicBertModel
+    if (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    backbone = MosaicBertModel.from_pretrained(str(path))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    backbone = load_inference_model(path)
+    if backbone is None:  # sharded or .bin weights: transformers' loader
+        from ..model import MosaicBertModel
+
+        backbone = MosaicBertModel.from_pretrained(str(path))
     max_len = sbert.get("max_seq_length") or tokenizer.model_max_length
     if not isinstance(max_len, int) or max_len > 1_000_000:  # transformers' "no limit" sentinel
         max_len = backbone.config.max_position_embeddings

@@ -1,30 +1,53 @@
-"""MosaicBERT: configuration, padding helpers, the model and its heads, presets, checkpoint conversion.
+"""MosaicBERT: configuration, layers, the model and its heads, presets, checkpoint conversion.
 
-Importing this package registers ``model_type="mosaic_bert"`` with transformers' ``AutoConfig``,
-``AutoModel``, ``AutoModelForMaskedLM`` and ``AutoModelForSequenceClassification``, so saved checkpoints
-load with the Auto classes and no ``trust_remote_code``.
+Light to import: the transformers models (``MosaicBertModel`` and its heads, ``modeling.py``, which imports
+transformers' ``modeling_utils``: seconds) load on first use. ``register_config`` / ``register_models`` make
+transformers' Auto classes know ``model_type="mosaic_bert"``; ``import mosaic_embed`` calls each when
+transformers imports the Auto module it extends, so saved checkpoints load with the Auto classes (and
+``SentenceTransformer(dir)``) without ``trust_remote_code``.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
+from __future__ import annotations
+
+from typing import Any
 
 from .configuration import MosaicBertConfig
-from .modeling import (
-    MosaicBertForMaskedLM,
-    MosaicBertForSequenceClassification,
-    MosaicBertModel,
-    MosaicBertPreTrainedModel,
-)
 from .presets import PRESETS, preset_config
 
-AutoConfig.register(MosaicBertConfig.model_type, MosaicBertConfig, exist_ok=True)
-AutoModel.register(MosaicBertConfig, MosaicBertModel, exist_ok=True)
-AutoModelForMaskedLM.register(MosaicBertConfig, MosaicBertForMaskedLM, exist_ok=True)
-AutoModelForSequenceClassification.register(MosaicBertConfig, MosaicBertForSequenceClassification, exist_ok=True)
+_MODELS = ("MosaicBertModel", "MosaicBertPreTrainedModel", "MosaicBertForMaskedLM",
+           "MosaicBertForSequenceClassification")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODELS:
+        from . import modeling
+
+        return getattr(modeling, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_config() -> None:
+    """``AutoConfig`` (and through it ``AutoTokenizer``) learns ``model_type="mosaic_bert"``."""
+    from transformers.models.auto.configuration_auto import AutoConfig
+
+    AutoConfig.register(MosaicBertConfig.model_type, MosaicBertConfig, exist_ok=True)
+
+
+def register_models() -> None:
+    """``AutoModel``, ``AutoModelForMaskedLM`` and ``AutoModelForSequenceClassification`` learn MosaicBERT."""
+    from transformers.models.auto.modeling_auto import (
+        AutoModel,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
+
+    from .modeling import MosaicBertForMaskedLM, MosaicBertForSequenceClassification, MosaicBertModel
+
+    register_config()
+    AutoModel.register(MosaicBertConfig, MosaicBertModel, exist_ok=True)
+    AutoModelForMaskedLM.register(MosaicBertConfig, MosaicBertForMaskedLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(MosaicBertConfig, MosaicBertForSequenceClassification, exist_ok=True)
+
 
 __all__ = [
     "MosaicBertConfig",
@@ -34,4 +57,6 @@ __all__ = [
     "MosaicBertForSequenceClassification",
     "PRESETS",
     "preset_config",
+    "register_config",
+    "register_models",
 ]

@@ -31,8 +31,10 @@ def test_remote_code_rewrites_package_imports():
     from transformers.dynamic_module_utils import get_imports
 
     source, needs = _rewrite_module("mosaic_embed.model.modeling")
-    assert "from .kernels_dispatch import" in source and "from .model_configuration import" in source
-    assert "mosaic_embed.kernels.dispatch" in needs and "mosaic_embed.data.packing" in needs
+    assert "from .model_blocks import" in source and "from .model_configuration import" in source
+    assert "mosaic_embed.model.blocks" in needs
+    blocks, blocks_needs = _rewrite_module("mosaic_embed.model.blocks")
+    assert "from .kernels_dispatch import" in blocks and "mosaic_embed.data.packing" in blocks_needs
     # only "from .name import ..." remains: the one form transformers' loader follows and copies
     assert not re.search(r"^\s*from\s+\.\.", source, flags=re.M)
     compile(source, "model_modeling.py", "exec")
@@ -147,6 +149,31 @@ def test_identity_follows_weights_and_config_not_location(encoder_dir, tmp_path)
     assert encoder_identity(tmp_path / "cls") != ident
     with pytest.raises(FileNotFoundError, match="not a folder"):
         encoder_identity(tmp_path / "missing")
+
+
+def test_encoder_loads_without_transformers_modeling_utils(encoder_dir):
+    """A fresh process embeds with a plain MosaicBERT folder without importing transformers' modeling_utils
+    (seconds of imports): the inference model holds the saved weights, equal to MosaicBertModel's vectors."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from mosaic_embed.encode import Encoder
+        enc = Encoder.load(sys.argv[1], device="cpu")
+        np.save(sys.argv[2], enc.encode(["the storm brought rain", "a cat"]))
+        print(type(enc.backbone).__name__, "transformers.modeling_utils" in sys.modules)
+    """)
+    out = encoder_dir / "fast.npy"
+    done = subprocess.run([sys.executable, "-c", code, str(encoder_dir / "encoder"), str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["MosaicBertInferenceModel", "False"]
+    from sentence_transformers import SentenceTransformer
+
+    ref = SentenceTransformer(str(encoder_dir / "encoder"), device="cpu").encode(["the storm brought rain", "a cat"])
+    np.testing.assert_allclose(np.load(out), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pooling, normalize, length", [("mean", True, 48), ("cls", True, 20), ("mean", False, 33)])

@@ -19,7 +19,7 @@ from mosaic_embed.model import (
     MosaicBertModel,
     preset_config,
 )
-from mosaic_embed.model.modeling import MosaicBertLayerNorm
+from mosaic_embed.model.blocks import MosaicBertLayerNorm
 
 VOCAB = 128
 
