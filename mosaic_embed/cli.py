@@ -309,12 +309,12 @@ def encode_options(func):
     for decorator in reversed([
         click.option("--max-seq-len", type=int, default=None,
                      help="Truncation length (default: the encoder's; ALiBi encoders may go longer)."),
-        click.option("--batch-size", type=int, default=None, help="Texts per batch on CPU (default: 128)."),
+        click.option("--batch-size", type=int, default=None, help="Texts per batch where sentence-transformers runs the encoder (default: 128)."),
         click.option("--max-tokens", type=int, default=None,
-                     help="Real tokens per packed batch (default: 32768 on GPU; --batch-size texts on CPU)."),
+                     help="Real tokens per packed batch (default: 32768 on GPU, 4096 on CPU)."),
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when present)."),
         click.option("--compile/--no-compile", "compile_", default=None,
-                     help="torch.compile the MosaicBERT layers (default: off; ~7 %% faster on GPU after ~10 s of "
+                     help="torch.compile the MosaicBERT layers (default: off; ~7 % faster on GPU after ~10 s of "
                           "compilation: for millions of texts)."),
         click.option("--truncate-dim", type=int, default=None,
                      help="Keep the first N dimensions (an encoder trained with Matryoshka dimensions)."),

@@ -9,6 +9,7 @@ transformers imports the Auto module it extends, so saved checkpoints load with 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from .configuration import MosaicBertConfig
@@ -35,6 +36,9 @@ def register_config() -> None:
 
 def register_models() -> None:
     """``AutoModel``, ``AutoModelForMaskedLM`` and ``AutoModelForSequenceClassification`` learn MosaicBERT."""
+    modeling = sys.modules.get(f"{__name__}.modeling")
+    if modeling is not None and not getattr(modeling, "LOADED", False):
+        return  # modeling.py is importing transformers' AutoModel module right now: it registers at its end
     from transformers.models.auto.modeling_auto import (
         AutoModel,
         AutoModelForMaskedLM,

@@ -7,6 +7,8 @@ classes (weight init, saving, the Auto classes, gradient checkpointing).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -226,6 +228,14 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
         out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
         return out if return_dict is not False else out.to_tuple()
 
+
+# transformers.modeling_layers (imported above) imports the AutoModel module, whose import hook
+# (mosaic_embed/__init__.py) ran while this module was half-built and left the registration to here. Looked up
+# on the package rather than imported: a copy of this file in a model folder (remote code) has no such hook.
+LOADED = True
+_register = getattr(sys.modules.get(__name__.rpartition(".")[0]), "register_models", None)
+if _register is not None and "transformers.models.auto.modeling_auto" in sys.modules:
+    _register()
 
 __all__ = [
     "MosaicBertLayer",

@@ -151,6 +151,30 @@ def test_identity_follows_weights_and_config_not_location(encoder_dir, tmp_path)
         encoder_identity(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("first", [
+    "from mosaic_embed.model import MosaicBertModel",  # modeling.py imports AutoModel's module half-way
+    "import mosaic_embed; from transformers import AutoTokenizer",  # the Auto modules before our models
+    "from transformers import AutoModel; import mosaic_embed",  # transformers first, then the registration
+])
+def test_auto_classes_know_mosaic_bert_whatever_the_import_order(encoder_dir, first):
+    """Fresh processes: whichever of transformers and mosaic_embed comes first, AutoConfig, AutoTokenizer and
+    AutoModel load a MosaicBERT folder (no remote-code prompt: stdin is closed)."""
+    import subprocess
+    import sys
+
+    code = first + textwrap.dedent("""
+        import sys
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        path = sys.argv[1]
+        print(type(AutoConfig.from_pretrained(path)).__name__, type(AutoModel.from_pretrained(path)).__name__,
+              AutoTokenizer.from_pretrained(path)("a cat")["input_ids"][0])
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(encoder_dir / "backbone")], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[:2] == ["MosaicBertConfig", "MosaicBertModel"]
+
+
 def test_encoder_loads_without_transformers_modeling_utils(encoder_dir):
     """A fresh process embeds with a plain MosaicBERT folder without importing transformers' modeling_utils
     (seconds of imports): the inference model holds the saved weights, equal to MosaicBertModel's vectors."""
