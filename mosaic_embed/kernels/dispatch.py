@@ -17,9 +17,11 @@ a user always knows which path their numbers came from. Resolution runs outside 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+import sys
 
 import torch
 
@@ -34,6 +36,25 @@ KERNELS = ("attention", "geglu")
 # Looked up once: find_spec cannot be traced by torch.compile, and the answer never changes in a process.
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 _resolved: dict[tuple, str] = {}
+
+
+def _outside_graph(fn):
+    """``fn`` run outside torch.compile's graph (``torch.compiler.disable``), without importing torch._dynamo
+    (~1.7 s on a small CPU) in a process that never compiles: the disabled wrapper is made at the first call
+    made once dynamo is loaded (before tracing: ``warm_dispatch`` resolves everything first); until then no
+    graph exists and the plain function runs."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 _announced: set[tuple[str, str, str]] = set()
 
 
@@ -67,7 +88,7 @@ def resolve_impl(kernel: str, impl: str, device: torch.device, dtype: torch.dtyp
     return choice
 
 
-@torch.compiler.disable
+@_outside_graph
 def _resolve(kernel: str, impl: str, device_type: str, dtype: torch.dtype | None, dropout_p: float,
              head_dim: int | None, interpret: bool) -> str:
     # Outside torch.compile's graph (imports, logging); resolve_impl caches the answer.
@@ -109,7 +130,7 @@ def _resolve(kernel: str, impl: str, device_type: str, dtype: torch.dtype | None
     return choice
 
 
-@torch.compiler.disable
+@_outside_graph
 def _announce(kernel: str, choice: str, why: str) -> None:
     # Outside torch.compile's graph: a logging call inside it would break the graph at every layer.
     _announced.add((kernel, choice, why))

@@ -22,6 +22,7 @@ Every attention and GeGLU call goes through ``kernels/dispatch.py``, the one dis
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,6 +346,22 @@ class MosaicBertInferenceModel(nn.Module):
         return InferenceOutput(enc.to_caller(enc.hidden))
 
 
+@contextlib.contextmanager
+def _uninitialized():
+    """Build modules without filling their weights, each replaced by a saved tensor right after: the random
+    init of a Base model costs about a second on a CPU, and on the meta device it imports torch._dynamo
+    (seconds more). torch's modules draw their init from ``torch.nn.init`` at call time."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def load_inference_model(folder: str | Path) -> MosaicBertInferenceModel | None:
     """A saved ``MosaicBertModel`` (config.json + one model.safetensors) as :class:`MosaicBertInferenceModel`,
     its weights in their saved dtype; None when the folder holds anything else (sharded or .bin weights,
@@ -356,7 +373,7 @@ def load_inference_model(folder: str | Path) -> MosaicBertInferenceModel | None:
     if not weights.is_file():
         return None
     config = MosaicBertConfig.from_pretrained(str(folder))
-    with torch.device("meta"):  # no random init of weights that are replaced at once
+    with _uninitialized():
         model = MosaicBertInferenceModel(config)
     state = load_file(str(weights))
     expected = set(model.state_dict())
