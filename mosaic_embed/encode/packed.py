@@ -224,6 +224,9 @@ class Encoder:
                 module.to(self.device)  # fp32, as sentence-transformers runs them on the pooled vectors
             self.path_used = PACKED
             if compile:
+                from ..kernels.dispatch import warm_dispatch
+
+                warm_dispatch(self.backbone, self.device.type, self.dtype)  # resolved before any trace
                 for layer in self.backbone.encoder.layers:
                     layer.compile(dynamic=True)  # in place: the module tree (and ST's view of it) is unchanged
         else:

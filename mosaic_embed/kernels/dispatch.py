@@ -36,6 +36,7 @@ KERNELS = ("attention", "geglu")
 # Looked up once: find_spec cannot be traced by torch.compile, and the answer never changes in a process.
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 _resolved: dict[tuple, str] = {}
+_announced: set[tuple[str, str, str]] = set()
 
 
 def _outside_graph(fn):
@@ -55,7 +56,6 @@ def _outside_graph(fn):
         return disabled(*args, **kwargs)
 
     return call
-_announced: set[tuple[str, str, str]] = set()
 
 
 def _triton_importable() -> bool:
@@ -227,4 +227,28 @@ def geglu(inner: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     return geglu_reference(inner)
 
 
-__all__ = ["IMPLS", "KERNELS", "geglu", "padded_attention", "resolve_impl", "varlen_attention"]
+
+
+def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Resolve MosaicBERT's attention and GeGLU dispatch (cached per process) before torch.compile traces
+    (pretraining's ``compile_in_place``, the Encoder's ``compile``).
+
+    The resolvers run outside the graph (``torch.compiler.disable``: imports, a one-time log line), so a
+    cache miss during tracing is a graph break, and the filled cache then fails a guard: one wasted
+    compilation of the whole model. Answering the questions first gives one graph on the first trace.
+    ``dtype`` is the activation dtype the layers see (the autocast dtype under mixed precision).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", "") != "mosaic_bert":
+        return
+    device = torch.device(device_type)
+    if not config.unpad:
+        announce_padded_attention()
+    head_dim = config.hidden_size // config.num_attention_heads
+    for dropout_p in {0.0, float(config.attention_probs_dropout_prob)}:  # eval, train
+        resolve_impl("attention", config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
+    if config.mlp == "geglu" and config.hidden_act == "gelu":
+        resolve_impl("geglu", config.geglu_impl or config.attn_impl, device)
+
+
+__all__ = ["IMPLS", "KERNELS", "geglu", "padded_attention", "resolve_impl", "varlen_attention", "warm_dispatch"]

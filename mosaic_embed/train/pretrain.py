@@ -55,6 +55,7 @@ from ..data.mlm import (
     PaddedMLMCollator,
     UnpaddedMLMCollator,
 )
+from ..kernels.dispatch import warm_dispatch
 from ..runtime import WarmupLinearDecay, dist_state, peak_flops, resolve_device, resolve_precision
 from .callbacks import JsonlMetricsCallback, ProgressCallback, TimedCheckpointCallback, one_bar
 from .checkpoints import CHECKPOINT_META, latest_checkpoint, list_checkpoints
@@ -560,29 +561,6 @@ def rotate_checkpoints(ckpt_root: Path, keep_last: int, keep_steps: Sequence[int
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------------------
-
-
-def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Resolve MosaicBERT's attention and GeGLU dispatch (cached per process) before torch.compile traces.
-
-    The resolvers run outside the graph (``torch.compiler.disable``: imports, a one-time log line), so a
-    cache miss during tracing is a graph break, and the filled cache then fails a guard: one wasted
-    compilation of the whole model. Answering the questions first gives one graph on the first trace.
-    ``dtype`` is the activation dtype the layers see (the autocast dtype under mixed precision).
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", "") != "mosaic_bert":
-        return
-    from ..kernels.dispatch import announce_padded_attention, resolve_impl
-
-    device = torch.device(device_type)
-    if not config.unpad:
-        announce_padded_attention()
-    head_dim = config.hidden_size // config.num_attention_heads
-    for dropout_p in {0.0, float(config.attention_probs_dropout_prob)}:  # eval, train
-        resolve_impl("attention", config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
-    if config.mlp == "geglu" and config.hidden_act == "gelu":
-        resolve_impl("geglu", config.geglu_impl or config.attn_impl, device)
 
 
 def compile_in_place(model: torch.nn.Module, packed: bool, device_type: str | None = None,

@@ -79,6 +79,26 @@ def test_token_budget_encoder_matches_sentence_batches(encoders):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_encoder_layers_trace_as_one_graph(encoders, monkeypatch):
+    """``compile=True`` answers the kernel dispatch before anything is traced: a layer of the packed path is
+    then one graph (a dispatch question first asked inside the trace would break it)."""
+    import torch
+
+    from mosaic_embed.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_resolved", {})  # a process that has not asked anything yet
+    enc = Encoder.load(encoders["mosaic-mean"], device="cpu", compile=True)
+    assert dispatch._resolved  # answered at load
+    layer = enc.backbone.encoder.layers[0]
+    hidden = torch.randn(9, enc.backbone.config.hidden_size)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer._orig_mod if hasattr(layer, "_orig_mod") else layer.forward)(
+        hidden, None, cu, 5)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_failed_compilation_falls_back_to_eager(encoders):
     enc = Encoder.load(encoders["mosaic-mean"], device="cpu", compile=True)
     assert enc.compiled

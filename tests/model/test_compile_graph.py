@@ -9,9 +9,9 @@ dispatch first and lets dynamo capture the data-dependent row count; this checks
 import pytest
 import torch
 
+from mosaic_embed.kernels.dispatch import warm_dispatch
 from mosaic_embed.model import preset_config
 from mosaic_embed.model.modeling import MosaicBertForMaskedLM
-from mosaic_embed.train.pretrain import warm_dispatch
 
 
 def _packed_batch(lens, seed, vocab=128):
