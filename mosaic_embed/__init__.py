@@ -43,6 +43,9 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself; when one of ``_AFTER_IMPORT``'s modules is about to be imported it wraps the real
     loader so that the registration runs right after the module's own code; removes itself when all ran."""
 
+    def __init__(self, pending: set[str]):
+        self.pending, self.active = pending, False
+
     def find_spec(self, name, path=None, target=None):
         hook = _AFTER_IMPORT.get(name)
         if hook is None or self.active:  # active: our own lookup of the real spec below
@@ -65,9 +68,6 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_then_register
         return spec
-
-    def __init__(self, pending: set[str]):
-        self.pending, self.active = pending, False
 
 
 def _install() -> None:
