@@ -96,7 +96,7 @@ def test_retrieval_domain_benchmark_every_system_at_tiny_size(encoders, tmp_path
     first = ["bm25", "minilm", "mosaic-minilm", "mosaic-minilm+adapt", "mosaic-minilm+pairs", "scratch",
              "distill-small"]
     bench.main(["--systems", ",".join(first), *common])
-    second = ["mosaic-minilm+crop", "mosaic-minilm+simcse", "scratch+crop", "bm25"]
+    second = ["mosaic-minilm+crop", "mosaic-minilm+simcse", "scratch+crop", "mosaic-minilm+adapt+pairs", "bm25"]
     doc = bench.main(["--systems", ",".join(second), *common])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(doc)) and out.with_suffix(".png").stat().st_size > 1000
@@ -116,6 +116,9 @@ def test_retrieval_domain_benchmark_every_system_at_tiny_size(encoders, tmp_path
         False, True, True, False]
     adapt = by["mosaic-minilm+adapt"]["details"]["train"]["pairs"]
     assert adapt["teacher_filter"]["mined"] == 24 and "hard_negatives" in adapt
+    # adapt, then finetune: built on the first invocation's +adapt folder, both stages' minutes counted
+    assert by["mosaic-minilm+adapt+pairs"]["labels"] is True
+    assert by["mosaic-minilm+adapt+pairs"]["details"]["train"]["model"].endswith("mosaic-minilm_adapt")
     assert saved["device"].startswith("cpu") and saved["commit"] and len(saved["runs"]) == 2
     assert set(saved["targets"]) == {"without_labels", "with_labels"}
     assert saved["packed_vs_sentence_transformers"]["same_run"] is True
