@@ -17,18 +17,12 @@ packed path take *padded* (B, S) arrays with an attention mask.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-
-def flatten(seqs: Sequence[Sequence[int]], dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (T,) ids back to back and (B,) int64 lengths (two ``np.fromiter`` passes, no copies)."""
-    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
-    return flat, lengths
+from .tokenize_workers import flatten  # noqa: F401  (token lists -> arrays; torch-free, so the workers share it)
 
 
 def cu_seqlens(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -62,16 +56,27 @@ def pad(flat: np.ndarray, lengths: np.ndarray, pad_value: int, multiple: int | N
     return out, mask
 
 
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host array -> tensor on ``device`` without waiting for the GPU: a copy from pageable memory first
+    synchronises the stream, so the host could not queue the next step while the GPU runs this one; a
+    copy from pinned memory is asynchronous."""
+    t = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def packed_inputs(seqs: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None = None,
                   device: torch.device | str = "cpu") -> dict:
     """Model inputs of a packed batch: ``input_ids`` (T,), [``token_type_ids`` (T,)], ``cu_seqlens`` (B+1,)
     int32 and ``max_seqlen`` (int)."""
     flat, lengths = flatten(seqs)
-    out = {"input_ids": torch.from_numpy(flat).to(device),
-           "cu_seqlens": torch.from_numpy(cu_seqlens(lengths)).to(device),
+    out = {"input_ids": to_device(flat, device),
+           "cu_seqlens": to_device(cu_seqlens(lengths), device),
            "max_seqlen": int(lengths.max()) if lengths.size else 0}
     if types is not None:
-        out["token_type_ids"] = torch.from_numpy(flatten(types)[0]).to(device)
+        out["token_type_ids"] = to_device(flatten(types)[0], device)
     return out
 
 
@@ -80,10 +85,9 @@ def padded_inputs(seqs: Sequence[Sequence[int]], types: Sequence[Sequence[int]] 
     """Model inputs of a padded batch: ``input_ids``, [``token_type_ids``], ``attention_mask``, each (B, S)."""
     flat, lengths = flatten(seqs)
     ids, mask = pad(flat, lengths, pad_id)
-    out = {"input_ids": torch.from_numpy(ids).to(device),
-           "attention_mask": torch.from_numpy(mask.astype(np.int64)).to(device)}
+    out = {"input_ids": to_device(ids, device), "attention_mask": to_device(mask.astype(np.int64), device)}
     if types is not None:
-        out["token_type_ids"] = torch.from_numpy(pad(flatten(types)[0], lengths, 0)[0]).to(device)
+        out["token_type_ids"] = to_device(pad(flatten(types)[0], lengths, 0)[0], device)
     return out
 
 

@@ -206,7 +206,7 @@ class MosaicBertBlock(nn.Module):
 
 
 class MosaicBertEncoder(nn.Module):
-    """The stack of layers; builds the ALiBi slopes once per forward (fp32, on the input's device)."""
+    """The stack of layers; the ALiBi slopes (fp32) are shared by every layer."""
 
     def __init__(self, config: MosaicBertConfig, layer_cls: type[nn.Module] | None = None):
         super().__init__()
@@ -214,10 +214,25 @@ class MosaicBertEncoder(nn.Module):
         self.n_heads = config.num_attention_heads
         layer_cls = layer_cls or MosaicBertBlock
         self.layers = nn.ModuleList(layer_cls(config) for _ in range(config.num_hidden_layers))
+        # per device, made once: copying them from host memory at every forward is a pageable copy, which
+        # waits for the GPU to drain, so the host could never queue the next batch ahead. Not a buffer: a
+        # model cast to bf16 would cast it too, and the kernels take fp32 slopes.
+        self._slopes: dict[torch.device, torch.Tensor] = {}
+
+    def slopes_on(self, device: torch.device) -> torch.Tensor:
+        """(nh,) fp32 ALiBi slopes on ``device``. Inside a torch.compile trace they are made in the graph
+        (a constant there), so the cache is neither read nor written while tracing."""
+        if torch.compiler.is_compiling():
+            return alibi_slopes(self.n_heads).to(device)
+        slopes = self._slopes.get(device)
+        if slopes is None:
+            with torch.inference_mode(False):  # a normal tensor even if first made for inference: training saves it
+                slopes = self._slopes[device] = alibi_slopes(self.n_heads).to(device)
+        return slopes
 
     def forward(self, hidden, cu_seqlens=None, max_seqlen=None, key_padding_mask=None, output_hidden_states=False):
         """hidden (T, H) packed or (B, S, H) padded -> (last, tuple of every layer's input and output or None)."""
-        slopes = alibi_slopes(self.n_heads).to(hidden.device) if self.use_alibi else None  # (nh,) fp32
+        slopes = self.slopes_on(hidden.device) if self.use_alibi else None  # (nh,) fp32
         states = [hidden] if output_hidden_states else None
         for layer in self.layers:
             hidden = layer(hidden, slopes, cu_seqlens, max_seqlen, key_padding_mask)

@@ -197,15 +197,16 @@ def evaluate(model, enc: Encoded, regression: bool, batch_size: int, packed: boo
     tokens = 0
     _sync(device)
     t0 = time.perf_counter()
+    outs = []  # stay on the device until the end: a readback per batch would stall the queue every batch
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         batch = collate(enc, idx, packed, pad_id, device)
         with autocast(device, dtype):
             logits = _logits(model, batch)
-        out = logits.view(-1) if regression else logits.argmax(-1)
-        preds[idx] = out.cpu().numpy()
+        outs.append(logits.view(-1) if regression else logits.argmax(-1))
         tokens += sum(len(enc.input_ids[j]) for j in idx)
-    _sync(device)
+    if outs:
+        preds[order] = torch.cat(outs).cpu().numpy()
     dt = max(time.perf_counter() - t0, 1e-9)
     return preds, {"examples": len(enc), "tokens": tokens, "seconds": dt,
                    "examples_per_s": len(enc) / dt, "tokens_per_s": tokens / dt}
@@ -240,7 +241,8 @@ def finetune_one(
     total = max(1, math.ceil(hp.epochs * steps_per_epoch))
     warmup = int(hp.warmup_fraction * total)
     opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                            weight_decay=hp.weight_decay / hp.lr)
+                            weight_decay=hp.weight_decay / hp.lr,
+                            fused=device.type == "cuda")  # one kernel for the whole step, not a few per tensor
     sched = WarmupLinearDecay(warmup, total, final=0.0).scheduler(opt)
     gen = torch.Generator().manual_seed(seed)
     labels_t = torch.as_tensor(train.labels)
@@ -270,7 +272,7 @@ def finetune_one(
     while step < total:
         for idx in _batches(len(train), hp.batch_size, gen):
             batch = collate(train, idx, packed, pad_id, device)
-            y = labels_t[idx].to(device, non_blocking=True)
+            y = packing.to_device(labels_t[idx], device)
             with autocast(device, dtype):
                 logits = _logits(model, batch)
             loss = _loss(logits, y, spec.is_regression)

@@ -414,3 +414,39 @@ def test_one_dispatch_decides_both_kernels(monkeypatch, attn_impl, geglu_impl, e
     assert {impl for kernel, impl in asked if kernel == "geglu"} == {expected}
     with pytest.raises(ValueError, match="geglu_impl"):
         preset_config("mosaic-bert-tiny", geglu_impl="cuda")
+
+
+def test_alibi_slopes_cached_per_device_fp32_and_trainable_after_inference_mode():
+    """The slopes are made once per device (no host copy per forward), stay fp32 in a bf16 model, and a
+    first forward under inference_mode does not leave an inference tensor that training cannot save."""
+    model = seeded(MosaicBertModel, tiny())
+    ids, mask, types = batch()
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, token_type_ids=types)
+    cached = model.encoder.slopes_on(torch.device("cpu"))
+    assert cached is model.encoder.slopes_on(torch.device("cpu")) and cached.dtype == torch.float32
+    assert not cached.is_inference()
+    model.train()
+    out = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    out.float().pow(2).mean().backward()  # the attention saves the cached slopes for backward
+    assert model.encoder.layers[0].attention.Wqkv.weight.grad is not None
+    model.to(torch.bfloat16)
+    assert model.encoder.slopes_on(torch.device("cpu")).dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_forward_never_synchronises_the_gpu():
+    """A packed forward queues its work without waiting for the GPU (the Encoder relies on it to run ahead):
+    torch's sync debug mode turns any synchronising call into an error."""
+    model = seeded(MosaicBertModel, preset_config("mosaic-bert-tiny")).cuda().to(torch.bfloat16)
+    ids = torch.randint(1, VOCAB, (40,), device="cuda")
+    cu = torch.tensor([0, 10, 25, 40], dtype=torch.int32, device="cuda")
+    with torch.inference_mode():
+        model(input_ids=ids, cu_seqlens=cu, max_seqlen=15)  # first call: kernels compile, slopes cached
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(input_ids=ids, cu_seqlens=cu, max_seqlen=15)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
