@@ -6,7 +6,7 @@ random weights (throughput does not depend on them), mean pooling + normalisatio
 *included* in the timed region (it is part of what a user waits for).
 
 - ours: ``mosaic_embed.encode.Encoder`` over MosaicBERT-Base (137 M parameters), exactly what
-  ``mosaic-embed embed`` runs: the Rust tokenizer in worker processes (``--tokenize-workers``) a window ahead,
+  ``mosaic-embed embed`` runs: the Rust tokenizer on all cores in a background thread a window ahead,
   length-sorted packed batches cut by a token budget (``--max-tokens``, default 32768 real tokens on GPU;
   no padding tokens), bf16, the Triton varlen ALiBi attention and fused GeGLU on CUDA;
 - baseline: ``SentenceTransformer.encode`` over transformers' ``BertModel`` BERT-Base (110 M), SDPA
@@ -17,7 +17,7 @@ measured peak, the peak being the FLOP/s of a bf16 8192^3 matmul timed in the sa
 Writes ``benchmarks/results/encode_throughput.json`` with ``{"speedup": ours / baseline sentences/s, ...}``.
 
     python benchmarks/encode_throughput.py                        # GPU, full size
-    python benchmarks/encode_throughput.py --check 2048 --variants workers=0,compile,none   # + correctness, sweep
+    python benchmarks/encode_throughput.py --check 2048 --variants eager,none,65536   # + correctness, sweep
     python benchmarks/encode_throughput.py --tiny --n 64          # CPU smoke run (tests use this)
 
 ``--same-model`` (the CPU row: users without a GPU): both systems run *one* network. The baseline is a
@@ -138,24 +138,21 @@ def n_params(module) -> int:
 
 
 def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, device: str, warmup: int,
-             max_tokens: int | None = None, compile: bool = False, check: int = 0,
-             tokenize_workers: int | None = None) -> dict:
+             max_tokens: int | None = None, compile: bool = False, check: int = 0) -> dict:
     """Time ``Encoder.encode`` (tokenization included) with the given packed-batch settings.
 
     Also times, outside the measured region, tokenization alone and the device part alone (the same
     windows pre-tokenized), so the report says where the seconds go. ``check`` > 0: cosine of the packed
     path against ``SentenceTransformer.encode`` of the same model on the first ``check`` texts.
-    ``tokenize_workers``: the Encoder's setting (None = its default); the warm-up spans two windows, so
-    worker processes, when used, are started before the timed region, as in a long-lived process.
     """
     import numpy as np
 
     from mosaic_embed.encode import Encoder, plan_window
 
     enc = Encoder.load(folder, device=device, max_seq_len=max_seq_len, max_tokens=max_tokens, compile=compile,
-                       batch_size=batch_size, tokenize_workers=tokenize_workers)
+                       batch_size=batch_size)
     t = time.perf_counter()
-    enc.encode(texts[:warmup], batch_size=batch_size, window=max(8, warmup // 2))  # compile/autotune, workers up
+    enc.encode(texts[:warmup], batch_size=batch_size)  # compile/autotune, allocator warm-up
     sync(device)
     warmup_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -174,8 +171,7 @@ def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, 
     r = {"seconds": seconds, "tokens": int(lens.sum()), "params": n_params(enc.backbone), "path": enc.path_used,
          "dtype": str(enc.dtype), "dim": int(emb.shape[1]),
          "attn_impl": getattr(enc.backbone.config, "attn_impl", None), "max_tokens": enc.max_tokens,
-         "compiled_layers": enc.compiled, "tokenize_workers": enc.tokenize_workers,
-         "n_batches": int(len(win.bounds) - 1), "warmup_s": warmup_s,
+         "compiled_layers": enc.compiled, "n_batches": int(len(win.bounds) - 1), "warmup_s": warmup_s,
          "tokenize_only_s": tokenize_s, "device_only_s": device_s,
          "device_only_note": f"all {len(texts)} texts as one pre-tokenized window: forwards + pooling + readback"}
     if check:
@@ -187,7 +183,6 @@ def run_ours(folder: Path, texts: list[str], batch_size: int, max_seq_len: int, 
         f2, l2 = enc.tokenize_flat(texts[:check])
         r["check_vs_st_encode"]["same_token_ids"] = bool(f2.tolist() == [x for i in ids for x in i])
         r["_vectors"] = got  # for the same-model check against the baseline's own vectors (not written)
-    enc.close()
     return r
 
 
@@ -230,11 +225,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", choices=("on", "off"), default="off",
                    help="ours: torch.compile the MosaicBERT layers (off: the Encoder default)")
     p.add_argument("--check", type=int, default=0, help="ours: cosine vs SentenceTransformer.encode on N texts")
-    p.add_argument("--tokenize-workers", default="auto",
-                   help="ours: tokenizer worker processes ('auto': the Encoder's default; 0: a thread of this process)")
     p.add_argument("--variants", default="",
-                   help="extra ours-only runs after the main result is written, each '+'-joined parts of: eager | "
-                        "compile, a token budget (16384 | none), workers=N; e.g. 'workers=0,compile,eager+65536'")
+                   help="extra ours-only runs after the main result is written, e.g. 'eager,none,eager:65536'")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "encode_throughput.json")
     args = p.parse_args(argv)
 
@@ -251,9 +243,8 @@ def main(argv=None) -> dict:
         # "auto" = the Encoder's default budget (None); "none" = no budget (a whole window per batch)
         max_tokens = _budget(args.max_tokens)
         compile_ = args.compile == "on"
-        workers = None if args.tokenize_workers == "auto" else int(args.tokenize_workers)
         ours = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, max_tokens,
-                        compile_, args.check, workers)
+                        compile_, args.check)
         base = run_baseline(base_dir, texts, args.batch_size, args.max_seq_len, device, warmup, args.check)
         mine, theirs = ours.pop("_vectors", None), base.pop("_vectors")
         if args.same_model and mine is not None:  # one network: our vectors against the original's
@@ -269,16 +260,12 @@ def main(argv=None) -> dict:
         result = _write(args, ours, base, texts, peak, peak_note, device)
         variants = []
         for v in filter(None, args.variants.split(",")):
-            mode, budget, v_workers = "eager", "auto", workers
-            for part in v.split("+"):
-                if part in ("eager", "compile"):
-                    mode = part
-                elif part.startswith("workers="):
-                    v_workers = int(part.split("=", 1)[1])
-                else:
-                    budget = part  # "16384" / "none" (a whole window per batch) / "auto"
-            run = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, _budget(budget),
-                           mode == "compile", min(args.check, 512), v_workers)
+            # "16384" / "none" (a whole window per batch) / "eager" / "eager:16384" / "compile" / "compile:16384"
+            mode, _, budget = v.rpartition(":") if ":" in v else ((v, "", "auto") if v in ("eager", "compile")
+                                                                   else ("", "", v))
+            budget = _budget(budget)
+            run = run_ours(ours_dir, texts, args.batch_size, args.max_seq_len, device, warmup, budget,
+                           mode == "compile", min(args.check, 512))
             run.pop("_vectors", None)
             run["variant"] = v
             _rates(run, len(texts), peak)

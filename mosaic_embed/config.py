@@ -463,9 +463,7 @@ class EncodeConfig:
     first batch, which pays only beyond a few million texts (``--compile`` for those). ``device``: "auto" =
     ``cuda:LOCAL_RANK`` when CUDA is present, else CPU. ``truncate_dim``: keep the first dimensions of each
     vector (an encoder trained with Matryoshka dimensions; re-normalised when the encoder normalises);
-    None = all. ``tokenize_workers``: processes that tokenize ahead of the GPU when an input spans more than
-    one window (None = all cores but two, at most 8, on CUDA; 0 on CPU, where the model needs the cores;
-    0 = tokenize in a thread of this process).
+    None = all.
     """
 
     max_seq_len: int | None = None
@@ -475,7 +473,6 @@ class EncodeConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     device: str = "auto"
-    tokenize_workers: int | None = None
 
     def __post_init__(self):
         if self.max_seq_len is not None and self.max_seq_len < 3:
@@ -486,8 +483,6 @@ class EncodeConfig:
             raise ValueError(f"max_tokens must be >= 1 or null, got {self.max_tokens}")
         if self.truncate_dim is not None and self.truncate_dim < 1:
             raise ValueError(f"truncate_dim must be >= 1 or null, got {self.truncate_dim}")
-        if self.tokenize_workers is not None and self.tokenize_workers < 0:
-            raise ValueError(f"tokenize_workers must be >= 0 or null, got {self.tokenize_workers}")
         if not self.device:
             raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 

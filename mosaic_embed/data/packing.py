@@ -17,12 +17,18 @@ packed path take *padded* (B, S) arrays with an attention mask.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .tokenize_workers import flatten  # noqa: F401  (token lists -> arrays; torch-free, so the workers share it)
+
+def flatten(seqs: Sequence[Sequence[int]], dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (T,) ids back to back and (B,) int64 lengths (two ``np.fromiter`` passes, no copies)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths
 
 
 def cu_seqlens(lengths: Sequence[int] | np.ndarray) -> np.ndarray:

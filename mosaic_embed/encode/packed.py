@@ -42,7 +42,6 @@ import torch
 
 from ..config import ConfigError, EncodeConfig
 from ..data import packing
-from ..data.tokenize_workers import TokenizerWorkers, default_workers
 from ..runtime import resolve_device, resolve_precision
 from .st import (
     PackedParts,
@@ -248,11 +247,6 @@ class Encoder:
         self.dim = settings.truncate_dim or self.full_dim
         self._backend = self._truncating_backend()
         self.compiled = bool(compile and self.backbone is not None)
-        workers = settings.tokenize_workers
-        if workers is None:
-            workers = default_workers() if self.device.type == "cuda" else 0
-        self.tokenize_workers = workers if self.path_used == PACKED and self._backend is not None else 0
-        self._workers: TokenizerWorkers | None = None
         self._first_forward = True
         self._identity: str | None = None
         self.settings = dataclasses.replace(settings, max_seq_len=self.max_seq_len)
@@ -360,33 +354,6 @@ class Encoder:
             ids = self.tokenize(texts)
         return packing.flatten(ids, np.int32)
 
-    def _window_tokenizer(self, more: bool) -> Any:
-        """What tokenizes the next window: the worker processes once they exist; else this process, which
-        also starts them when ``more`` windows follow (they come up while this window is embedded)."""
-        if self._workers is not None:
-            return self._tokenize_in_workers
-        if more and self.tokenize_workers > 0:
-            side = getattr(self.tokenizer, "truncation_side", "right")
-            self._workers = TokenizerWorkers(self._backend.to_str(), self.max_seq_len, side, self.tokenize_workers)
-            self._workers.start()
-        return self.tokenize_flat
-
-    def _tokenize_in_workers(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            return self._workers.tokenize_flat(texts)
-        except Exception as err:  # a worker died or could not start: this process carries on alone
-            logger.warning("Encoder: tokenizer worker processes failed (%s: %s); tokenizing in this process",
-                           type(err).__name__, err)
-            self.close()
-            self.tokenize_workers = 0
-            return self.tokenize_flat(texts)
-
-    def close(self) -> None:
-        """Stop the tokenizer worker processes, if any were started (the Encoder stays usable)."""
-        if self._workers is not None:
-            self._workers.close()
-            self._workers = None
-
     # -- the packed forward -----------------------------------------------------------------------------------
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
@@ -484,9 +451,9 @@ class Encoder:
 
         A background thread reads, tokenizes and lays out (:func:`plan_window`) window k+1 while the device
         embeds window k: the host work (JSON parsing, WordPiece, sorting) hides behind the forward passes
-        instead of adding to them. On a GPU, from the second window on, the WordPiece work runs in
-        ``tokenize_workers`` processes (see ``data/tokenize_workers.py``): turning the tokenizer's output
-        into arrays holds the GIL, which the thread launching the GPU work needs.
+        instead of adding to them. The thread does little under the GIL (the Rust tokenizer and large numpy
+        operations release it). Tokenizing in worker processes instead was measured slower on an H200
+        (8,600 vs 9,394 sentences/s, benchmarks/NOTES_encode.md): pickling the texts to them holds the GIL too.
         """
         batch_size = batch_size or self.batch_size
         prompt = self.prompt(prompt_name)  # an unknown name fails here, before any work
@@ -504,15 +471,10 @@ class Encoder:
 
         def produce() -> None:
             try:
-                it = iter(windows)
-                pending = next(it, None)
-                while pending is not None:
-                    key, texts = pending
-                    pending = next(it, None)  # one window ahead: a second one is what makes worker processes pay
+                for key, texts in windows:
                     win = None
                     if self.path_used == PACKED:
-                        tokenize = self._window_tokenizer(more=pending is not None)
-                        flat, lens = tokenize([prompt + t for t in texts] if prompt else texts)
+                        flat, lens = self.tokenize_flat([prompt + t for t in texts] if prompt else texts)
                         win = plan_window(flat, lens, batch_size, self.max_tokens)
                     if not put((key, texts, win)):
                         return

@@ -102,8 +102,8 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, dropou
         padded = x.new_zeros(batch * max_seqlen, n_heads, head_dim).index_copy(0, indices, x)
         return padded.view(batch, max_seqlen, n_heads, head_dim).transpose(1, 2)
 
-    key_mask = torch.zeros(batch * max_seqlen, dtype=torch.bool, device=q.device)
-    key_mask[indices] = True
+    # index_fill_, not ``key_mask[indices] = True``: that copies the scalar from host memory (a stream sync)
+    key_mask = torch.zeros(batch * max_seqlen, dtype=torch.bool, device=q.device).index_fill_(0, indices, True)
     out = padded_attention_torch(
         to_padded(q), to_padded(k), to_padded(v), key_mask.view(batch, max_seqlen), alibi_slopes,
         dropout_p, softmax_scale,

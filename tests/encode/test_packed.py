@@ -51,54 +51,6 @@ def test_tokenize_flat_matches_the_tokenizer_call(encoders):
     assert flat.tolist() == [t for x in ids for t in x]
 
 
-def test_tokenizer_worker_processes_give_the_same_tokens_and_vectors(encoders):
-    """tokenize_workers: from the second window on, worker processes tokenize (started while the first window
-    is embedded); the ids and the vectors are those of tokenizing in this process, in input order."""
-    texts = (TEXTS + [" ".join(["storm city road"] * 30), "Café  NAÏVE?!", ""]) * 3
-    alone = Encoder.load(encoders["mosaic-mean"], device="cpu", max_seq_len=20)
-    pooled = Encoder.load(encoders["mosaic-mean"], device="cpu", max_seq_len=20, tokenize_workers=2)
-    assert alone.tokenize_workers == 0 and pooled.tokenize_workers == 2
-    try:
-        one = pooled.encode(texts[:5], window=64)  # a single window: no processes started for it
-        assert pooled._workers is None
-        np.testing.assert_allclose(one, alone.encode(texts[:5]), rtol=1e-5, atol=1e-6)
-        got = pooled.encode(texts, window=16)  # first window here, then the workers
-        assert pooled._workers is not None
-        flat, lens = pooled._workers.tokenize_flat(texts)
-        ref_flat, ref_lens = alone.tokenize_flat(texts)
-        assert lens.tolist() == ref_lens.tolist() and flat.tolist() == ref_flat.tolist()
-        np.testing.assert_allclose(got, alone.encode(texts, window=16), rtol=1e-5, atol=1e-6)
-    finally:
-        pooled.close()
-    assert pooled._workers is None
-    np.testing.assert_allclose(pooled.encode(texts, window=16)[:3], got[:3], rtol=1e-5, atol=1e-6)  # restarts
-    pooled.close()
-
-
-def test_tokenizer_workers_that_fail_fall_back_to_this_process(encoders, caplog):
-    enc = Encoder.load(encoders["mosaic-mean"], device="cpu", tokenize_workers=1)
-
-    class Broken:
-        def tokenize_flat(self, texts):
-            raise OSError("no processes here")
-
-        def close(self):
-            pass
-
-    enc._workers = Broken()
-    with caplog.at_level("WARNING"):
-        got = enc.encode(TEXTS, window=8)
-    assert "tokenizer worker processes failed" in caplog.text and enc.tokenize_workers == 0
-    np.testing.assert_allclose(got, Encoder.load(encoders["mosaic-mean"], device="cpu").encode(TEXTS), rtol=1e-5,
-                               atol=1e-6)
-
-
-def test_default_tokenizer_workers():
-    from mosaic_embed.data.tokenize_workers import default_workers
-
-    assert [default_workers(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [0, 0, 0, 2, 6, 8, 8]
-
-
 def test_plan_window_cuts_by_token_budget():
     rng = np.random.default_rng(0)
     lens = rng.integers(1, 40, size=200)

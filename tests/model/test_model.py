@@ -439,7 +439,9 @@ def test_alibi_slopes_cached_per_device_fp32_and_trainable_after_inference_mode(
 def test_packed_forward_never_synchronises_the_gpu():
     """A packed forward queues its work without waiting for the GPU (the Encoder relies on it to run ahead):
     torch's sync debug mode turns any synchronising call into an error."""
-    model = seeded(MosaicBertModel, preset_config("mosaic-bert-tiny")).cuda().to(torch.bfloat16)
+    # head_dim 32: the Triton kernels run (the Encoder's path); tiny's head_dim 8 would take the torch path
+    cfg = preset_config("mosaic-bert-tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    model = seeded(MosaicBertModel, cfg).cuda().to(torch.bfloat16)
     ids = torch.randint(1, VOCAB, (40,), device="cuda")
     cu = torch.tensor([0, 10, 25, 40], dtype=torch.int32, device="cuda")
     with torch.inference_mode():
