@@ -678,6 +678,9 @@ def train_mlm(
         dataloader_num_workers=tc.dataloader_workers,
         dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # pinned batches copied without waiting: a blocking copy would first wait for the previous step's
+        # kernels to finish, so the GPU idles while the host starts the next step
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         use_cpu=not torch.cuda.is_available(),  # makes torchrun on CPU a gloo DDP run (tests, smoke checks)
         remove_unused_columns=False,
         report_to=list(tc.report_to) or "none",
