@@ -912,7 +912,33 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass
-class ContrastiveConfig:
+class EncoderOptimization:
+    """How an encoder-training stage optimises (``train-encoder``, ``distill``): batch and length of training,
+    AdamW's learning rate (linear warmup over ``warmup_fraction``, then linear decay) and weight decay,
+    precision ("auto" = bf16 on CUDA, fp32 on CPU), seed, and a log line every ``logging_steps``.
+    ``max_steps`` > 0 overrides ``epochs``. The stages subclass it and keep their own defaults."""
+
+    batch_size: int = 64
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 5e-5
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 42
+    logging_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size} and {self.lr}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclasses.dataclass
+class ContrastiveConfig(EncoderOptimization):
     """``mosaic-embed train-encoder``: a backbone or an encoder + (query, positive[, negatives]) pairs -> an ST folder.
 
     ``model``: a backbone folder (``runs/NAME/final``, a converted BERT), or a sentence-transformers folder
@@ -963,36 +989,24 @@ class ContrastiveConfig:
     mini_batch_size: int = 32
     gather_across_devices: bool = True
     scale: float = 20.0
-    batch_size: int = 64
-    epochs: float = 1.0
-    max_steps: int = -1
-    lr: float = 5e-5
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    seed: int = 42
     eval_fraction: float = 0.0  # hold out this share of the pairs for an IR evaluator
     eval_beir: str | None = None  # or evaluate on a BEIR folder's eval_split
     eval_split: str = "test"
     eval_steps: int = 0  # evaluate every N steps during training; 0: at the end only
-    logging_steps: int = 20
     dataloader_workers: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {self.batch_size}")
         if self.mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
-        if self.scale <= 0 or self.lr <= 0:
-            raise ValueError("scale and lr must be > 0")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
         if not 0.0 <= self.eval_fraction < 0.5:
             raise ValueError(f"eval_fraction must be in [0, 0.5), got {self.eval_fraction}")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("set epochs > 0 or max_steps > 0")
         if self.max_pairs is not None and self.max_pairs < 2:
             raise ValueError(f"max_pairs must be >= 2, got {self.max_pairs}")
         for name in ("teacher_filter", "hard_negatives", "eval_steps"):
@@ -1010,7 +1024,7 @@ class ContrastiveConfig:
 
 
 @dataclasses.dataclass
-class DistillConfig:
+class DistillConfig(EncoderOptimization):
     """``mosaic-embed distill``: a MosaicBERT student learns a teacher encoder's embeddings on ``corpus``.
 
     ``teacher``: a sentence-transformers folder. ``student``: a MosaicBERT folder (a pretraining run's
@@ -1040,14 +1054,7 @@ class DistillConfig:
     pooling: Literal["mean", "cls"] = "mean"  # for a student that has no Pooling module yet
     student_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_seq_len: int = 256
-    batch_size: int = 64
-    epochs: float = 1.0
-    max_steps: int = -1
-    lr: float = 1.0e-4
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    seed: int = 42
+    lr: float = 1.0e-4  # a student from random weights learns faster than an encoder being adapted
     logging_steps: int = 50
     eval_beir: Path | None = None  # evaluate the result on a BEIR folder's eval_split (metrics in the manifest)
     eval_split: str = "test"
@@ -1055,6 +1062,7 @@ class DistillConfig:
     finetune: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("teacher", "corpus", "out"):
             if getattr(self, name) is None:
                 raise ValueError(f"{name}: required (--{name})")
@@ -1067,12 +1075,6 @@ class DistillConfig:
             raise ValueError(f"max_passages must be >= 2 or null, got {self.max_passages}")
         if self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        if self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("batch_size must be >= 1 and lr > 0")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("set epochs > 0 or max_steps > 0")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not self.text_field:
             raise ValueError("text_field must name a JSON key or a column")
         if "vocab_size" in self.student_overrides:

@@ -483,3 +483,19 @@ def test_folder_fingerprint_is_cached_by_file_stats(tmp_path, monkeypatch):
     assert second != first and calls
     (folder / "manifest.json").write_text('{"run": 2}')  # excluded: not part of the identity
     assert artifacts.folder_fingerprint(folder, exclude=("manifest.json",)) == second
+
+
+@pytest.mark.parametrize("field,value,match", [("warmup_fraction", 1.0, "warmup_fraction"), ("lr", 0.0, "lr > 0"),
+                                               ("epochs", 0.0, "epochs > 0 or max_steps")])
+def test_encoder_training_stages_share_one_optimisation_check(field, value, match):
+    """train-encoder and distill declare their optimisation fields once (EncoderOptimization), each with its own
+    defaults, and reject the same bad values with the same message."""
+    from mosaic_embed.config import ContrastiveConfig, DistillConfig, EncoderOptimization
+
+    distill = {"teacher": "t", "student": "mosaic-bert-tiny", "corpus": "c", "out": "o"}
+    assert issubclass(ContrastiveConfig, EncoderOptimization) and issubclass(DistillConfig, EncoderOptimization)
+    assert (ContrastiveConfig().lr, DistillConfig(**distill).lr) == (5e-5, 1e-4)
+    with pytest.raises(ValueError, match=match):
+        ContrastiveConfig(**{field: value})
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**distill, **{field: value})
