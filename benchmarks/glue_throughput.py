@@ -18,7 +18,6 @@ compilation, allocator growth) so the order of the rows does not matter.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -26,13 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_small.py: where the task folders are
 
 SIZES = {"small": "mosaic-bert-small", "base": "mosaic-bert-base", "tiny": "mosaic-bert-tiny"}
-
-
-def default_task() -> Path:
-    env = os.environ.get("MOSAIC_DATA")
-    return (Path(env) if env else ROOT.parent / "shared" / "data") / "tasks" / "sst2_like"
 
 
 def build_models(root: Path, size: str) -> dict[str, Path]:
@@ -91,10 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import torch
+    from glue_small import default_tasks_dir
 
     from mosaic_embed.artifacts import atomic_write_json, git_commit
 
-    task = args.task or default_task()
+    task = args.task or default_tasks_dir() / "sst2_like"
     overrides = [*args.overrides, f"device={args.device}"]
     work = Path(tempfile.mkdtemp(prefix="glue-throughput-"))
     models = build_models(work, args.size)

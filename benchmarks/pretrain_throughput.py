@@ -226,7 +226,7 @@ def run_pretrain_cli(corpus: Path, args) -> dict:
     """The real training loop: ``mosaic-embed pretrain`` as a process (MosaicBERT-Base recipe, compiled, the
     same global batch in one microbatch), its tokens/s and MFU read from metrics.jsonl after ``--warmup``
     steps. Its gap to the ``mosaic-compile`` row is what the Trainer loop costs over a bare step. A log line
-    every 5 steps (the recipe's is 50): each reads the loss back, a host sync the bare step does not pay."""
+    every 5 steps or fewer (the recipe's is 50): each reads the loss back, a host sync the bare step does not pay."""
     import subprocess
     import tempfile
 
@@ -234,18 +234,21 @@ def run_pretrain_cli(corpus: Path, args) -> dict:
     steps = args.warmup + args.steps
     sets = [f"train.max_steps={steps}", f"train.global_batch_size={args.global_batch}",
             f"train.microbatch_size={args.microbatch}", "train.compile=true", "train.eval_every_steps=0",
-            "train.save_every_steps=0", "train.log_every_steps=5", "train.eval_samples=256",
+            "train.save_every_steps=0", f"train.log_every_steps={min(5, args.steps)}", "train.eval_samples=256",
             f"data.cache_dir={out.parent / 'cache'}"]
     if args.smoke:
         sets += ["model.preset=mosaic-bert-tiny", "train.compile=false", "data.max_seq_len=32"]
     cmd = [sys.executable, "-m", "mosaic_embed.cli", "pretrain", "--recipe", "mosaic-bert-base", "--corpus",
            str(corpus), "--out", str(out), *[x for s in sets for x in ("--set", s)]]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep what the host set
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if proc.returncode != 0:
         return {"model": "mosaic-embed pretrain (CLI)", "error": proc.stderr[-2000:]}
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in logs if "tokens_per_s" in r and r["step"] > args.warmup]
+    if not timed:
+        return {"model": "mosaic-embed pretrain (CLI)", "error": f"no log line after step {args.warmup} in {out}"}
     tps = statistics.mean(r["tokens_per_s"] for r in timed)
     return {"model": "mosaic-embed pretrain (CLI, mosaic-bert-base, compiled)" if not args.smoke
             else "mosaic-embed pretrain (CLI, smoke: mosaic-bert-tiny)", "arch": "mosaic_bert",

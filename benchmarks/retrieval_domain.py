@@ -204,7 +204,7 @@ class Run:
         budget = dict(self.budgets.get(name, {}))
         budget = dict(budget.get("contrastive", budget))
         recipe = budget.pop("recipe", None)
-        flags = {**fields, **budget, "model": str(model), "out": self.work / name.replace("+", "_")}
+        flags = {**fields, **budget, "model": str(model), "out": self.out_dir(name)}
         return load_config(ContrastiveConfig, recipe, [], **flags)
 
     def pretrain_config(self):
@@ -233,7 +233,7 @@ class Run:
             return [self.contrastive_config(system, minilm, pairs="auto", corpus=str(self.corpus))]
         if system == "mosaic-minilm+adapt+pairs":
             return [*self.configs("mosaic-minilm+adapt"),
-                    self.contrastive_config(system, self.work / "mosaic-minilm_adapt", pairs=str(self.pairs))]
+                    self.contrastive_config(system, self.out_dir("mosaic-minilm+adapt"), pairs=str(self.pairs))]
         if system in ("scratch", "scratch+crop"):
             pairs = {"pairs": str(self.pairs)} if system == "scratch" else {"pairs": "auto", "corpus": str(self.corpus)}
             return [self.pretrain_config(), self.contrastive_config(system, self.work / "scratch-pretrain" / "final",
@@ -257,12 +257,20 @@ class Run:
         count for the rows built on it either way)."""
         from mosaic_embed.artifacts import read_manifest
 
-        out = self.work / "mosaic-minilm_adapt"
+        out = self.out_dir("mosaic-minilm+adapt")
         if (out / "modules.json").is_file():
             return out, float(read_manifest(out, "train-encoder")["timings"]["total_s"])
-        out, s, _ = self.train_encoder("mosaic-minilm+adapt", self.converted(), pairs="auto", corpus=str(self.corpus),
-                                       teacher=str(self.converted()))
+        out, s, _ = self.label_free("mosaic-minilm+adapt")
         return out, s
+
+    def label_free(self, system: str) -> tuple[Path, float, dict]:
+        """train-encoder from the converted MiniLM on pairs mined from ``--corpus`` (it is its own teacher)."""
+        start = self.converted()
+        return self.train_encoder(system, start, pairs="auto", corpus=str(self.corpus), teacher=str(start))
+
+    def out_dir(self, system: str) -> Path:
+        """Where a system's encoder is trained (a folder name without '+')."""
+        return self.work / system.replace("+", "_")
 
     def pretrained_small(self) -> tuple[Path, float]:
         """The scratch pipeline's MosaicBERT-Small (made once per work folder; its minutes count for every row
@@ -305,8 +313,7 @@ class Run:
             rows = [row(system, "minilm" if system == "minilm+pairs" else "mosaic_bert", True, self.eval(out),
                         self.minutes(s), train=_train_summary(m))]
         elif system in ("mosaic-minilm+adapt", "mosaic-minilm+crop", "mosaic-minilm+simcse"):
-            start = self.converted()
-            out, s, m = self.train_encoder(system, start, pairs="auto", corpus=str(self.corpus), teacher=str(start))
+            out, s, m = self.label_free(system)
             rows = [row(system, "mosaic_bert", False, self.eval(out), self.minutes(s), train=_train_summary(m))]
         elif system == "mosaic-minilm+adapt+pairs":
             adapted, s_adapt = self.adapted()
