@@ -6,7 +6,9 @@ with the bundled tokenizer, and are finetuned by ``mosaic_embed.train.glue.run_g
 recipe and examples) on a real task in the SST-2 layout (``--task``). Throughput does not depend on what
 the weights learnt; accuracy is printed only as a sanity check (random weights).
 
-Rows: ours (packed batches: no padding tokens), ours with padded batches, BERT (padded: its only form).
+Rows: ours (packed batches: no padding tokens; on CUDA each training step is a CUDA graph replay, the
+runner's default, see ``train/graphed_steps.py``), ours packed with eager steps (``cuda_graphs=false``), ours
+with padded batches (eager), BERT (padded: its only form, eager).
 Figures per row: training examples/s after the runner's warm-up steps (``train.steady``), evaluation
 examples/s, both as ratios over BERT. Each model first runs a short throwaway finetuning (kernel
 compilation, allocator growth) so the order of the rows does not matter.
@@ -69,7 +71,7 @@ def finetune(model: Path, task: Path, out: Path, max_train: int | None, max_eval
     steady = seed["train"]["steady"] or seed["train"]
     return {"train_examples_per_s": steady["examples_per_s"], "train_tokens_per_s": steady["tokens_per_s"],
             "train_examples_per_s_with_warmup": seed["train"]["examples_per_s"], "steps": seed["steps"],
-            "batches": seed["batches"], "eval_examples_per_s": seed["eval"]["dev"]["examples_per_s"],
+            "batches": seed["batches"], "cuda_graphs": seed.get("cuda_graphs"), "eval_examples_per_s": seed["eval"]["dev"]["examples_per_s"],
             "dev_accuracy": seed["metrics"]["dev"]["accuracy"], "wall_s": time.perf_counter() - t}
 
 
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         finetune(folder, task, work / f"warmup-{name}", 256, 256, overrides)
     rows = {
         "ours (packed)": finetune(models["mosaic_bert"], task, work / "packed", args.max_train, args.max_eval, overrides),
+        "ours (packed, eager steps)": finetune(models["mosaic_bert"], task, work / "packed-eager", args.max_train,
+                                              args.max_eval, [*overrides, "cuda_graphs=false"]),
         "ours (padded)": finetune(models["mosaic_bert"], task, work / "padded", args.max_train, args.max_eval,
                                   [*overrides, "padded_batches=true"]),
         "bert (transformers, SDPA)": finetune(models["bert"], task, work / "bert", args.max_train, args.max_eval,

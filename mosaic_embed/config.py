@@ -732,6 +732,8 @@ class GlueConfig:
     GLUE TSV layout (offline); without it GLUE tasks come from the HF hub. ``seeds`` overrides every task's
     recipe seeds. ``padded_batches``: false = unpadded (packed, ``cu_seqlens``) batches when the model's forward
     takes them (MosaicBERT), padded otherwise; true forces padded batches (A/B throughput).
+    ``cuda_graphs``: with packed batches on CUDA, each training step (forward, backward, AdamW) is captured
+    once per token bucket as a CUDA graph and replayed (``train/graphed_steps.py``); false = eager steps.
     ``max_train_examples`` / ``max_eval_examples`` cut each split (smoke runs; not for reported numbers).
     """
 
@@ -755,6 +757,7 @@ class GlueConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: str = "auto"
     padded_batches: bool = False
+    cuda_graphs: bool = True
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     save_models: bool = False

@@ -51,6 +51,7 @@ from ..data.glue import GLUE_TASKS, Examples, TaskData, load_custom_task, load_g
 from ..runtime import WarmupLinearDecay, autocast, resolve_device, resolve_precision
 from .checkpoints import pretraining_meta
 from .glue_metrics import compute_metrics, glue_average, mean_std, task_score
+from .graphed_steps import GraphedSteps
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +241,15 @@ def finetune_one(
     steps_per_epoch = math.ceil(len(train) / hp.batch_size)
     total = max(1, math.ceil(hp.epochs * steps_per_epoch))
     warmup = int(hp.warmup_fraction * total)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                            weight_decay=hp.weight_decay / hp.lr,
+    graphs = packed and cfg.cuda_graphs and device.type == "cuda"
+    # A captured step reads the learning rate from a device tensor that the scheduler fills in place.
+    lr = torch.tensor(hp.lr, device=device) if graphs else hp.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                            weight_decay=hp.weight_decay / hp.lr, capturable=graphs,
                             fused=device.type == "cuda")  # one kernel for the whole step, not a few per tensor
     sched = WarmupLinearDecay(warmup, total, final=0.0).scheduler(opt)
+    graphed = GraphedSteps(model, opt, spec.is_regression, device, dtype, hp.batch_size, cfg.max_seq_len,
+                           pad_id) if graphs else None
     gen = torch.Generator().manual_seed(seed)
     labels_t = torch.as_tensor(train.labels)
     model.train()
@@ -271,15 +277,19 @@ def finetune_one(
     t0 = time.perf_counter()
     while step < total:
         for idx in _batches(len(train), hp.batch_size, gen):
-            batch = collate(train, idx, packed, pad_id, device)
-            y = packing.to_device(labels_t[idx], device)
-            with autocast(device, dtype):
-                logits = _logits(model, batch)
-            loss = _loss(logits, y, spec.is_regression)
-            loss.backward()
-            opt.step()
+            if graphed is not None:
+                loss = graphed.step([train.input_ids[j] for j in idx], [train.token_type_ids[j] for j in idx],
+                                    train.labels[idx])
+            else:
+                batch = collate(train, idx, packed, pad_id, device)
+                y = packing.to_device(labels_t[idx], device)
+                with autocast(device, dtype):
+                    logits = _logits(model, batch)
+                loss = _loss(logits, y, spec.is_regression)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             sched.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             seen += len(idx)
             tokens += sum(len(train.input_ids[j]) for j in idx)
@@ -293,7 +303,7 @@ def finetune_one(
             if logging_now:
                 window = list(recent)[-cfg.log_every:]
                 log.info("%s seed %d: step %d/%d loss %.4f lr %.2e", spec.name, seed, step, total,
-                         float(np.mean(window)), sched.get_last_lr()[0])
+                         float(np.mean(window)), float(sched.get_last_lr()[0]))
             if step >= total:
                 break
     read_back()
@@ -309,6 +319,7 @@ def finetune_one(
         "seed": seed,
         "init": "mnli" if backbone_from is not None else "pretrained",
         "batches": "packed" if packed else "padded",
+        "cuda_graphs": graphed.summary() if graphed is not None else None,
         "steps": total,
         "final_loss": float(np.mean(list(recent)[-50:])),
         "train": {"examples": seen, "tokens": tokens, "seconds": train_s,
