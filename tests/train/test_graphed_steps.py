@@ -8,8 +8,9 @@ from mosaic_embed.train.graphed_steps import MIN_BUCKET, static_layout, weighted
 from tests.helpers import tiny_mosaic
 
 
-def _examples(n: int, rng: np.random.Generator, longest: int = 9):
-    seqs = [[2, *rng.integers(4, 120, size=int(rng.integers(1, longest - 1))).tolist(), 3] for _ in range(n)]
+def _examples(n: int, rng: np.random.Generator, longest: int = 9, shortest: int = 3):
+    sizes = rng.integers(shortest - 2, longest - 1, size=n)  # tokens between [CLS] and [SEP]
+    seqs = [[2, *rng.integers(4, 120, size=int(k)).tolist(), 3] for k in sizes]
     types = [[0] * (len(s) // 2) + [1] * (len(s) - len(s) // 2) for s in seqs]
     return seqs, types
 
@@ -74,7 +75,8 @@ def test_graph_replays_train_like_eager_steps(tmp_path):
     batches = []
     for i in range(12):
         n = 8 if i != 11 else 3
-        seqs, types = _examples(n, rng, longest=40 if i % 3 == 0 else 9)
+        # every third batch is long: 8 x >= 36 tokens + fillers outgrow the 256-token bucket
+        seqs, types = _examples(n, rng, longest=40, shortest=36) if i % 3 == 0 else _examples(n, rng)
         batches.append((seqs, types, rng.integers(0, 2, size=n)))
     runs = {}
     for graphs in (True, False):
