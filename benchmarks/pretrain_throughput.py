@@ -113,10 +113,17 @@ def mlm_loss_times(rows: int = 9830, hidden: int = 768, vocab: int = 30528) -> d
             loss = fn(h, w, b, t)
         torch.autograd.grad(loss, (h, w, b))
 
+    def fused(h, w, b, t):
+        return mlm_loss(h, w, b, t, "triton") / t.numel()
+
+    def reference(h, w, b, t):
+        return mlm_loss(h, w, b, t, "torch") / t.numel()
+
     out = {}
-    for name, impl in (("triton", "triton"), ("torch_compile", "torch")):
+    # two functions, not one closure over impl: each gets its own compiled code
+    for name, impl, f in (("triton", "triton", fused), ("torch_compile", "torch", reference)):
         resolve_impl("mlm_loss", impl, h.device)  # before tracing: a first resolution inside is a graph break
-        fn = torch.compile(lambda h, w, b, t, impl=impl: mlm_loss(h, w, b, t, impl) / t.numel(), dynamic=True)
+        fn = torch.compile(f, dynamic=True)
         step(fn)  # compile, autotune
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
