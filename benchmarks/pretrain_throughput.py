@@ -12,11 +12,20 @@ measured in the same run (median of CUDA-event-timed repeats). Rows:
 
 - ``mosaic-bert-base`` eager and ``torch.compile``d through ``train/pretrain.py:compile_in_place`` as
   training does (Triton varlen ALiBi attention, fused Triton GeGLU, unpadded, bf16 LayerNorm, MLM head
-  only on masked tokens; compiled as one graph);
+  only on masked tokens, its decoder matmul fused with the loss (``mlm_loss_impl`` follows
+  ``attn_impl="triton"``); compiled as one graph);
+- ``mosaic-compile-torchloss``: the ``mosaic-compile`` row with ``mlm_loss_impl="torch"`` (the decoder's
+  (n, V) logits formed and ``F.cross_entropy``, as before the fused loss): run both rows in one call
+  (``--rows mosaic-compile,mosaic-compile-torchloss``) for the fused loss's effect on a whole step;
 - ``bert-base`` (transformers ``BertForMaskedLM``, SDPA attention) eager and ``torch.compile``d.
 
+``--geglu`` also times the GeGLU kernel alone; ``--mlm-loss`` the MLM loss alone (forward + backward of
+the decoder matmul and cross-entropy at Base size, fused op vs the reference under torch.compile: median
+ms and peak memory of each).
+
 Usage: python benchmarks/pretrain_throughput.py [--corpus DIR] [--steps 20] [--warmup 5]
-       [--microbatch 256] [--rows mosaic-compile,mosaic-eager,bert-compile,bert-eager] [--geglu]
+       [--microbatch 256] [--rows mosaic-compile,mosaic-compile-torchloss,mosaic-eager,bert-compile,bert-eager]
+       [--geglu] [--mlm-loss]
 Writes benchmarks/results/pretrain_throughput.json (and ``--out`` if given). ``--smoke`` runs a tiny
 model on CPU in fp32 to check the script itself.
 """
@@ -81,6 +90,54 @@ def geglu_kernel_times(rows: int = 30097, width: int = 3072) -> dict:
     return out
 
 
+def mlm_loss_times(rows: int = 9830, hidden: int = 768, vocab: int = 30528) -> dict:
+    """The MLM loss alone, forward + backward, at MosaicBERT-Base pretraining size (n = 9,830 masked rows
+    of a 256 x 128 batch at 30 %), bf16 autocast over fp32 master weights (as in training), CUDA.
+
+    Median ms (do_bench) and peak memory above the inputs of the fused op (kernels/linear_cross_entropy.py)
+    against the reference (``F.linear`` + fp32 ``F.cross_entropy``) under torch.compile(dynamic=True), both
+    through the dispatch's ``mlm_loss``, one function with the same gradients asked for (hidden, W, b).
+    """
+    import triton
+
+    from mosaic_embed.kernels.dispatch import mlm_loss, resolve_impl
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(rows, hidden, device="cuda", generator=gen).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=gen) * 0.02).requires_grad_()
+    b = torch.zeros(vocab, device="cuda", requires_grad=True)
+    t = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+
+    def step(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, b, t)
+        torch.autograd.grad(loss, (h, w, b))
+
+    def fused(h, w, b, t):
+        return mlm_loss(h, w, b, t, "triton") / t.numel()
+
+    def reference(h, w, b, t):
+        return mlm_loss(h, w, b, t, "torch") / t.numel()
+
+    out = {}
+    # two functions, not one closure over impl: each gets its own compiled code
+    for name, impl, f in (("triton", "triton", fused), ("torch_compile", "torch", reference)):
+        resolve_impl("mlm_loss", impl, h.device)  # before tracing: a first resolution inside is a graph break
+        fn = torch.compile(f, dynamic=True)
+        step(fn)  # compile, autotune
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(fn)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out[name] = {"fwd_bwd_ms": triton.testing.do_bench(lambda fn=fn: step(fn), return_mode="median"),
+                     "peak_mem_mib": peak}
+    out["speedup"] = out["torch_compile"]["fwd_bwd_ms"] / out["triton"]["fwd_bwd_ms"]
+    out["shape"] = {"rows": rows, "hidden": hidden, "vocab": vocab}
+    return out
+
+
 def make_batches(corpus: Path, n_steps: int, global_batch: int, smoke: bool):
     """Host batches for ``n_steps`` steps: lists of packed and padded collations of the same sequences."""
     tok = load_tokenizer()
@@ -128,11 +185,13 @@ def split_micro(batch: dict, micro: int, packed: bool) -> list[dict]:
     return [{k: (v[i:i + micro] if torch.is_tensor(v) else v) for k, v in batch.items()} for i in range(0, b, micro)]
 
 
-def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, args, device) -> dict:
+def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, args, device,
+            extra_overrides: dict | None = None) -> dict:
     torch.manual_seed(0)
     preset = ("mosaic-bert-tiny" if arch == "mosaic_bert" else "bert-tiny") if args.smoke else \
         ("mosaic-bert-base" if arch == "mosaic_bert" else "bert-base")
     overrides = {"attn_impl": "triton"} if (arch == "mosaic_bert" and not args.smoke) else {}
+    overrides.update(extra_overrides or {})
     model = build_model(PretrainModelConfig(arch=arch, preset=preset, overrides=overrides), tok).to(device)
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -213,7 +272,7 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
         print(f"profile of 3 steps, {name}:\n{table}", flush=True)
     losses = [float(x) for x in losses]
     tps = tokens / seconds
-    row = {"model": name, "arch": arch, "compiled": compile_model, "params": params,
+    row = {"model": name, "arch": arch, "compiled": compile_model, "params": params, "overrides": overrides,
            "dispatch_graph_break_patched": bool(args.nobreak and arch == "mosaic_bert"),
            "real_tokens_per_s": tps, "mfu": 6 * params * tps / args.flops if args.flops else None,
            "peak_mem_gib": peak, "step_ms": 1e3 * seconds / len(timed), "timed_steps": len(timed),
@@ -269,6 +328,8 @@ def main() -> None:
     ap.add_argument("--nobreak", action="store_true",
                     help="experiment: remove the find_spec graph break of the attention dispatch (labelled)")
     ap.add_argument("--geglu", action="store_true", help="also time the GeGLU kernel vs torch.compile (GPU)")
+    ap.add_argument("--mlm-loss", action="store_true",
+                    help="also time the fused MLM loss (decoder + cross-entropy) vs torch.compile (GPU)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps per row")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny models on CPU (checks the script, no figures)")
@@ -283,15 +344,20 @@ def main() -> None:
     if args.geglu and device.type == "cuda":
         geglu_times = geglu_kernel_times()
         print(f"geglu kernel: {json.dumps(geglu_times)}", flush=True)
+    if args.mlm_loss and device.type == "cuda":
+        mlm_times = mlm_loss_times()
+        print(f"mlm loss: {json.dumps(mlm_times)}", flush=True)
     t = time.perf_counter()
     tok, packed, padded = make_batches(corpus, args.warmup + args.steps, args.global_batch, args.smoke)
     print(f"batches ready in {time.perf_counter() - t:.1f}s", flush=True)
-    specs = {
-        "mosaic-eager": ("mosaic-bert-base", "mosaic_bert", "none"),
-        "mosaic-compile": ("mosaic-bert-base", "mosaic_bert", "model"),
-        "mosaic-compile-layers": ("mosaic-bert-base", "mosaic_bert", "layers"),
-        "bert-eager": ("bert-base (HF, SDPA)", "hf_bert", "none"),
-        "bert-compile": ("bert-base (HF, SDPA)", "hf_bert", "model"),
+    specs = {  # row -> (label, arch, compilation, model overrides beyond the row's defaults)
+        "mosaic-eager": ("mosaic-bert-base", "mosaic_bert", "none", {}),
+        "mosaic-compile": ("mosaic-bert-base", "mosaic_bert", "model", {}),
+        "mosaic-compile-torchloss": ("mosaic-bert-base (torch MLM loss)", "mosaic_bert", "model",
+                                     {"mlm_loss_impl": "torch"}),
+        "mosaic-compile-layers": ("mosaic-bert-base", "mosaic_bert", "layers", {}),
+        "bert-eager": ("bert-base (HF, SDPA)", "hf_bert", "none", {}),
+        "bert-compile": ("bert-base (HF, SDPA)", "hf_bert", "model", {}),
     }
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
@@ -308,6 +374,8 @@ def main() -> None:
     }
     if args.geglu and device.type == "cuda":
         result["geglu_kernel"] = geglu_times
+    if args.mlm_loss and device.type == "cuda":
+        result["mlm_loss"] = mlm_times
     for key in args.rows.split(","):
         if key == "pretrain-cli":
             row = run_pretrain_cli(corpus, args)
@@ -316,11 +384,11 @@ def main() -> None:
             for path in filter(None, [RESULTS if not args.smoke else None, args.out]):
                 atomic_write_json(path, result)
             continue
-        name, arch, comp = specs[key]
+        name, arch, comp, extra = specs[key]
         label = name + {"none": " eager", "model": " + torch.compile", "layers": " + torch.compile (per layer)"}[comp]
         t = time.perf_counter()
         try:
-            row = run_row(label, arch, comp, packed if arch == "mosaic_bert" else padded, tok, args, device)
+            row = run_row(label, arch, comp, packed if arch == "mosaic_bert" else padded, tok, args, device, extra)
         except Exception as err:  # keep the other rows; record why this one failed
             row = {"model": label, "error": f"{type(err).__name__}: {err}"[:2000]}
             torch._dynamo.reset()
@@ -332,14 +400,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         for path in filter(None, [RESULTS if not args.smoke else None, args.out]):
             atomic_write_json(path, result)
-    print(f"\n{'model':44s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s}")
+    print(f"\n{'model':52s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s}")
     for r in result["rows"]:
         if "error" in r:
-            print(f"{r['model']:44s} ERROR {r['error'][:120]}")
+            print(f"{r['model']:52s} ERROR {r['error'][:120]}")
             continue
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
         params = f"{r['params'] / 1e6:7.1f}M" if r.get("params") else "       -"
-        print(f"{r['model']:44s} {params} {r['real_tokens_per_s']:10.0f} {mfu:>6s} {r['peak_mem_gib']:9.2f}")
+        print(f"{r['model']:52s} {params} {r['real_tokens_per_s']:10.0f} {mfu:>6s} {r['peak_mem_gib']:9.2f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""The one kernel dispatch point: which implementation of attention and GeGLU runs, decided in one place.
+"""The one kernel dispatch point: which implementation of attention, GeGLU and the MLM loss runs, decided in
+one place.
 
-Model code calls :func:`varlen_attention`, :func:`padded_attention` and :func:`geglu` only. Each asks
+Model code calls :func:`varlen_attention`, :func:`padded_attention`, :func:`geglu` and :func:`mlm_loss` only. Each asks
 :func:`resolve_impl`, the single resolver for every kernel, which turns a requested implementation
 (``"auto"`` | ``"torch"`` | ``"triton"``) into the path that will run:
 
-- ``"torch"``: the exact pure-torch reference (``kernels/attention.py``, ``kernels/geglu.py``), any device;
-- ``"triton"``: the fused Triton kernel (``kernels/flash_attn_alibi.py``, ``kernels/geglu.py``); CUDA
+- ``"torch"``: the exact pure-torch reference (``kernels/attention.py``, ``kernels/geglu.py``,
+  ``kernels/linear_cross_entropy.py``), any device;
+- ``"triton"``: the fused Triton kernel (``kernels/flash_attn_alibi.py``, ``kernels/geglu.py``,
+  ``kernels/linear_cross_entropy.py``); CUDA
   tensors, or any device under ``TRITON_INTERPRET=1`` (CPU tests). Asked for where it cannot run, it
   raises: there is no silent fallback;
 - ``"auto"``: triton on CUDA when Triton is installed and the inputs suit the kernel (attention: fp16/bf16,
@@ -27,11 +30,12 @@ import torch
 
 from . import attention as _torch_attention
 from .geglu import geglu_reference
+from .linear_cross_entropy import linear_cross_entropy_reference
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "torch", "triton")
-KERNELS = ("attention", "geglu")
+KERNELS = ("attention", "geglu", "mlm_loss")
 
 # Looked up once: find_spec cannot be traced by torch.compile, and the answer never changes in a process.
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
@@ -71,10 +75,11 @@ def _attention_head_dims() -> tuple[int, ...] | None:
 
 def resolve_impl(kernel: str, impl: str, device: torch.device, dtype: torch.dtype | None = None,
                  dropout_p: float = 0.0, head_dim: int | None = None) -> str:
-    """``impl`` ("auto" | "torch" | "triton") for ``kernel`` ("attention" | "geglu") -> the path that runs.
+    """``impl`` ("auto" | "torch" | "triton") for ``kernel`` ("attention" | "geglu" | "mlm_loss") -> the path
+    that runs.
 
-    ``dtype``, ``dropout_p`` and ``head_dim`` are the facts "auto" weighs for attention (the GeGLU kernel
-    takes any float dtype). Cached per question; the first answer of each kind is announced.
+    ``dtype``, ``dropout_p`` and ``head_dim`` are the facts "auto" weighs for attention (the GeGLU and MLM
+    loss kernels take any float dtype). Cached per question; the first answer of each kind is announced.
 
     Raises:
         ValueError / RuntimeError when "triton" is asked for where it cannot run.
@@ -134,7 +139,7 @@ def _resolve(kernel: str, impl: str, device_type: str, dtype: torch.dtype | None
 def _announce(kernel: str, choice: str, why: str) -> None:
     # Outside torch.compile's graph: a logging call inside it would break the graph at every layer.
     _announced.add((kernel, choice, why))
-    name = "attention" if kernel == "attention" else "GeGLU"
+    name = {"attention": "attention", "geglu": "GeGLU", "mlm_loss": "MLM loss"}[kernel]
     logger.warning("MosaicBERT %s runs the %s path (%s)", name, choice.upper(), why)
 
 
@@ -227,10 +232,25 @@ def geglu(inner: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     return geglu_reference(inner)
 
 
+def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+             impl: str = "auto") -> torch.Tensor:
+    """The summed cross-entropy of the MLM decoder: ``sum_r CE(hidden_r @ weight^T + bias, targets_r)`` over
+    rows whose target is not -100, a 0-d fp32 tensor, differentiable in hidden, weight and bias.
+
+    hidden (n, H), weight (V, H), bias (V,) or None, targets (n,) int64. impl: "triton" (decoder matmul and
+    loss fused in chunks, gradients computed in the forward, the (n, V) logits never kept whole), "torch"
+    (the reference: logits in the input/autocast dtype, cross-entropy in fp32) or "auto" (triton on CUDA);
+    see :func:`resolve_impl`. The caller divides by the number of rows it averages over.
+    """
+    if resolve_impl("mlm_loss", impl, hidden.device) == "triton":
+        from .linear_cross_entropy import linear_cross_entropy_triton
+
+        return linear_cross_entropy_triton(hidden, weight, bias, targets)
+    return linear_cross_entropy_reference(hidden, weight, bias, targets)
 
 
 def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Resolve MosaicBERT's attention and GeGLU dispatch (cached per process) before torch.compile traces
+    """Resolve MosaicBERT's attention, GeGLU and MLM-loss dispatch (cached per process) before torch.compile traces
     (pretraining's ``compile_in_place``, the Encoder's ``compile``).
 
     The resolvers run outside the graph (``torch.compiler.disable``: imports, a one-time log line), so a
@@ -249,6 +269,8 @@ def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) 
         resolve_impl("attention", config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
     if config.mlp == "geglu" and config.hidden_act == "gelu":
         resolve_impl("geglu", config.geglu_impl or config.attn_impl, device)
+    if hasattr(model, "mlm_head"):  # the masked-LM model; encoders have no MLM loss to announce
+        resolve_impl("mlm_loss", config.mlm_loss_impl or config.attn_impl, device)
 
 
-__all__ = ["IMPLS", "KERNELS", "geglu", "padded_attention", "resolve_impl", "varlen_attention", "warm_dispatch"]
+__all__ = ["IMPLS", "KERNELS", "geglu", "mlm_loss", "padded_attention", "resolve_impl", "varlen_attention", "warm_dispatch"]

@@ -38,6 +38,11 @@ class MosaicBertConfig(PretrainedConfig):
         geglu_impl: the same choice for the fused GeGLU kernel; ``None`` (default) follows ``attn_impl``,
             so ``attn_impl="torch"`` is the exact reference path end to end. Both are resolved by
             ``kernels/dispatch.py``.
+        mlm_loss_impl: the same choice for the masked-LM loss in training: ``"triton"`` fuses the decoder
+            matmul with the cross-entropy in chunks (``kernels/linear_cross_entropy.py``: the (n, V) logits
+            are never kept whole, so the training forward returns no logits), ``"torch"`` forms the logits
+            and calls ``F.cross_entropy``; ``None`` (default) follows ``attn_impl``. Evaluation (or
+            ``return_logits=True``) always forms the logits.
     """
 
     model_type = "mosaic_bert"
@@ -63,6 +68,7 @@ class MosaicBertConfig(PretrainedConfig):
     low_precision_layernorm: bool = True
     attn_impl: str = "auto"
     geglu_impl: str | None = None
+    mlm_loss_impl: str | None = None
 
     def __post_init__(self, **kwargs):
         self._validate()
@@ -98,6 +104,8 @@ class MosaicBertConfig(PretrainedConfig):
             fail("attn_impl", f"must be one of {ATTN_IMPLS}")
         if self.geglu_impl is not None and self.geglu_impl not in ATTN_IMPLS:
             fail("geglu_impl", f"must be None (follow attn_impl) or one of {ATTN_IMPLS}")
+        if self.mlm_loss_impl is not None and self.mlm_loss_impl not in ATTN_IMPLS:
+            fail("mlm_loss_impl", f"must be None (follow attn_impl) or one of {ATTN_IMPLS}")
         for field in ("unpad", "low_precision_layernorm"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "must be true or false")

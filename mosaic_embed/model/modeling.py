@@ -1,5 +1,6 @@
 """MosaicBERT (Portes et al., NeurIPS 2023, arXiv 2312.17482) as transformers models: the encoder, then the
-heads: masked-LM (runs only on labelled positions) and sequence classification / regression.
+heads: masked-LM (runs only on labelled positions; in training its decoder and loss go through the dispatch's
+``mlm_loss``, fused on the triton path) and sequence classification / regression.
 
 The layers and the one forward body live in ``blocks.py`` (plain torch); here they become ``PreTrainedModel``
 classes (weight init, saving, the Auto classes, gradient checkpointing).
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
+from ..kernels.dispatch import mlm_loss
 from .blocks import (
     MosaicBertBlock,
     MosaicBertEmbeddings,
@@ -98,7 +100,8 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
 
 
 class MosaicBertMLMHead(nn.Module):
-    """BERT's MLM head: dense + activation + LayerNorm, then the decoder tied to the word embeddings."""
+    """BERT's MLM head: dense + activation + LayerNorm (:meth:`transform`), then the decoder tied to the word
+    embeddings. The two halves are apart so that training can fuse the decoder with the loss."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
@@ -107,9 +110,13 @@ class MosaicBertMLMHead(nn.Module):
         self.norm = _layer_norm(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N, H): dense + activation + LayerNorm, the decoder's input."""
+        return self.norm(self.act(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) -> (N, V)."""
-        return self.decoder(self.norm(self.act(self.dense(hidden))))
+        return self.decoder(self.transform(hidden))
 
 
 class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
@@ -121,6 +128,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.bert = MosaicBertModel(config)
         self.mlm_head = MosaicBertMLMHead(config)
+        self.mlm_loss_impl = config.mlm_loss_impl or config.attn_impl
         self.post_init()
 
     def get_output_embeddings(self):
@@ -141,12 +149,21 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         max_seqlen: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        return_logits: bool | None = None,
     ) -> MaskedLMOutput | tuple:
         """Masked-LM logits and loss.
 
-        labels: same shape as input_ids, -100 = not a prediction target. With labels: ``logits`` is
-        (n_labelled, V) in row-major order of the labelled positions and ``loss`` the mean cross-entropy
-        over them (0 when there are none). Without: ``logits`` (B, S, V) or (T, V) for packed input.
+        labels: same shape as input_ids, -100 = not a prediction target. With labels, ``loss`` is the mean
+        cross-entropy over the labelled positions (0 when there are none) and ``logits``, when formed, is
+        (n_labelled, V) in row-major order of the labelled positions. Without: ``logits`` (B, S, V) or (T, V)
+        for packed input.
+
+        return_logits (with labels): whether ``logits`` is formed and returned. None (default): in eval mode
+        only (validation reads them for its accuracy). Otherwise the loss goes through the dispatch's
+        ``mlm_loss`` (``config.mlm_loss_impl``; on the triton path the decoder matmul and the cross-entropy
+        run fused in chunks and the (n, V) logits never exist) and ``logits`` is None, whichever path runs,
+        so that a caller's code does not depend on the kernel choice. True: the decoder, then
+        ``F.cross_entropy`` (the reference computation), in training too.
         """
         enc = self.bert._encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen,
                                 bool(output_hidden_states))
@@ -155,14 +172,22 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             targets = enc.gather(labels)  # (N,)
             labelled = targets != -100  # (N,)
             rows = torch.nonzero(labelled, as_tuple=False).flatten()  # (n,)
-            logits = self.mlm_head(enc.hidden.index_select(0, rows))  # (n, V)
-            targets = targets.index_select(0, rows)
+            hidden = self.mlm_head.transform(enc.hidden.index_select(0, rows))  # (n, H)
+            targets = targets.index_select(0, rows)  # (n,)
             # The mean over labelled rows written as sum / max(n, 1) with n a tensor: no Python branch on
             # the data-dependent n, so torch.compile (capture_dynamic_output_shape_ops, see
-            # train/pretrain.py:compile_in_place) traces the row selection and the loss into the graph.
-            # n = 0 gives 0 (a sum over no rows), with a zero gradient, as before.
+            # train/pretrain.py:compile_in_place) traces the row selection and the loss into the graph (the
+            # fused loss is one custom op taking the (n, H) rows with n unbacked). n = 0 gives 0 (a sum over
+            # no rows), with a zero gradient. The branch below is on the module's mode and an argument,
+            # static facts that torch.compile guards on, never on data.
             n = labelled.sum().clamp(min=1)
-            loss = F.cross_entropy(logits, targets, reduction="sum") / n
+            if return_logits if return_logits is not None else not self.training:
+                logits = self.mlm_head.decoder(hidden)  # (n, V)
+                loss = F.cross_entropy(logits, targets, reduction="sum") / n
+            else:
+                logits = None
+                decoder = self.mlm_head.decoder
+                loss = mlm_loss(hidden, decoder.weight, decoder.bias, targets, self.mlm_loss_impl) / n
         else:
             logits = enc.to_caller(self.mlm_head(enc.hidden))  # (B, S, V) | (T, V)
         hidden_states = tuple(enc.to_caller(s) for s in enc.all_hidden) if enc.all_hidden is not None else None

@@ -431,7 +431,8 @@ class MLMTrainer(Trainer):
                 sel = labels != IGNORE_INDEX
                 n = sel.sum()
                 logits = out.logits
-                # MosaicBERT returns logits only for the labelled positions: (n, V) instead of (..., V)
+                # MosaicBERT returns logits only for the labelled positions: (n, V) instead of (..., V), and
+                # only in eval mode (its training forward fuses the decoder with the loss: no logits)
                 pred = (logits if logits.shape[:-1] != labels.shape else logits[sel]).argmax(-1)
                 sums += torch.stack([out.loss.double() * n, (pred == labels[sel]).sum().double(), n.double()])
         if was_training:

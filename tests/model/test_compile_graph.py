@@ -50,6 +50,8 @@ def test_masked_loss_without_labelled_rows_is_zero_with_gradient():
     batch = _packed_batch([4, 3], 1)
     batch["labels"][:] = -100
     out = model(**batch)
-    assert out.logits.shape == (0, 128) and float(out.loss) == 0.0
+    assert out.logits is None and float(out.loss) == 0.0  # training: the loss only (see return_logits)
     out.loss.backward()  # differentiable, zero gradient, as with the former `logits.sum() * 0`
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    out = model(**batch, return_logits=True)
+    assert out.logits.shape == (0, 128) and float(out.loss) == 0.0

@@ -87,8 +87,13 @@ def test_mlm_loss_only_on_labelled_positions_equals_full_logit_loss():
     labels = torch.full_like(ids, -100)
     labels[0, [1, 5, 9]] = ids[0, [1, 5, 9]]
     labels[2, 2] = 7
-    out = model(ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    out = model(ids, attention_mask=mask, token_type_ids=types, labels=labels)  # eval mode: logits formed
     assert out.logits.shape == (4, VOCAB)
+    no_logits = model(ids, attention_mask=mask, token_type_ids=types, labels=labels, return_logits=False)
+    assert no_logits.logits is None  # the training default: the loss through the dispatch's mlm_loss
+    torch.testing.assert_close(no_logits.loss, out.loss, atol=1e-5, rtol=1e-5)
+    assert model.train()(ids, attention_mask=mask, token_type_ids=types, labels=labels).logits is None
+    model.eval()
     full = model(ids, attention_mask=mask, token_type_ids=types).logits  # (B, S, V)
     assert full.shape == (3, 12, VOCAB)
     sel = labels != -100
