@@ -143,7 +143,7 @@ def _add_ln_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, b
     if n and width:
         block = next_pow2(width)
         _add_ln_fwd_kernel[(n,)](
-            xs, rs, weight, bias, y, mean, rstd, width, xs.stride(0), rs.stride(0), y.stride(0), eps,
+            xs, rs, weight.contiguous(), bias.contiguous(), y, mean, rstd, width, xs.stride(0), rs.stride(0), y.stride(0), eps,
             BLOCK=block, num_warps=_num_warps(block),
         )
     return y.view(x.shape), mean, rstd
@@ -165,7 +165,7 @@ def _add_ln_bwd(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weigh
     db = torch.empty((programs, width), device=x.device, dtype=torch.float32)
     block = next_pow2(width)
     _add_ln_bwd_kernel[(programs,)](
-        xs, rs, weight, dys, mean, rstd, ds, dw, db, n, width, rows_per_program, xs.stride(0), rs.stride(0),
+        xs, rs, weight.contiguous(), dys, mean, rstd, ds, dw, db, n, width, rows_per_program, xs.stride(0), rs.stride(0),
         dys.stride(0), ds.stride(0), BLOCK=block, num_warps=_num_warps(block),
     )
     return ds.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
