@@ -322,6 +322,7 @@ def test_gpu_compiled_dynamic_custom_op():
     def f(a, r):
         return norm.add_and_norm(a, r, "triton") * 2.0
 
+    assert _resolve("triton", "cuda", compiling=True) == "triton"  # resolved before tracing (warm_dispatch's job)
     cf = torch.compile(f, dynamic=True, fullgraph=True)
     for n in (257, 1000, 33):
         a = torch.randn(n, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
