@@ -14,9 +14,8 @@ measured in the same run (median of CUDA-event-timed repeats). Rows:
   training does (Triton varlen ALiBi attention, fused Triton GeGLU, unpadded, bf16 LayerNorm, MLM head
   only on masked tokens, its decoder matmul fused with the loss (``mlm_loss_impl`` follows
   ``attn_impl="triton"``); compiled as one graph);
-- ``mosaic-compile-torchloss``: the ``mosaic-compile`` row with ``mlm_loss_impl="torch"`` (the decoder's
-  (n, V) logits formed and ``F.cross_entropy``, as before the fused loss): run both rows in one call
-  (``--rows mosaic-compile,mosaic-compile-torchloss``) for the fused loss's effect on a whole step;
+- the fused loss's effect on a whole step: ``--rows mosaic-compile,mosaic-compile:mlm_loss_impl=torch`` (the
+  decoder's (n, V) logits formed and ``F.cross_entropy``, as before the fused loss; see "Model variants");
 - ``bert-base`` (transformers ``BertForMaskedLM``, SDPA attention) eager and ``torch.compile``d.
 
 ``--geglu`` also times the GeGLU kernel alone; ``--mlm-loss`` the MLM loss alone (forward + backward of
@@ -24,10 +23,21 @@ the decoder matmul and cross-entropy at Base size, fused op vs the reference und
 ms and peak memory of each).
 
 Usage: python benchmarks/pretrain_throughput.py [--corpus DIR] [--steps 20] [--warmup 5]
-       [--microbatch 256] [--rows mosaic-compile,mosaic-compile-torchloss,mosaic-eager,bert-compile,bert-eager]
-       [--geglu] [--mlm-loss]
+       [--microbatch 256] [--rows mosaic-compile,mosaic-eager,bert-compile,bert-eager] [--geglu] [--layernorm]
+       [--mlm-loss] [--set KEY=VALUE ...]
 Writes benchmarks/results/pretrain_throughput.json (and ``--out`` if given). ``--smoke`` runs a tiny
 model on CPU in fp32 to check the script itself.
+
+Kernel micro-benchmarks (GPU, printed and stored in the JSON before the rows): ``--geglu`` times the GeGLU
+kernel against torch.compile; ``--layernorm`` the fused residual add + LayerNorm (kernels/layernorm.py)
+against the torch expression eager and under torch.compile, forward and backward at Base size.
+
+Model variants: ``--set KEY=VALUE`` (repeatable; the value read as YAML) sets a ``MosaicBertConfig`` field
+on every mosaic row (``PretrainModelConfig.overrides``, over the benchmark's own ``attn_impl: triton``), and
+a row name may carry its own after colons, so that variants run side by side in one run, e.g.
+``--rows mosaic-eager:layernorm_impl=torch,mosaic-eager:layernorm_impl=triton``. Overridden rows are
+labelled with their overrides, and a run with any override writes only ``--out`` (required then): the
+shipped ``results/pretrain_throughput.json`` keeps the default configuration.
 """
 
 from __future__ import annotations
@@ -45,12 +55,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 from mosaic_embed.artifacts import atomic_write_json, git_commit  # noqa: E402
-from mosaic_embed.config import DataConfig, PretrainModelConfig  # noqa: E402
+from mosaic_embed.config import DataConfig, PretrainModelConfig, parse_override  # noqa: E402
 from mosaic_embed.data.mlm import KeyedDataset, MLMMasker, PaddedMLMCollator, UnpaddedMLMCollator  # noqa: E402
 from mosaic_embed.data.shards import load_shards, prepare_shards  # noqa: E402
 from mosaic_embed.data.tokenizer import load_tokenizer  # noqa: E402
 from mosaic_embed.runtime import peak_flops  # noqa: E402
-from mosaic_embed.train.pretrain import build_model, compile_in_place  # noqa: E402
+from mosaic_embed.train.pretrain import build_model, check_model_overrides, compile_in_place  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain_throughput.json"
 
@@ -138,6 +148,73 @@ def mlm_loss_times(rows: int = 9830, hidden: int = 768, vocab: int = 30528) -> d
     return out
 
 
+def layernorm_kernel_times(rows: int = 30097, width: int = 768) -> dict:
+    """Residual add + LayerNorm at MosaicBERT-Base size (one sublayer of a 256 x 128 batch): bf16 activations,
+    fp32 parameters (master weights under autocast), CUDA.
+
+    Median ms (do_bench) of forward, backward, and forward + backward in one call, for the fused Triton
+    kernel (kernels/layernorm.py), the torch expression eager (an add, then LayerNorm in bf16: what
+    ``layernorm_impl="torch"`` runs) and the same expression under torch.compile (what Inductor makes of it);
+    GB/s counts the bytes the fused kernel must move (forward: read x and residual, write y; backward: read
+    x, residual and dy, write d_s; the per-row statistics and the parameters are negligible).
+    """
+    import triton
+
+    from mosaic_embed.kernels.layernorm import add_layer_norm_reference, add_layer_norm_triton
+
+    eps = 1e-12
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, res = (torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+              for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(width, device="cuda", generator=gen)).requires_grad_()
+    bias = (0.1 * torch.randn(width, device="cuda", generator=gen)).requires_grad_()
+    dy = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    inputs = (x, res, weight, bias)
+
+    def torch_expr(a, r, w, b):
+        return add_layer_norm_reference(a, r, w, b, eps)
+
+    def fused(a, r, w, b):
+        return add_layer_norm_triton(a, r, w, b, eps)
+
+    out = {}
+    for name, fn in (("triton", fused), ("torch_eager", torch_expr),
+                     ("torch_compile", torch.compile(torch_expr, dynamic=True))):
+        fwd_ms = triton.testing.do_bench(lambda fn=fn: fn(*inputs), return_mode="median")
+        y = fn(*inputs)
+        bwd_ms = triton.testing.do_bench(lambda y=y: torch.autograd.grad(y, inputs, dy, retain_graph=True),
+                                         return_mode="median")
+        both_ms = triton.testing.do_bench(lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, dy),
+                                          return_mode="median")
+        out[name] = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": both_ms}
+    elem = 2  # bf16 bytes
+    fwd_bytes, bwd_bytes = rows * 3 * width * elem, rows * 4 * width * elem
+    for r in out.values():
+        r["fwd_gb_per_s"] = fwd_bytes / r["fwd_ms"] / 1e6
+        r["bwd_gb_per_s"] = bwd_bytes / r["bwd_ms"] / 1e6
+        r["fwd_bwd_gb_per_s"] = (fwd_bytes + bwd_bytes) / r["fwd_bwd_ms"] / 1e6
+    for name in ("torch_eager", "torch_compile"):
+        out[f"speedup_fwd_bwd_vs_{name}"] = out[name]["fwd_bwd_ms"] / out["triton"]["fwd_bwd_ms"]
+    out["shape"] = [rows, width]
+    return out
+
+
+def parse_sets(items: list[str], where: str) -> dict:
+    """``["layernorm_impl=triton", ...]`` -> {"layernorm_impl": "triton", ...}: MosaicBertConfig fields (no
+    dots), values read as YAML; a key that names no field is an error before any row runs."""
+    out = {}
+    for item in items:
+        path, value = parse_override(item)
+        if len(path) != 1:
+            raise SystemExit(f"{where} {item!r}: a MosaicBertConfig field, e.g. layernorm_impl=triton")
+        out[path[0]] = value
+    try:
+        check_model_overrides(PretrainModelConfig(arch="mosaic_bert", overrides=out))
+    except ValueError as err:  # ConfigError included
+        raise SystemExit(f"{where}: {err}") from None
+    return out
+
+
 def make_batches(corpus: Path, n_steps: int, global_batch: int, smoke: bool):
     """Host batches for ``n_steps`` steps: lists of packed and padded collations of the same sequences."""
     tok = load_tokenizer()
@@ -186,12 +263,12 @@ def split_micro(batch: dict, micro: int, packed: bool) -> list[dict]:
 
 
 def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, args, device,
-            extra_overrides: dict | None = None) -> dict:
+            model_overrides: dict | None = None) -> dict:
     torch.manual_seed(0)
     preset = ("mosaic-bert-tiny" if arch == "mosaic_bert" else "bert-tiny") if args.smoke else \
         ("mosaic-bert-base" if arch == "mosaic_bert" else "bert-base")
     overrides = {"attn_impl": "triton"} if (arch == "mosaic_bert" and not args.smoke) else {}
-    overrides.update(extra_overrides or {})
+    overrides.update(model_overrides or {})
     model = build_model(PretrainModelConfig(arch=arch, preset=preset, overrides=overrides), tok).to(device)
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -330,10 +407,25 @@ def main() -> None:
     ap.add_argument("--geglu", action="store_true", help="also time the GeGLU kernel vs torch.compile (GPU)")
     ap.add_argument("--mlm-loss", action="store_true",
                     help="also time the fused MLM loss (decoder + cross-entropy) vs torch.compile (GPU)")
+    ap.add_argument("--layernorm", action="store_true",
+                    help="also time the fused add + LayerNorm kernel vs torch eager and torch.compile (GPU)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a MosaicBertConfig field for every mosaic row (repeatable), e.g. layernorm_impl=triton")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps per row")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny models on CPU (checks the script, no figures)")
     args = ap.parse_args()
+    model_sets = parse_sets(args.sets, "--set")
+    row_specs = []  # (row key, its overrides)
+    for spec in args.rows.split(","):
+        key, *items = spec.split(":")
+        if items and not key.startswith("mosaic-"):
+            raise SystemExit(f"--rows {spec}: overrides are MosaicBertConfig fields, for mosaic rows only")
+        row_specs.append((key, parse_sets(items, f"--rows {spec}")))
+    overridden = bool(model_sets) or any(sets for _, sets in row_specs)
+    if overridden and args.out is None and not args.smoke:
+        raise SystemExit("--set / row overrides measure a variant: give --out (results/pretrain_throughput.json "
+                         "keeps the default configuration)")
     device = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (use --smoke to check the script on CPU)")
@@ -347,17 +439,18 @@ def main() -> None:
     if args.mlm_loss and device.type == "cuda":
         mlm_times = mlm_loss_times()
         print(f"mlm loss: {json.dumps(mlm_times)}", flush=True)
+    if args.layernorm and device.type == "cuda":
+        layernorm_times = layernorm_kernel_times()
+        print(f"add + layernorm kernel: {json.dumps(layernorm_times)}", flush=True)
     t = time.perf_counter()
     tok, packed, padded = make_batches(corpus, args.warmup + args.steps, args.global_batch, args.smoke)
     print(f"batches ready in {time.perf_counter() - t:.1f}s", flush=True)
-    specs = {  # row -> (label, arch, compilation, model overrides beyond the row's defaults)
-        "mosaic-eager": ("mosaic-bert-base", "mosaic_bert", "none", {}),
-        "mosaic-compile": ("mosaic-bert-base", "mosaic_bert", "model", {}),
-        "mosaic-compile-torchloss": ("mosaic-bert-base (torch MLM loss)", "mosaic_bert", "model",
-                                     {"mlm_loss_impl": "torch"}),
-        "mosaic-compile-layers": ("mosaic-bert-base", "mosaic_bert", "layers", {}),
-        "bert-eager": ("bert-base (HF, SDPA)", "hf_bert", "none", {}),
-        "bert-compile": ("bert-base (HF, SDPA)", "hf_bert", "model", {}),
+    specs = {  # row -> (label, arch, compilation)
+        "mosaic-eager": ("mosaic-bert-base", "mosaic_bert", "none"),
+        "mosaic-compile": ("mosaic-bert-base", "mosaic_bert", "model"),
+        "mosaic-compile-layers": ("mosaic-bert-base", "mosaic_bert", "layers"),
+        "bert-eager": ("bert-base (HF, SDPA)", "hf_bert", "none"),
+        "bert-compile": ("bert-base (HF, SDPA)", "hf_bert", "model"),
     }
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
@@ -370,25 +463,32 @@ def main() -> None:
         "seq_len": 128,
         "global_batch": args.global_batch,
         "corpus": str(corpus),
+        "mosaic_overrides": model_sets,
         "rows": [],
     }
     if args.geglu and device.type == "cuda":
         result["geglu_kernel"] = geglu_times
     if args.mlm_loss and device.type == "cuda":
         result["mlm_loss"] = mlm_times
-    for key in args.rows.split(","):
+    if args.layernorm and device.type == "cuda":
+        result["layernorm_kernel"] = layernorm_times
+    results_paths = [None if args.smoke or overridden else RESULTS, args.out]
+    for key, row_sets in row_specs:
         if key == "pretrain-cli":
             row = run_pretrain_cli(corpus, args)
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-            for path in filter(None, [RESULTS if not args.smoke else None, args.out]):
+            for path in filter(None, results_paths):
                 atomic_write_json(path, result)
             continue
-        name, arch, comp, extra = specs[key]
+        name, arch, comp = specs[key]
         label = name + {"none": " eager", "model": " + torch.compile", "layers": " + torch.compile (per layer)"}[comp]
+        sets = {**model_sets, **row_sets} if arch == "mosaic_bert" else {}
+        if sets:
+            label += " [" + ",".join(f"{k}={v}" for k, v in sets.items()) + "]"
         t = time.perf_counter()
         try:
-            row = run_row(label, arch, comp, packed if arch == "mosaic_bert" else padded, tok, args, device, extra)
+            row = run_row(label, arch, comp, packed if arch == "mosaic_bert" else padded, tok, args, device, sets)
         except Exception as err:  # keep the other rows; record why this one failed
             row = {"model": label, "error": f"{type(err).__name__}: {err}"[:2000]}
             torch._dynamo.reset()
@@ -398,7 +498,7 @@ def main() -> None:
         row["row_wall_s"] = time.perf_counter() - t
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        for path in filter(None, [RESULTS if not args.smoke else None, args.out]):
+        for path in filter(None, results_paths):
             atomic_write_json(path, result)
     print(f"\n{'model':52s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s}")
     for r in result["rows"]:

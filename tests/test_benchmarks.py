@@ -373,3 +373,33 @@ def test_pareto_sweep_grid_winner_extension_and_lr_from(tmp_path):
     with pytest.raises(ValueError, match="must be a model with a grid of its own, listed before it"):
         from_dict(bench.StudyConfig, {"models": {"b": {"recipe": "x", "lr_from": "a"}, "a": {"recipe": "y", "lrs": [1e-3]}},
                                       "tasks": [{"name": "t"}], "seeds": [1]})
+
+
+# ---- benchmarks/pretrain_throughput: --smoke with model overrides ---------------------------------------
+
+
+def test_pretrain_throughput_smoke_with_overrides(tmp_path, monkeypatch):
+    """--smoke (a tiny model on CPU) runs a plain mosaic row and the same row with its own override beside it,
+    ``--set`` reaching every mosaic row; a run with overrides writes only ``--out``."""
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = " ".join(TOPICS.values())
+    (corpus / "docs.jsonl").write_text("".join(json.dumps({"text": f"{i} {words} {i}"}) + "\n" for i in range(40)))
+    bench = load_benchmark("pretrain_throughput")
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", [
+        "pretrain_throughput.py", "--smoke", "--corpus", str(corpus), "--steps", "1", "--warmup", "1",
+        "--global-batch", "4", "--microbatch", "4", "--set", "geglu_impl=torch",
+        "--rows", "mosaic-eager,mosaic-eager:layernorm_impl=torch", "--out", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert result["mosaic_overrides"] == {"geglu_impl": "torch"}
+    rows = result["rows"]
+    assert [r.get("error") for r in rows] == [None, None]
+    assert [r["overrides"] for r in rows] == [{"geglu_impl": "torch"}, {"geglu_impl": "torch", "layernorm_impl": "torch"}]
+    assert rows[1]["model"].endswith("[geglu_impl=torch,layernorm_impl=torch]")
+    monkeypatch.setattr(sys, "argv", ["pretrain_throughput.py", "--smoke", "--rows", "mosaic-eager:no_such_field=1"])
+    with pytest.raises(SystemExit, match="no_such_field"):
+        bench.main()

@@ -26,7 +26,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from .launch import cdiv
+from .launch import as_rows, cdiv
 
 __all__ = ["geglu_reference", "geglu_triton"]
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once (compile cannot trace it)
@@ -97,12 +97,6 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (N, C) with a unit last stride (a copy only when the last dim is strided)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _eager(kernel):
     return kernel
 
@@ -110,7 +104,7 @@ def _eager(kernel):
 def _geglu_fwd(inner: torch.Tensor, launch=_eager) -> torch.Tensor:
     """inner (..., 2I) -> out (..., I) in inner's dtype. ``launch``: how a kernel is called (the op passes
     ``torch.library.wrap_triton``, which torch.compile traces)."""
-    rows = _as_rows(inner)
+    rows = as_rows(inner)
     n, width = rows.shape[0], rows.shape[1] // 2
     out = torch.empty((n, width), device=inner.device, dtype=inner.dtype)
     if n and width:
@@ -122,7 +116,7 @@ def _geglu_fwd(inner: torch.Tensor, launch=_eager) -> torch.Tensor:
 
 def _geglu_bwd(inner: torch.Tensor, dout: torch.Tensor, launch=_eager) -> torch.Tensor:
     """inner (..., 2I), dout (..., I) -> d_inner (..., 2I) = [d gate | d value] in inner's dtype."""
-    rows, drows = _as_rows(inner), _as_rows(dout.to(inner.dtype))
+    rows, drows = as_rows(inner), as_rows(dout.to(inner.dtype))
     n, width = rows.shape[0], rows.shape[1] // 2
     dinner = torch.empty((n, 2 * width), device=inner.device, dtype=inner.dtype)
     if n and width:

@@ -1,10 +1,12 @@
-"""Host-side integer helpers of the kernel launchers (grids, tile sizes).
+"""Host-side helpers of the kernel launchers: integer helpers (grids, tile sizes) and the (N, C) row view.
 
 ``triton.cdiv`` / ``triton.next_power_of_2`` are constexpr-function wrappers that cost ~8 us per call from
 Python (benchmarks/NOTES_attention.md, v3): at short lengths that is a visible share of an eager step.
 """
 
 from __future__ import annotations
+
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -15,3 +17,9 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (N, C) with a unit last stride (a copy only when the last dim is strided)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()

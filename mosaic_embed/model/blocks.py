@@ -16,8 +16,8 @@ it, and cheaper); the whole encoder runs on (T, H) with ``cu_seqlens``; the outp
 (B, S, H) only where the caller passed a padded batch and needs that shape. Packed callers pass
 ``input_ids`` (T,) with ``cu_seqlens`` and ``max_seqlen`` and get (T, H) back.
 
-Every attention and GeGLU call goes through ``kernels/dispatch.py``, the one dispatch point (``attn_impl``,
-``geglu_impl``).
+Every attention, GeGLU and residual add + LayerNorm call goes through ``kernels/dispatch.py``, the one
+dispatch point (``attn_impl``, ``geglu_impl``, ``layernorm_impl``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.packing import cu_seqlens_to_indices, pad_input, unpad_input
 from ..kernels.attention import alibi_slopes
-from ..kernels.dispatch import geglu, padded_attention, varlen_attention
+from ..kernels.dispatch import add_layer_norm, geglu, padded_attention, varlen_attention
 from .configuration import MosaicBertConfig
 
 
@@ -49,23 +49,46 @@ def activation(name: str) -> nn.Module:
 class MosaicBertLayerNorm(nn.LayerNorm):
     """LayerNorm that, with ``low_precision=True`` under an fp16/bf16 autocast, runs in the autocast dtype.
 
-    Autocast computes ``layer_norm`` in fp32; MosaicBERT runs it in bf16 for speed. Outside autocast, or
-    with ``low_precision=False``, this is exactly ``nn.LayerNorm``.
+    Autocast computes ``layer_norm`` in fp32 (on CUDA); MosaicBERT runs it in bf16 for speed. Outside
+    autocast, or with ``low_precision=False``, this is exactly ``nn.LayerNorm``. :meth:`add_and_norm` is
+    ``self(residual + x)`` through the dispatch, which may fuse the add and the norm in one kernel.
     """
 
     def __init__(self, hidden_size: int, eps: float, low_precision: bool):
         super().__init__(hidden_size, eps=eps)
         self.low_precision = low_precision
 
+    def low_precision_dtype(self, device_type: str) -> torch.dtype | None:
+        """The autocast dtype when this norm runs in it now (``low_precision`` under an autocast), else None."""
+        if self.low_precision and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
-        if self.low_precision and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = self.low_precision_dtype(device_type)
+        if dtype is not None:
             with torch.autocast(device_type, enabled=False):
                 return F.layer_norm(
                     x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps
                 )
         return super().forward(x)
+
+    def fused_dtype(self, x: torch.Tensor, residual: torch.Tensor) -> torch.dtype | None:
+        """The dtype ``self(residual + x)`` returns where the fused kernel computes exactly this norm: the
+        low-precision dtype, or outside autocast the sum's dtype; None under autocast otherwise (autocast's own
+        ``layer_norm`` rule, fp32 on CUDA, is left to autocast: the torch path runs)."""
+        device_type = x.device.type
+        dtype = self.low_precision_dtype(device_type)
+        if dtype is not None:
+            return dtype
+        if torch.is_autocast_enabled(device_type):
+            return None
+        return torch.promote_types(x.dtype, residual.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor, impl: str) -> torch.Tensor:
+        """``self(residual + x)``, x and residual (..., H); ``impl`` as ``layernorm_impl`` (kernels/dispatch.py)."""
+        return add_layer_norm(x, residual, self, impl)
 
 
 def _layer_norm(config: MosaicBertConfig) -> MosaicBertLayerNorm:
@@ -124,7 +147,8 @@ class MosaicBertAttention(nn.Module):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.attn_impl = config.attn_impl
+        self.attn_impl = config.impl_for("attention")
+        self.layernorm_impl = config.impl_for("layernorm")
         self.attn_dropout = config.attention_probs_dropout_prob
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows: [q | k | v], heads inside
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
@@ -154,7 +178,7 @@ class MosaicBertAttention(nn.Module):
             qkv = qkv.view(batch, seqlen, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, S, hd)
             context = padded_attention(qkv[0], qkv[1], qkv[2], key_padding_mask, slopes, dropout_p)  # (B, nh, S, hd)
             context = context.transpose(1, 2).reshape(hidden.shape)  # (B, S, H)
-        return self.norm(hidden + self.dropout(self.out(context)))
+        return self.norm.add_and_norm(self.dropout(self.out(context)), hidden, self.layernorm_impl)
 
 
 class MosaicBertMLP(nn.Module):
@@ -164,14 +188,16 @@ class MosaicBertMLP(nn.Module):
     (H -> 2I, first half W1, second half V), as in the original MosaicBERT checkpoints. With exact GELU
     (``hidden_act="gelu"``) the gating goes through the dispatch (``geglu_impl``, which follows ``attn_impl``
     unless set): a fused Triton kernel that reads each byte once in both directions, or the torch expression.
-    ``mlp="gelu"``: BERT's ``GELU(x W1 + b1) W2 + b2`` with ``wi`` H -> I.
+    ``mlp="gelu"``: BERT's ``GELU(x W1 + b1) W2 + b2`` with ``wi`` H -> I. Both end with the residual add +
+    LayerNorm of the dispatch (``layernorm_impl``), as the attention does.
     """
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
         self.gated = config.mlp == "geglu"
         self.fused_geglu = self.gated and config.hidden_act == "gelu"
-        self.geglu_impl = config.geglu_impl or config.attn_impl
+        self.geglu_impl = config.impl_for("geglu")
+        self.layernorm_impl = config.impl_for("layernorm")
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
         self.wi = nn.Linear(config.hidden_size, width, bias=not self.gated)
         self.act = activation(config.hidden_act)
@@ -189,7 +215,7 @@ class MosaicBertMLP(nn.Module):
             inner = self.act(gate) * value
         else:
             inner = self.act(inner)
-        return self.norm(hidden + self.dropout(self.wo(inner)))
+        return self.norm.add_and_norm(self.dropout(self.wo(inner)), hidden, self.layernorm_impl)
 
 
 class MosaicBertBlock(nn.Module):

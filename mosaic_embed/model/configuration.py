@@ -43,6 +43,13 @@ class MosaicBertConfig(PretrainedConfig):
             are never kept whole, so the training forward returns no logits), ``"torch"`` forms the logits
             and calls ``F.cross_entropy``; ``None`` (default) follows ``attn_impl``. Evaluation (or
             ``return_logits=True``) always forms the logits.
+        layernorm_impl: the same choice for the fused residual add + LayerNorm that ends each sublayer
+            (``kernels/layernorm.py``). Its ``"auto"`` is the kernel on CUDA in eager mode and the torch
+            expression under torch.compile, which Inductor already fuses (with the dropout before it); the
+            kernel runs only where it matches the module exactly (``low_precision_layernorm`` under autocast,
+            or outside autocast). ``None`` (default) is ``"torch"`` when ``attn_impl="torch"`` (the reference
+            end to end) and ``"auto"`` otherwise: forcing the attention kernel says nothing about replacing
+            Inductor's fusion. See :meth:`impl_for`.
     """
 
     model_type = "mosaic_bert"
@@ -69,6 +76,7 @@ class MosaicBertConfig(PretrainedConfig):
     attn_impl: str = "auto"
     geglu_impl: str | None = None
     mlm_loss_impl: str | None = None
+    layernorm_impl: str | None = None
 
     def __post_init__(self, **kwargs):
         self._validate()
@@ -106,6 +114,8 @@ class MosaicBertConfig(PretrainedConfig):
             fail("geglu_impl", f"must be None (follow attn_impl) or one of {ATTN_IMPLS}")
         if self.mlm_loss_impl is not None and self.mlm_loss_impl not in ATTN_IMPLS:
             fail("mlm_loss_impl", f"must be None (follow attn_impl) or one of {ATTN_IMPLS}")
+        if self.layernorm_impl is not None and self.layernorm_impl not in ATTN_IMPLS:
+            fail("layernorm_impl", f"must be None (torch with attn_impl='torch', else auto) or one of {ATTN_IMPLS}")
         for field in ("unpad", "low_precision_layernorm"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "must be true or false")
@@ -114,6 +124,22 @@ class MosaicBertConfig(PretrainedConfig):
         if self.attn_impl == "triton" and self.attention_probs_dropout_prob > 0:
             fail("attn_impl", "'triton' has no attention dropout; set attention_probs_dropout_prob=0 "
                  "or attn_impl='torch'")
+
+    def impl_for(self, kernel: str) -> str:
+        """The implementation asked of ``kernel`` ("attention" | "geglu" | "mlm_loss" | "layernorm"), the unset
+        fields filled in (``geglu_impl`` and ``mlm_loss_impl`` follow ``attn_impl``; ``layernorm_impl`` is "torch"
+        with ``attn_impl="torch"``, else "auto"); ``kernels/dispatch.py`` turns it into the path that runs."""
+        if kernel == "attention":
+            return self.attn_impl
+        if kernel == "geglu":
+            return self.geglu_impl or self.attn_impl
+        if kernel == "mlm_loss":
+            return self.mlm_loss_impl or self.attn_impl
+        if kernel == "layernorm":
+            if self.layernorm_impl is not None:
+                return self.layernorm_impl
+            return "torch" if self.attn_impl == "torch" else "auto"
+        raise ValueError(f"unknown kernel {kernel!r}")
 
 
 __all__ = ["MosaicBertConfig"]

@@ -128,7 +128,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.bert = MosaicBertModel(config)
         self.mlm_head = MosaicBertMLMHead(config)
-        self.mlm_loss_impl = config.mlm_loss_impl or config.attn_impl
+        self.mlm_loss_impl = config.impl_for("mlm_loss")
         self.post_init()
 
     def get_output_embeddings(self):
