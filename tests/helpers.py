@@ -119,3 +119,24 @@ def run_cli_torchrun(nproc: int, cli_args: list[str], timeout: float = 180) -> s
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "mosaic_embed.cli", *cli_args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def packed_mlm_batch(lens, seed, vocab=128):
+    """A packed masked-LM batch of sequences of lengths ``lens``: random ids, 30 % of them labelled."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lens)
+    ids = torch.randint(5, vocab, (total,), generator=gen)
+    labels = torch.where(torch.rand(total, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return {"input_ids": ids, "labels": labels, "cu_seqlens": cu, "max_seqlen": max(lens)}
+
+
+def write_polarity_task(task: Path) -> Path:
+    """A separable two-class task in the SST-2 layout (train.tsv, dev.tsv): the words decide the label."""
+    task.mkdir(parents=True, exist_ok=True)
+    good = ["a good fun film", "the best movie", "good and fun", "the best film of the year", "a fun good movie"]
+    bad = ["a bad dull film", "the worst movie", "bad and dull", "the worst film of the year", "a dull bad movie"]
+    rows = [f"{s}\t1" for s in good] + [f"{s}\t0" for s in bad]
+    (task / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
+    (task / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return task

@@ -22,6 +22,7 @@ from mosaic_embed.kernels.linear_cross_entropy import (
 )
 from mosaic_embed.model import preset_config
 from mosaic_embed.model.modeling import MosaicBertForMaskedLM
+from tests.helpers import packed_mlm_batch
 
 # the small cases run where the kernel can: Triton's interpreter on a CPU machine, the GPU on a CUDA one
 SMALL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,17 +157,9 @@ def _tiny_config(**kw):
                          intermediate_size=64, vocab_size=128, attn_impl="torch", hidden_dropout_prob=0.0, **kw)
 
 
-def _packed_batch(lens, seed, vocab=128):
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(lens)
-    ids = torch.randint(5, vocab, (total,), generator=gen)
-    labels = torch.where(torch.rand(total, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    return {"input_ids": ids, "labels": labels, "cu_seqlens": cu, "max_seqlen": max(lens)}
-
 
 def test_masked_lm_same_loss_and_grads_on_both_paths():
-    batch = {k: (v.to(SMALL_DEVICE) if torch.is_tensor(v) else v) for k, v in _packed_batch([9, 14, 6], 0).items()}
+    batch = {k: (v.to(SMALL_DEVICE) if torch.is_tensor(v) else v) for k, v in packed_mlm_batch([9, 14, 6], 0).items()}
     results = []
     for impl in ("torch", "triton"):
         torch.manual_seed(0)
@@ -189,7 +182,7 @@ def test_masked_lm_with_fused_loss_is_one_graph():
     model = MosaicBertForMaskedLM(_tiny_config(mlm_loss_impl="triton")).train()
     warm_dispatch(model, "cpu", torch.float32)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        explained = torch._dynamo.explain(model)(**_packed_batch([7, 12, 5], 0))
+        explained = torch._dynamo.explain(model)(**packed_mlm_batch([7, 12, 5], 0))
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1

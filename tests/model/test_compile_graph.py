@@ -12,15 +12,7 @@ import torch
 from mosaic_embed.kernels.dispatch import warm_dispatch
 from mosaic_embed.model import preset_config
 from mosaic_embed.model.modeling import MosaicBertForMaskedLM
-
-
-def _packed_batch(lens, seed, vocab=128):
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(lens)
-    ids = torch.randint(5, vocab, (total,), generator=gen)
-    labels = torch.where(torch.rand(total, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    return {"input_ids": ids, "labels": labels, "cu_seqlens": cu, "max_seqlen": max(lens)}
+from tests.helpers import packed_mlm_batch
 
 
 # The ablation switches too: learned positions once read their largest id back from the device (a graph
@@ -37,7 +29,7 @@ def test_mlm_training_forward_is_one_graph(switches):
     model = MosaicBertForMaskedLM(cfg).train()
     warm_dispatch(model, "cpu", torch.float32)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        explained = torch._dynamo.explain(model)(**_packed_batch([7, 12, 5], 0))
+        explained = torch._dynamo.explain(model)(**packed_mlm_batch([7, 12, 5], 0))
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
@@ -47,7 +39,7 @@ def test_masked_loss_without_labelled_rows_is_zero_with_gradient():
     cfg = preset_config("mosaic-bert-tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, vocab_size=128, attn_impl="torch")
     model = MosaicBertForMaskedLM(cfg).train()
-    batch = _packed_batch([4, 3], 1)
+    batch = packed_mlm_batch([4, 3], 1)
     batch["labels"][:] = -100
     out = model(**batch)
     assert out.logits is None and float(out.loss) == 0.0  # training: the loss only (see return_logits)

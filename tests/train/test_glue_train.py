@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_bert, tiny_mosaic
+from tests.helpers import tiny_bert, tiny_mosaic, write_polarity_task
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "glue"
 
@@ -127,13 +127,7 @@ def test_custom_task_learns_and_checkpoint_sweep(tmp_path):
     """A separable custom task is learnt; --checkpoints evaluates every checkpoint with its pretraining time."""
     from mosaic_embed.train.glue import run_glue
 
-    task = tmp_path / "polarity"
-    task.mkdir()
-    good = ["a good fun film", "the best movie", "good and fun", "the best film of the year", "a fun good movie"]
-    bad = ["a bad dull film", "the worst movie", "bad and dull", "the worst film of the year", "a dull bad movie"]
-    rows = [f"{s}\t1" for s in good] + [f"{s}\t0" for s in bad]
-    (task / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
-    (task / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    task = write_polarity_task(tmp_path / "polarity")
 
     run = tmp_path / "runs" / "tiny" / "checkpoints"
     for i, step in enumerate([100, 200]):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mosaic_embed.train.graphed_steps import MIN_BUCKET, static_layout, weighted_loss
-from tests.helpers import tiny_mosaic
+from tests.helpers import tiny_mosaic, write_polarity_task
 
 
 def _examples(n: int, rng: np.random.Generator, longest: int = 9, shortest: int = 3):
@@ -110,13 +110,7 @@ def test_glue_runner_with_graphs_learns(tmp_path):
     from mosaic_embed.config import GlueConfig, load_config
     from mosaic_embed.train.glue import run_glue
 
-    task = tmp_path / "polarity"
-    task.mkdir()
-    good = ["a good fun film", "the best movie", "good and fun", "the best film of the year", "a fun good movie"]
-    bad = ["a bad dull film", "the worst movie", "bad and dull", "the worst film of the year", "a dull bad movie"]
-    rows = [f"{s}\t1" for s in good] + [f"{s}\t0" for s in bad]
-    (task / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
-    (task / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    task = write_polarity_task(tmp_path / "polarity")
     model = tiny_mosaic(tmp_path / "m", mlm=True, attn_impl="auto", hidden_size=64, num_attention_heads=2)
     seeds = {}
     for graphs in (True, False):
