@@ -140,3 +140,18 @@ def write_polarity_task(task: Path) -> Path:
     (task / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
     (task / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     return task
+
+
+def traced_as_one_graph(model, batch: dict):
+    """``torch._dynamo.explain`` of ``model(**batch)`` (tracing only, no code generation) as training compiles it
+    (dispatch resolved first, the data-dependent row count captured); asserts one graph and no break."""
+    from mosaic_embed.kernels.dispatch import warm_dispatch
+
+    torch._dynamo.reset()
+    warm_dispatch(model, "cpu", torch.float32)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        explained = torch._dynamo.explain(model)(**batch)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    return explained

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mosaic_embed.kernels import dispatch
-from mosaic_embed.kernels.dispatch import mlm_loss, warm_dispatch
+from mosaic_embed.kernels.dispatch import mlm_loss
 from mosaic_embed.kernels.linear_cross_entropy import (
     _ce_loss_grad,
     chunk_rows_for,
@@ -22,7 +22,7 @@ from mosaic_embed.kernels.linear_cross_entropy import (
 )
 from mosaic_embed.model import preset_config
 from mosaic_embed.model.modeling import MosaicBertForMaskedLM
-from tests.helpers import packed_mlm_batch
+from tests.helpers import packed_mlm_batch, traced_as_one_graph
 
 # the small cases run where the kernel can: Triton's interpreter on a CPU machine, the GPU on a CUDA one
 SMALL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,14 +178,8 @@ def test_masked_lm_same_loss_and_grads_on_both_paths():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the traced graph on CPU under Triton's interpreter")
 def test_masked_lm_with_fused_loss_is_one_graph():
     """The fused loss is one custom op in the traced training forward (no graph break, n unbacked)."""
-    torch._dynamo.reset()
     model = MosaicBertForMaskedLM(_tiny_config(mlm_loss_impl="triton")).train()
-    warm_dispatch(model, "cpu", torch.float32)
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        explained = torch._dynamo.explain(model)(**packed_mlm_batch([7, 12, 5], 0))
-    torch._dynamo.reset()
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    explained = traced_as_one_graph(model, packed_mlm_batch([7, 12, 5], 0))
     ops = {str(node.target) for g in explained.graphs for node in g.graph.nodes if node.op == "call_function"}
     assert any("linear_cross_entropy" in op for op in ops), ops
 

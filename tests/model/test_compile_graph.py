@@ -7,12 +7,10 @@ dispatch first and lets dynamo capture the data-dependent row count; this checks
 """
 
 import pytest
-import torch
 
-from mosaic_embed.kernels.dispatch import warm_dispatch
 from mosaic_embed.model import preset_config
 from mosaic_embed.model.modeling import MosaicBertForMaskedLM
-from tests.helpers import packed_mlm_batch
+from tests.helpers import packed_mlm_batch, traced_as_one_graph
 
 
 # The ablation switches too: learned positions once read their largest id back from the device (a graph
@@ -22,17 +20,10 @@ from tests.helpers import packed_mlm_batch
                                       {"position": "learned", "mlp": "gelu", "unpad": False}],
                          ids=["mosaic", "learned-positions", "bert-mode-padded"])
 def test_mlm_training_forward_is_one_graph(switches):
-    torch._dynamo.reset()
     cfg = preset_config("mosaic-bert-tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, vocab_size=128, attn_impl="torch", max_position_embeddings=64,
                         **switches)
-    model = MosaicBertForMaskedLM(cfg).train()
-    warm_dispatch(model, "cpu", torch.float32)
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        explained = torch._dynamo.explain(model)(**packed_mlm_batch([7, 12, 5], 0))
-    torch._dynamo.reset()
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    traced_as_one_graph(MosaicBertForMaskedLM(cfg).train(), packed_mlm_batch([7, 12, 5], 0))
 
 
 def test_masked_loss_without_labelled_rows_is_zero_with_gradient():
