@@ -12,10 +12,10 @@ measured in the same run (median of CUDA-event-timed repeats). Rows:
 
 - ``mosaic-bert-base`` eager and ``torch.compile``d through ``train/pretrain.py:compile_in_place`` as
   training does (Triton varlen ALiBi attention, fused Triton GeGLU, unpadded, bf16 LayerNorm, MLM head
-  only on masked tokens, its decoder matmul fused with the loss (``mlm_loss_impl`` follows
-  ``attn_impl="triton"``); compiled as one graph);
-- the fused loss's effect on a whole step: ``--rows mosaic-compile,mosaic-compile:mlm_loss_impl=torch`` (the
-  decoder's (n, V) logits formed and ``F.cross_entropy``, as before the fused loss; see "Model variants");
+  only on masked tokens, the logits and ``F.cross_entropy`` (``mlm_loss_impl="torch"``, the default);
+  compiled as one graph);
+- the fused loss's effect on a whole step: ``--rows mosaic-compile,mosaic-compile:mlm_loss_impl=triton`` (the
+  decoder matmul and the loss fused in chunks, ``kernels/linear_cross_entropy.py``; see "Model variants");
 - ``bert-base`` (transformers ``BertForMaskedLM``, SDPA attention) eager and ``torch.compile``d.
 
 ``--geglu`` also times the GeGLU kernel alone; ``--mlm-loss`` the MLM loss alone (forward + backward of

@@ -150,6 +150,10 @@ def test_bad_inputs_chunk_size_and_dispatch():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mlm_loss_impl"):
         preset_config("mosaic-bert-tiny", mlm_loss_impl="fused")
+    # opt-in: the fused loss measured slower in a whole compiled step, so no attn_impl turns it on
+    for attn in ("auto", "triton", "torch"):
+        assert preset_config("mosaic-bert-tiny", attn_impl=attn).impl_for("mlm_loss") == "torch"
+    assert preset_config("mosaic-bert-tiny", mlm_loss_impl="triton").impl_for("mlm_loss") == "triton"
 
 
 def _tiny_config(**kw):
