@@ -318,7 +318,10 @@ def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) 
     for dropout_p in {0.0, float(config.attention_probs_dropout_prob)}:  # eval, train
         resolve_impl("attention", config.attn_impl, device, dtype, dropout_p, head_dim=head_dim)
     if config.mlp == "geglu" and config.hidden_act == "gelu":
-        resolve_impl("geglu", config.impl_for("geglu"), device)
+        if resolve_impl("geglu", config.impl_for("geglu"), device) == "triton":
+            from .geglu import register_traced_ops
+
+            register_traced_ops()  # the triton_op torch.compile inlines (kernels/geglu.py, section 4)
     layernorm_impl = config.impl_for("layernorm")
     for fusable in (True,) if layernorm_impl == "triton" else (True, False):
         resolve_impl("layernorm", layernorm_impl, device, width=config.hidden_size, fusable=fusable, compiling=True)

@@ -128,21 +128,34 @@ def _geglu_bwd(inner: torch.Tensor, dout: torch.Tensor, launch=_eager) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Autograd: a torch Triton op (what torch.compile traces) and, for eager, an autograd.Function over the
-#    same launchers (no op dispatch per call). A ``triton_op``, unlike an opaque ``custom_op``, shows torch.compile
-#    its kernel launches: Inductor calls the kernels from its generated code, so no Python launcher runs per call
-#    (an opaque op's launch cost ~0.2 ms of host time per call in a profiled compiled pretraining step, 24 calls
-#    a step at Base size, while the host barely keeps ahead of the GPU).
+# 4. Autograd: torch ops (what torch.compile traces) and, for eager, an autograd.Function over the same
+#    launchers (no op dispatch per call).
+#    - ``geglu_fwd_traced`` / ``geglu_bwd_traced``: ``torch.library.triton_op``s. Unlike an opaque
+#      ``custom_op``, they show torch.compile their kernel launches, and Inductor calls the kernels from its
+#      generated code: no Python launcher runs per call. An opaque op's launch cost ~0.2 ms of host time per
+#      call in a profiled compiled pretraining step (24 calls a step at Base size), while the host barely kept
+#      ahead of the GPU; a whole step ran 1.02x faster with these (benchmarks/results/pretrain_kernels.json).
+#      Registering one imports torch._dynamo (seconds on a small CPU, which a process that only embeds never
+#      needs), so :func:`register_traced_ops` registers them on demand: ``dispatch.warm_dispatch`` calls it
+#      before every compile this package makes.
+#    - ``geglu_fwd`` / ``geglu_bwd``: the same as opaque custom ops, registered at import (cheap): what a
+#      torch.compile that did not warm the dispatch first traces.
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("mosaic_embed::geglu_fwd", mutates_args=())
-def _geglu_fwd_op(inner: torch.Tensor) -> torch.Tensor:
+def _fwd_impl(inner: torch.Tensor) -> torch.Tensor:
+    return _geglu_fwd(inner)
+
+
+def _bwd_impl(inner: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    return _geglu_bwd(inner, dout)
+
+
+def _fwd_traced_impl(inner: torch.Tensor) -> torch.Tensor:
     return _geglu_fwd(inner, torch.library.wrap_triton)
 
 
-@torch.library.triton_op("mosaic_embed::geglu_bwd", mutates_args=())
-def _geglu_bwd_op(inner: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+def _bwd_traced_impl(inner: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     return _geglu_bwd(inner, dout, torch.library.wrap_triton)
 
 
@@ -151,12 +164,31 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inner)
 
 
-def _backward(ctx, dout):
-    (inner,) = ctx.saved_tensors
-    return _geglu_bwd_op(inner, dout)
+def _with_backward(fwd, bwd):
+    def backward(ctx, dout):
+        (inner,) = ctx.saved_tensors
+        return bwd(inner, dout)
+
+    fwd.register_autograd(backward, setup_context=_setup_context)
+    return fwd
 
 
-_geglu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_opaque_bwd = torch.library.custom_op("mosaic_embed::geglu_bwd", _bwd_impl, mutates_args=())
+_opaque_bwd.register_fake(lambda inner, dout: torch.empty_like(inner, memory_format=torch.contiguous_format))
+_opaque_fwd = torch.library.custom_op("mosaic_embed::geglu_fwd", _fwd_impl, mutates_args=())
+_opaque_fwd.register_fake(lambda inner: inner.new_empty((*inner.shape[:-1], inner.shape[-1] // 2)))
+_with_backward(_opaque_fwd, _opaque_bwd)
+_traced_fwd = None  # set by register_traced_ops
+
+
+def register_traced_ops() -> None:
+    """Register the ``triton_op`` pair (see above) once; later calls do nothing."""
+    global _traced_fwd
+    if _traced_fwd is None and _HAS_TRITON:
+        _traced_fwd = _with_backward(
+            torch.library.triton_op("mosaic_embed::geglu_fwd_traced", _fwd_traced_impl, mutates_args=()),
+            torch.library.triton_op("mosaic_embed::geglu_bwd_traced", _bwd_traced_impl, mutates_args=()),
+        )
 
 
 class _GeGLU(torch.autograd.Function):
@@ -190,12 +222,13 @@ def geglu_triton(inner: torch.Tensor) -> torch.Tensor:
     """Fused ``GELU(gate) * value`` (exact GELU) on ``inner`` (..., 2I) -> (..., I), differentiable.
 
     CUDA tensors (or any device under ``TRITON_INTERPRET=1``); arithmetic in fp32, output and input
-    gradient in ``inner``'s dtype. Under torch.compile this is the custom op
-    ``torch.ops.mosaic_embed.geglu_fwd`` (backward ``geglu_bwd``); in eager an ``autograd.Function``.
+    gradient in ``inner``'s dtype. Under torch.compile this is the op ``geglu_fwd_traced`` (a ``triton_op``,
+    once :func:`register_traced_ops` ran) or else the opaque custom op ``geglu_fwd``; in eager an
+    ``autograd.Function``.
     """
     if not _HAS_TRITON:
         raise RuntimeError("geglu_triton needs the triton package")
     _validate(inner)
     if torch.compiler.is_compiling():
-        return torch.ops.mosaic_embed.geglu_fwd(inner)
+        return _traced_fwd(inner) if _traced_fwd is not None else _opaque_fwd(inner)
     return _GeGLU.apply(inner)

@@ -91,8 +91,18 @@ def test_geglu_gpu_base_size(dtype):
 
 
 @pytest.mark.gpu
-def test_geglu_gpu_compiled_dynamic():
-    """The custom op under torch.compile(dynamic=True): same values and gradients as eager, several lengths."""
+@pytest.mark.parametrize("traced", [False, True], ids=["opaque-custom-op", "triton-op"])
+def test_geglu_gpu_compiled_dynamic(traced, monkeypatch):
+    """Both compiled forms under torch.compile(dynamic=True): same values and gradients as eager, several
+    lengths. The triton_op (what warm_dispatch registers) and the opaque custom op (a compile without it)."""
+    from mosaic_embed.kernels import geglu as geglu_module
+
+    if traced:
+        geglu_module.register_traced_ops()
+    else:
+        monkeypatch.setattr(geglu_module, "_traced_fwd", None)
+    torch._dynamo.reset()
+
     def f(x):
         return geglu(x) * 2.0
 
@@ -106,3 +116,16 @@ def test_geglu_gpu_compiled_dynamic():
         out.backward(g)
         torch.testing.assert_close(out, f(x.detach()), rtol=0, atol=0)
         torch.testing.assert_close(x2.grad, x.grad, rtol=0, atol=0)
+
+
+def test_warm_dispatch_registers_the_traced_op_for_the_kernel_path():
+    """Compiling through warm_dispatch gets the triton_op; a process that never compiles never registers it
+    (registering imports torch._dynamo: tests/encode/test_st.py checks an embedding process stays without it)."""
+    from mosaic_embed.kernels import geglu as geglu_module
+    from mosaic_embed.model import MosaicBertModel, preset_config
+
+    cfg = preset_config("mosaic-bert-tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, vocab_size=128, attn_impl="torch", geglu_impl="triton")
+    dispatch.warm_dispatch(MosaicBertModel(cfg), SMALL_DEVICE, torch.float32)
+    assert geglu_module._traced_fwd is not None
+    assert hasattr(torch.ops.mosaic_embed, "geglu_fwd_traced") and hasattr(torch.ops.mosaic_embed, "geglu_fwd")
