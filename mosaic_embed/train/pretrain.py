@@ -432,7 +432,8 @@ class MLMTrainer(Trainer):
                 n = sel.sum()
                 logits = out.logits
                 # MosaicBERT returns logits only for the labelled positions: (n, V) instead of (..., V), and
-                # only in eval mode (its training forward fuses the decoder with the loss: no logits)
+                # only in eval mode (its training forward returns none: with mlm_loss_impl="triton" the decoder
+                # is fused with the loss and the logits never exist)
                 pred = (logits if logits.shape[:-1] != labels.shape else logits[sel]).argmax(-1)
                 sums += torch.stack([out.loss.double() * n, (pred == labels[sel]).sum().double(), n.double()])
         if was_training:
