@@ -436,15 +436,13 @@ def main() -> None:
     args.flops, args.peak_note = (None, None) if args.smoke else peak_flops(device)
     if args.flops:
         print(f"MFU peak: {args.peak_note}", flush=True)
-    if args.geglu and device.type == "cuda":
-        geglu_times = geglu_kernel_times()
-        print(f"geglu kernel: {json.dumps(geglu_times)}", flush=True)
-    if args.mlm_loss and device.type == "cuda":
-        mlm_times = mlm_loss_times()
-        print(f"mlm loss: {json.dumps(mlm_times)}", flush=True)
-    if args.layernorm and device.type == "cuda":
-        layernorm_times = layernorm_kernel_times()
-        print(f"add + layernorm kernel: {json.dumps(layernorm_times)}", flush=True)
+    kernel_times = {}  # JSON key -> the kernel alone (GPU only), each asked for by its flag
+    for asked, key, timer in ((args.geglu, "geglu_kernel", geglu_kernel_times),
+                              (args.mlm_loss, "mlm_loss", mlm_loss_times),
+                              (args.layernorm, "layernorm_kernel", layernorm_kernel_times)):
+        if asked and device.type == "cuda":
+            kernel_times[key] = timer()
+            print(f"{key}: {json.dumps(kernel_times[key])}", flush=True)
     t = time.perf_counter()
     tok, packed, padded = make_batches(corpus, args.warmup + args.steps, args.global_batch, args.smoke)
     print(f"batches ready in {time.perf_counter() - t:.1f}s", flush=True)
@@ -467,14 +465,9 @@ def main() -> None:
         "global_batch": args.global_batch,
         "corpus": str(corpus),
         "mosaic_overrides": model_sets,
+        **kernel_times,
         "rows": [],
     }
-    if args.geglu and device.type == "cuda":
-        result["geglu_kernel"] = geglu_times
-    if args.mlm_loss and device.type == "cuda":
-        result["mlm_loss"] = mlm_times
-    if args.layernorm and device.type == "cuda":
-        result["layernorm_kernel"] = layernorm_times
     results_paths = [None if args.smoke or overridden else RESULTS, args.out]
     for key, row_sets in row_specs:
         if key == "pretrain-cli":

@@ -295,7 +295,6 @@ def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return linear_cross_entropy_reference(hidden, weight, bias, targets)
 
 
-
 def warm_dispatch(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
     """Resolve MosaicBERT's attention, GeGLU, LayerNorm and MLM-loss dispatch (cached per process) before torch.compile traces
     (pretraining's ``compile_in_place``, the Encoder's ``compile``).
