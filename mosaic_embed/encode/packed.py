@@ -46,6 +46,7 @@ from ..runtime import resolve_device, resolve_precision
 from .st import (
     PackedParts,
     encoder_identity,
+    folder_tokenizer,
     load_sentence_transformer,
     packed_parts,
     read_packed_folder,
@@ -215,7 +216,8 @@ class Encoder:
         if parts is not None:
             # The packed path runs [Transformer(MosaicBERT), Pooling(mean|cls)] itself, then the folder's own
             # Dense / Normalize modules (``tail``) on the pooled vectors.
-            self.tokenizer, self.pooling, self.tail = parts.tokenizer, parts.pooling, parts.tail
+            self._tokenizer, self.pooling, self.tail = parts.tokenizer, parts.pooling, parts.tail
+            backend, truncation_side = parts.backend, parts.truncation_side
             self.normalize, self.full_dim = parts.normalize, parts.dim
             self.prompts, self.default_prompt_name = parts.prompts, parts.default_prompt_name
             self.max_seq_len = settings.max_seq_len or parts.max_seq_len
@@ -234,7 +236,9 @@ class Encoder:
             if settings.max_seq_len is not None:
                 st_model.max_seq_length = settings.max_seq_len
             self.max_seq_len = int(st_model.max_seq_length or 512)
-            self.tokenizer = st_model[0].tokenizer
+            self._tokenizer = st_model[0].tokenizer
+            backend = getattr(self._tokenizer, "backend_tokenizer", None)
+            truncation_side = getattr(self._tokenizer, "truncation_side", "right")
             get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
             self.full_dim = int(get_dim())
             self.prompts, self.default_prompt_name = st_prompts(st_model)
@@ -245,7 +249,7 @@ class Encoder:
         if settings.truncate_dim is not None and settings.truncate_dim > self.full_dim:
             raise ConfigError(f"truncate_dim {settings.truncate_dim}: this encoder makes {self.full_dim}-d vectors")
         self.dim = settings.truncate_dim or self.full_dim
-        self._backend = self._truncating_backend()
+        self._backend = self._truncating_backend(backend, truncation_side)
         self.compiled = bool(compile and self.backbone is not None)
         self._first_forward = True
         self._identity: str | None = None
@@ -317,26 +321,37 @@ class Encoder:
 
     # -- tokenization ---------------------------------------------------------------------------------------
 
-    def _truncating_backend(self) -> Any:
-        """A private copy of the fast tokenizer's Rust backend, truncating at ``max_seq_len``, or None.
+    @property
+    def tokenizer(self) -> Any:
+        """transformers' tokenizer of the encoder (for offsets, pairs, decoding). Embedding itself runs the Rust
+        tokenizer alone: a folder the packed path reads directly loads this on first use, so ``embed`` and
+        ``search`` never import transformers."""
+        if self._tokenizer is None:
+            self._tokenizer = folder_tokenizer(self.path)
+        return self._tokenizer
 
-        Calling the backend directly skips the Python half of ``tokenizer(texts)`` (a BatchEncoding of
-        Python lists built per text, about a third of the tokenizer's time, all of it holding the GIL
-        that the thread launching GPU work needs). A copy, because the HF wrapper re-sets the backend's
-        truncation on every call and this one is used from the tokenizer thread.
+    def _truncating_backend(self, backend: Any, truncation_side: str) -> Any:
+        """A private copy of the fast tokenizer's Rust backend, truncating at ``max_seq_len``, or None (a slow
+        tokenizer).
+
+        Calling the backend directly skips the Python half of transformers' ``tokenizer(texts)`` (a
+        BatchEncoding of Python lists built per text, about a third of the tokenizer's time, all of it holding
+        the GIL that the thread launching GPU work needs). A copy, because transformers' wrapper re-sets the
+        backend's truncation on every call and this one is used from the tokenizer thread.
         """
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return None
         from tokenizers import Tokenizer
 
         copy = Tokenizer.from_str(backend.to_str())
         copy.no_padding()
-        copy.enable_truncation(self.max_seq_len, direction=getattr(self.tokenizer, "truncation_side", "right"))
+        copy.enable_truncation(self.max_seq_len, direction=truncation_side)
         return copy
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, ``[CLS] ... [SEP]``, truncated to ``max_seq_len``, no padding."""
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
         return self.tokenizer(
             list(texts), add_special_tokens=True, truncation=True, max_length=self.max_seq_len,
             padding=False, return_attention_mask=False, return_token_type_ids=False,
@@ -348,11 +363,7 @@ class Encoder:
         The Rust tokenizer encodes the batch on all cores with the GIL released; only the per-text
         ``ids`` lists and two ``np.fromiter`` passes run in Python.
         """
-        if self._backend is not None:
-            ids = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
-        else:
-            ids = self.tokenize(texts)
-        return packing.flatten(ids, np.int32)
+        return packing.flatten(self.tokenize(texts), np.int32)
 
     # -- the packed forward -----------------------------------------------------------------------------------
 

@@ -87,12 +87,17 @@ class L2Normalize(torch.nn.Module):
 
 @dataclass
 class PackedParts:
-    """The pieces of an encoder the packed path runs: backbone (a MosaicBertModel), its tokenizer, the
-    pooling ("mean" | "cls"), the modules after pooling (``tail``: Dense / Normalize on the pooled vector),
-    whether the output is L2-normalised, the truncation length, the output dimension, and the prompts."""
+    """The pieces of an encoder the packed path runs: backbone (a MosaicBertModel or its inference twin), its
+    tokenizer (transformers' wrapper, or None where the folder was read without transformers: the Encoder
+    loads it on first use), the tokenizer's Rust ``tokenizers.Tokenizer`` (``backend``, None for a slow
+    tokenizer) and truncation side, the pooling ("mean" | "cls"), the modules after pooling (``tail``: Dense /
+    Normalize on the pooled vector), whether the output is L2-normalised, the truncation length, the output
+    dimension, and the prompts."""
 
     backbone: Any
     tokenizer: Any
+    backend: Any
+    truncation_side: str
     pooling: str
     tail: list[Any]
     normalize: bool
@@ -146,7 +151,9 @@ def packed_parts(st_model: Any) -> PackedParts | None:
     if mode not in ("mean", "cls"):
         return None
     get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-    return PackedParts(backbone, modules[0].tokenizer, mode, modules[2:], names[-1] == "Normalize",
+    tokenizer = modules[0].tokenizer
+    return PackedParts(backbone, tokenizer, getattr(tokenizer, "backend_tokenizer", None),
+                       getattr(tokenizer, "truncation_side", "right"), mode, modules[2:], names[-1] == "Normalize",
                        int(st_model.max_seq_length or 512), int(get_dim()), *st_prompts(st_model))
 
 
@@ -187,30 +194,44 @@ def read_packed_folder(path: str | Path) -> PackedParts | None:
     mode = pooling_mode(_json_or_none(path / modules[1].get("path", "") / "config.json") or {})
     if mode not in ("mean", "cls"):
         return None
-    # Neither AutoTokenizer (its import pulls in transformers' AutoModel module, whose registration imports
-    # PreTrainedModel) nor MosaicBertModel.from_pretrained: the inference model loads the same weights
-    # without transformers' modeling_utils, seconds of imports before the first vector.
+    # Neither transformers' tokenizer classes nor MosaicBertModel.from_pretrained: the Rust tokenizer and the
+    # inference model load the same files without importing transformers, about a second before the first
+    # vector (several on hosts where importing transformers scans every installed distribution).
     from ..model.blocks import load_inference_model
 
+    tokenizer, backend, tok_config = None, None, _json_or_none(path / "tokenizer_config.json") or {}
     if (path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
+        from tokenizers import Tokenizer
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    else:  # a slow (vocab.txt) tokenizer: transformers builds it
+        tokenizer = folder_tokenizer(path)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
     backbone = load_inference_model(path)
     if backbone is None:  # sharded or .bin weights: transformers' loader
         from ..model import MosaicBertModel
 
         backbone = MosaicBertModel.from_pretrained(str(path))
-    max_len = sbert.get("max_seq_length") or tokenizer.model_max_length
-    if not isinstance(max_len, int) or max_len > 1_000_000:  # transformers' "no limit" sentinel
+    max_len = sbert.get("max_seq_length") or (tok_config.get("model_max_length") if tokenizer is None
+                                              else tokenizer.model_max_length)
+    if not isinstance(max_len, int) or max_len > 1_000_000:  # absent, or transformers' "no limit" sentinel
         max_len = backbone.config.max_position_embeddings
     normalize = kinds[-1] == "Normalize"
-    return PackedParts(backbone, tokenizer, mode, [L2Normalize()] if normalize else [], normalize, int(max_len),
+    side = getattr(tokenizer, "truncation_side", None) or tok_config.get("truncation_side") or "right"
+    return PackedParts(backbone, tokenizer, backend, side, mode,
+                       [L2Normalize()] if normalize else [], normalize, int(max_len),
                        int(backbone.config.hidden_size), prompts, st_config.get("default_prompt_name"))
+
+
+def folder_tokenizer(path: str | Path) -> Any:
+    """transformers' tokenizer of an encoder folder: the fast one from tokenizer.json, else AutoTokenizer's."""
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def encoder_identity(path: str | Path) -> str:

@@ -3,10 +3,11 @@
 Embeddings -> Attention -> MLP (GeGLU or GELU) -> Block (post-LN BERT block) -> Encoder, then
 :func:`encode_tokens` (packed or padded input, unpadding) and :class:`MosaicBertInferenceModel`.
 
-Nothing here imports transformers' ``modeling_utils`` (seconds of imports): ``modeling.py`` wraps these
-layers in ``PreTrainedModel`` classes for training and the Auto classes, while the Encoder loads a saved
-backbone into :class:`MosaicBertInferenceModel` (the same submodules and parameter names) with
-:func:`load_inference_model`, so ``embed``, ``eval-retrieval``, ``index search`` and ``serve`` start seconds sooner.
+Nothing here imports transformers (seconds of imports; the layers read a
+:class:`~mosaic_embed.model.architecture.MosaicBertArchitecture`): ``modeling.py`` wraps these layers in
+``PreTrainedModel`` classes for training and the Auto classes, while the Encoder loads a saved backbone into
+:class:`MosaicBertInferenceModel` (the same submodules and parameter names) with :func:`load_inference_model`,
+so ``embed``, ``eval-retrieval``, ``index search`` and ``serve`` start seconds sooner.
 
 Shapes: B batch, S padded length, T real tokens in the batch, H hidden, nh heads, hd head dim, I
 intermediate, V vocab, N rows the encoder computes (T when unpadded, B*S on the padded ablation).
@@ -33,7 +34,7 @@ from torch import nn
 from ..data.packing import cu_seqlens_to_indices, pad_input, unpad_input
 from ..kernels.attention import alibi_slopes
 from ..kernels.dispatch import add_layer_norm, geglu, padded_attention, varlen_attention
-from .configuration import MosaicBertConfig
+from .architecture import MosaicBertArchitecture
 
 
 def activation(name: str) -> nn.Module:
@@ -91,7 +92,7 @@ class MosaicBertLayerNorm(nn.LayerNorm):
         return add_layer_norm(x, residual, self, impl)
 
 
-def _layer_norm(config: MosaicBertConfig) -> MosaicBertLayerNorm:
+def _layer_norm(config: MosaicBertArchitecture) -> MosaicBertLayerNorm:
     return MosaicBertLayerNorm(config.hidden_size, config.layer_norm_eps, config.low_precision_layernorm)
 
 
@@ -101,7 +102,7 @@ class MosaicBertEmbeddings(nn.Module):
     With ALiBi there are no position embeddings: position enters as an attention bias.
     """
 
-    def __init__(self, config: MosaicBertConfig):
+    def __init__(self, config: MosaicBertArchitecture):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
@@ -143,7 +144,7 @@ class MosaicBertAttention(nn.Module):
     mask (the ``unpad=False`` ablation); both go through kernels/dispatch.py.
     """
 
-    def __init__(self, config: MosaicBertConfig):
+    def __init__(self, config: MosaicBertArchitecture):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -192,7 +193,7 @@ class MosaicBertMLP(nn.Module):
     LayerNorm of the dispatch (``layernorm_impl``), as the attention does.
     """
 
-    def __init__(self, config: MosaicBertConfig):
+    def __init__(self, config: MosaicBertArchitecture):
         super().__init__()
         self.gated = config.mlp == "geglu"
         self.fused_geglu = self.gated and config.hidden_act == "gelu"
@@ -222,7 +223,7 @@ class MosaicBertBlock(nn.Module):
     """One post-LN BERT block: attention then MLP, each with residual and LayerNorm (``modeling.MosaicBertLayer``
     adds transformers' gradient checkpointing to it for training)."""
 
-    def __init__(self, config: MosaicBertConfig):
+    def __init__(self, config: MosaicBertArchitecture):
         super().__init__()
         self.attention = MosaicBertAttention(config)
         self.mlp = MosaicBertMLP(config)
@@ -234,7 +235,7 @@ class MosaicBertBlock(nn.Module):
 class MosaicBertEncoder(nn.Module):
     """The stack of layers; the ALiBi slopes (fp32) are shared by every layer."""
 
-    def __init__(self, config: MosaicBertConfig, layer_cls: type[nn.Module] | None = None):
+    def __init__(self, config: MosaicBertArchitecture, layer_cls: type[nn.Module] | None = None):
         super().__init__()
         self.use_alibi = config.position == "alibi"
         self.n_heads = config.num_attention_heads
@@ -372,7 +373,7 @@ class MosaicBertInferenceModel(nn.Module):
     ``encoder`` submodules (so the same saved parameter names) and the same forward body
     (:func:`encode_tokens`); returns only ``last_hidden_state``. Built by :func:`load_inference_model`."""
 
-    def __init__(self, config: MosaicBertConfig):
+    def __init__(self, config: MosaicBertArchitecture):
         super().__init__()
         self.config = config
         self.embeddings = MosaicBertEmbeddings(config)
@@ -413,7 +414,7 @@ def load_inference_model(folder: str | Path) -> MosaicBertInferenceModel | None:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         return None
-    config = MosaicBertConfig.from_pretrained(str(folder))
+    config = MosaicBertArchitecture.from_folder(folder)
     with _uninitialized():
         model = MosaicBertInferenceModel(config)
     state = load_file(str(weights))

@@ -175,9 +175,9 @@ def test_auto_classes_know_mosaic_bert_whatever_the_import_order(encoder_dir, fi
     assert done.stdout.split()[:2] == ["MosaicBertConfig", "MosaicBertModel"]
 
 
-def test_encoder_loads_without_transformers_modeling_utils(encoder_dir):
-    """A fresh process embeds with a plain MosaicBERT folder without importing transformers' modeling_utils
-    or torch._dynamo: the inference model holds the saved weights, equal to MosaicBertModel's vectors."""
+def test_encoder_loads_without_transformers(encoder_dir):
+    """A fresh process embeds with a plain MosaicBERT folder without importing transformers or torch._dynamo:
+    the inference model holds the saved weights, equal to MosaicBertModel's vectors."""
     import subprocess
     import sys
 
@@ -187,19 +187,39 @@ def test_encoder_loads_without_transformers_modeling_utils(encoder_dir):
         from mosaic_embed.encode import Encoder
         enc = Encoder.load(sys.argv[1], device="cpu")
         np.save(sys.argv[2], enc.encode(["the storm brought rain", "a cat"]))
-        print(type(enc.backbone).__name__, "transformers.modeling_utils" in sys.modules, "torch._dynamo" in sys.modules)
+        print(type(enc.backbone).__name__, "transformers" in sys.modules, "torch._dynamo" in sys.modules)
     """)
     out = encoder_dir / "fast.npy"
     done = subprocess.run([sys.executable, "-c", code, str(encoder_dir / "encoder"), str(out)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    # neither transformers' modeling_utils nor torch._dynamo (seconds each on a small CPU) for a process that
-    # only embeds
+    # neither transformers nor torch._dynamo (a second or more each on a small CPU) for a process that only
+    # embeds
     assert done.stdout.split() == ["MosaicBertInferenceModel", "False", "False"]
     from sentence_transformers import SentenceTransformer
 
     ref = SentenceTransformer(str(encoder_dir / "encoder"), device="cpu").encode(["the storm brought rain", "a cat"])
     np.testing.assert_allclose(np.load(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_direct_read_tokenizes_as_transformers_does(tmp_path):
+    """The Rust tokenizer read from tokenizer.json gives transformers' ids (special tokens, truncation at
+    max_seq_len on the tokenizer's side), and ``Encoder.tokenizer`` still offers transformers' wrapper."""
+    import json
+
+    from mosaic_embed.encode import Encoder
+
+    folder = tmp_path / "enc"
+    save_encoder(build_encoder(tiny_mosaic(tmp_path / "b"), "mean", True, max_seq_len=12, device="cpu"), folder)
+    texts = ["the storm brought rain " * 12, "a cat", "", "Ünïcödé  café\tnews\n", "market price news"]
+    for side in ("right", "left"):
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "truncation_side": side}))
+        enc = Encoder.load(folder, device="cpu")
+        assert enc._tokenizer is None  # not loaded until something asks for it
+        ref = enc.tokenizer(texts, truncation=True, max_length=12)["input_ids"]
+        assert enc.tokenize(texts) == ref
+        assert max(map(len, ref)) == 12
 
 
 @pytest.mark.parametrize("pooling, normalize, length", [("mean", True, 48), ("cls", True, 20), ("mean", False, 33)])

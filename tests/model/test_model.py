@@ -263,6 +263,37 @@ def test_config_validation_names_the_field():
         preset_config("mosaic-bert-huge")
 
 
+def test_architecture_reads_a_saved_config_without_transformers(tmp_path):
+    """``MosaicBertArchitecture.from_folder`` (the Encoder's transformers-free read) gives the saved config's
+    fields, ignores what transformers adds, and names the file for another model type or a bad field."""
+    import dataclasses
+    import json
+
+    from mosaic_embed.model.architecture import MosaicBertArchitecture
+
+    config = preset_config("mosaic-bert-tiny", position="learned", layernorm_impl="torch", hidden_dropout_prob=0.0)
+    config.save_pretrained(tmp_path)
+    arch = MosaicBertArchitecture.from_folder(tmp_path)
+    for field in dataclasses.fields(MosaicBertArchitecture):
+        assert getattr(arch, field.name) == getattr(config, field.name), field.name
+    assert arch.impl_for("layernorm") == "torch" and arch.model_type == "mosaic_bert"
+    # one definition: the transformers config is the architecture plus transformers' own fields
+    assert isinstance(config, MosaicBertArchitecture)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for bad, match in (({**saved, "model_type": "bert"}, "model_type 'bert'"),
+                       ({**saved, "hidden_size": "32"}, "hidden_size"),
+                       ({**saved, "vocab_size": 100}, "vocab_size")):
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match) as err:
+            MosaicBertArchitecture.from_folder(tmp_path)
+        assert "config.json" in str(err.value)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="config.json: not a JSON"):
+        MosaicBertArchitecture.from_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        MosaicBertArchitecture.from_folder(tmp_path / "missing")
+
+
 def test_triton_requested_on_cpu_is_an_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = seeded(MosaicBertModel, preset_config("mosaic-bert-tiny", attn_impl="triton"))
@@ -386,12 +417,16 @@ def test_hidden_states_and_tuple_output():
 
 
 def test_packed_encoder_compiles_without_graph_breaks():
-    """torch.compile(fullgraph=True) traces the whole packed path (pretraining compiles the model)."""
+    """torch.compile(fullgraph=True) traces the whole packed path after ``warm_dispatch``, as pretraining and the
+    Encoder compile it (the dispatch answers traced questions, e.g. the LayerNorm's, outside the graph)."""
+    from mosaic_embed.kernels.dispatch import warm_dispatch
+
     model = seeded(MosaicBertModel, tiny())
     lengths = [5, 9, 3]
     ids = torch.randint(1, VOCAB, (sum(lengths),))
     cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
-    expected = model(ids, cu_seqlens=cu, max_seqlen=9).last_hidden_state  # the path is announced eagerly once
+    expected = model(ids, cu_seqlens=cu, max_seqlen=9).last_hidden_state
+    warm_dispatch(model, "cpu", torch.float32)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(ids, cu_seqlens=cu, max_seqlen=9).last_hidden_state, expected,
                                atol=1e-5, rtol=1e-5)
