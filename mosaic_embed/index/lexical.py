@@ -8,6 +8,7 @@ one pass over the stored tokens (seconds per million short documents), paid by t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,24 @@ import numpy as np
 
 K1, B, METHOD = 1.5, 0.75, "lucene"
 KEYS = "keys.npy"
+
+
+def _bm25s():
+    """bm25s, imported without jax. Where jax is installed, importing bm25s imports it and runs a top-k to warm
+    it up: 3.1 s of a 7.7 s `index search` process on a GPU host, and there XLA's first use reserves most of
+    the GPU's memory, which the encoder then lacks. This module uses only bm25s's numpy scoring; jax stays
+    importable for anything else in the process (a jax the process imported already is left to bm25s)."""
+    if "bm25s" in sys.modules:
+        return sys.modules["bm25s"]
+    block = "jax" not in sys.modules
+    if block:
+        sys.modules["jax"] = None  # `import jax.lax` raises ImportError, bm25s's cue for its numpy path
+    try:
+        import bm25s
+    finally:
+        if block and "jax" in sys.modules and sys.modules["jax"] is None:
+            del sys.modules["jax"]
+    return bm25s
 
 
 def _stemmer():
@@ -25,11 +44,9 @@ def _stemmer():
 
 def tokenize(texts: Sequence[str]) -> list[list[str]]:
     """BM25 tokens of each text (lower-cased words of 2+ characters, stop words dropped, stemmed)."""
-    import bm25s
-
     if not texts:
         return []
-    return bm25s.tokenize(list(texts), stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False)
+    return _bm25s().tokenize(list(texts), stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False)
 
 
 def join_tokens(tokens: list[str]) -> str:
@@ -45,10 +62,8 @@ class Lexical:
 
     @classmethod
     def build(cls, keys: np.ndarray, token_strings: Iterable[str]) -> Lexical:
-        import bm25s
-
         docs = [s.split() for s in token_strings]
-        retriever = bm25s.BM25(k1=K1, b=B, method=METHOD)
+        retriever = _bm25s().BM25(k1=K1, b=B, method=METHOD)
         if any(docs):
             retriever.index(docs, show_progress=False)
         else:  # no document has a term: nothing can match (bm25s cannot index an empty vocabulary)
@@ -63,10 +78,8 @@ class Lexical:
 
     @classmethod
     def load(cls, folder: Path) -> Lexical:
-        import bm25s
-
         keys = np.load(folder / KEYS)
-        retriever = bm25s.BM25.load(str(folder), show_progress=False) if len(keys) else None
+        retriever = _bm25s().BM25.load(str(folder), show_progress=False) if len(keys) else None
         return cls(retriever, keys)
 
     def __len__(self) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -97,3 +100,32 @@ def test_bm25_follows_adds_and_deletes(tmp_path):
                         tmp_path / "fresh", IndexConfig(), texts=[texts[1], texts[2], texts[3], "storm warning for the coast"])
     (ref,) = VectorStore(fresh).search_texts(["storm"], k=5, mode="lexical")
     assert [(h.id, round(h.score, 5)) for h in ref.hits] == [(h.id, round(h.score, 5)) for h in res.hits]
+
+
+def test_bm25_does_not_import_jax(tmp_path):
+    """bm25s imports and warms jax where it is installed (seconds, and XLA reserves most of a GPU's memory):
+    the lexical index imports bm25s without it, scores as usual, and leaves jax importable afterwards."""
+    import subprocess
+    import sys
+    import textwrap
+
+    fake = tmp_path / "site" / "jax"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "jax_imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (fake / "lax.py").write_text("def top_k(x, k):\n    raise AssertionError('bm25s warmed jax up')\n")
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from mosaic_embed.index.lexical import Lexical, join_tokens, tokenize
+        lex = Lexical.build(np.arange(3), [join_tokens(t) for t in tokenize(["rain storm", "cat", "storm news"])])
+        keys, scores = lex.search(["storm"], 5)[0]
+        print(sorted(keys.tolist()), "jax" in sys.modules)
+        import jax  # still importable by the rest of the process
+        print(jax.__name__)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).resolve().parents[2])])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[0,", "2]", "False", "jax"]
+    assert marker.exists()  # imported once, by the test's own `import jax`, after bm25s
