@@ -56,7 +56,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from mosaic_embed.artifacts import atomic_write_json, git_commit  # noqa: E402
 from mosaic_embed.config import DataConfig, PretrainModelConfig, parse_override  # noqa: E402
-from mosaic_embed.data.mlm import KeyedDataset, MLMMasker, PaddedMLMCollator, UnpaddedMLMCollator  # noqa: E402
+from mosaic_embed.data.mlm import (  # noqa: E402
+    KeyedDataset,
+    MLMMasker,
+    PaddedMLMCollator,
+    UnpaddedMLMCollator,
+    masked_rows,
+)
 from mosaic_embed.data.shards import load_shards, prepare_shards  # noqa: E402
 from mosaic_embed.data.tokenizer import load_tokenizer  # noqa: E402
 from mosaic_embed.runtime import peak_flops  # noqa: E402
@@ -255,9 +261,12 @@ def split_micro(batch: dict, micro: int, packed: bool) -> list[dict]:
         for i in range(0, b, micro):
             lo, hi = int(cu[i]), int(cu[min(i + micro, b)])
             sub_cu = cu[i:min(i + micro, b) + 1] - cu[i]
-            out.append({"input_ids": batch["input_ids"][lo:hi], "labels": batch["labels"][lo:hi],
-                        "cu_seqlens": sub_cu.to(torch.int32), "max_seqlen": int((sub_cu[1:] - sub_cu[:-1]).max()),
-                        "num_tokens": hi - lo})
+            sub = {"input_ids": batch["input_ids"][lo:hi], "labels": batch["labels"][lo:hi],
+                   "cu_seqlens": sub_cu.to(torch.int32), "max_seqlen": int((sub_cu[1:] - sub_cu[:-1]).max()),
+                   "num_tokens": hi - lo}
+            if "masked_rows" in batch:
+                sub["masked_rows"] = masked_rows(sub["labels"])
+            out.append(sub)
         return out
     b = batch["input_ids"].shape[0]
     if micro >= b:
@@ -306,8 +315,9 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
         total = torch.zeros((), device=device)
         for mb in micro:
             tokens += mb["num_tokens"]
+            skip = ("num_tokens",) if args.masked_rows == "host" else ("num_tokens", "masked_rows")
             inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                      for k, v in mb.items() if k != "num_tokens"}
+                      for k, v in mb.items() if k not in skip}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = fwd(**inputs).loss / len(micro)
             loss.backward()
@@ -414,6 +424,9 @@ def main() -> None:
                     help="also time the fused add + LayerNorm kernel vs torch eager and torch.compile (GPU)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a MosaicBertConfig field for every mosaic row (repeatable), e.g. layernorm_impl=triton")
+    ap.add_argument("--masked-rows", choices=("host", "device"), default="host",
+                    help="MosaicBERT's labelled rows: from the collator (host, the default, as pretrain runs) or "
+                         "found by the forward on the device (a sync per step: the A/B of that change)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps per row")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny models on CPU (checks the script, no figures)")
@@ -425,7 +438,7 @@ def main() -> None:
         if items and not key.startswith("mosaic-"):
             raise SystemExit(f"--rows {spec}: overrides are MosaicBertConfig fields, for mosaic rows only")
         row_specs.append((key, parse_sets(items, f"--rows {spec}")))
-    overridden = bool(model_sets) or any(sets for _, sets in row_specs)
+    overridden = bool(model_sets) or any(sets for _, sets in row_specs) or args.masked_rows != "host"
     if overridden and args.out is None and not args.smoke:
         raise SystemExit("--set / row overrides measure a variant: give --out (results/pretrain_throughput.json "
                          "keeps the default configuration)")
@@ -465,6 +478,7 @@ def main() -> None:
         "global_batch": args.global_batch,
         "corpus": str(corpus),
         "mosaic_overrides": model_sets,
+        "masked_rows": args.masked_rows,
         **kernel_times,
         "rows": [],
     }

@@ -121,14 +121,18 @@ def run_cli_torchrun(nproc: int, cli_args: list[str], timeout: float = 180) -> s
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def packed_mlm_batch(lens, seed, vocab=128):
-    """A packed masked-LM batch of sequences of lengths ``lens``: random ids, 30 % of them labelled."""
+def packed_mlm_batch(lens, seed, vocab=128, host_rows=False):
+    """A packed masked-LM batch of sequences of lengths ``lens``: random ids, 30 % of them labelled; with
+    ``host_rows`` the labelled rows too, as the packed collator gives them (``masked_rows``)."""
+    from mosaic_embed.data.mlm import masked_rows
+
     gen = torch.Generator().manual_seed(seed)
     total = sum(lens)
     ids = torch.randint(5, vocab, (total,), generator=gen)
     labels = torch.where(torch.rand(total, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    return {"input_ids": ids, "labels": labels, "cu_seqlens": cu, "max_seqlen": max(lens)}
+    batch = {"input_ids": ids, "labels": labels, "cu_seqlens": cu, "max_seqlen": max(lens)}
+    return {**batch, "masked_rows": masked_rows(labels)} if host_rows else batch
 
 
 def write_polarity_task(task: Path) -> Path:

@@ -69,10 +69,10 @@ def test_startup_benchmark_runs_the_real_cli(tmp_path):
     beir = write_beir(tmp_path / "beir")
     result = bench.main(["--beir", str(beir), "--tiny", "--device", "cpu", "--out", str(tmp_path / "s.json")])
     saved = json.loads((tmp_path / "s.json").read_text())
-    assert saved == result and len(saved["rows"]) == 9
+    assert saved == result and len(saved["rows"]) == 10
     by = {r["what"]: r for r in saved["rows"]}
-    first = [w for w in by if w.endswith("(first run on this machine)")]  # untimed by the targets: warm-up
-    assert len(first) == 2 and all(by[w]["target_s"] is None for w in first)
+    first = [w for w in by if w.endswith("first run on this machine)")]  # untimed by the targets: warm-up
+    assert len(first) == 3 and all(by[w]["target_s"] is None for w in first)
     (timed,) = [r for w, r in by.items() if w.startswith("eval-retrieval") and w not in first]
     assert timed["target_s"] == 10.0
     assert by["mosaic-embed --version"]["seconds"] < 5  # no torch import to print a version

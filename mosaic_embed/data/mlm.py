@@ -150,8 +150,9 @@ class UnpaddedMLMCollator:
 
     Returns a dict: ``input_ids`` (T,) int64, ``labels`` (T,) int64, ``cu_seqlens`` (B+1,) int32,
     ``max_seqlen`` int (longest sequence in the batch), ``num_tokens`` int (= T, real tokens) where T is
-    the sum of the B sequence lengths. ``num_tokens`` is bookkeeping for throughput and is removed by the
-    trainer before the model is called.
+    the sum of the B sequence lengths, ``masked_rows`` (n,) int64 (the labelled positions,
+    :func:`masked_rows`). ``num_tokens`` is bookkeeping for throughput and is removed by the trainer before
+    the model is called.
     """
 
     masker: MLMMasker
@@ -165,7 +166,16 @@ class UnpaddedMLMCollator:
             "cu_seqlens": torch.from_numpy(packing.cu_seqlens(lengths)),
             "max_seqlen": int(lengths.max()),
             "num_tokens": int(flat.size),
+            "masked_rows": masked_rows(labels),
         }
+
+
+def masked_rows(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(n,) int64 indices of the labelled tokens (``labels != IGNORE_INDEX``) of a packed batch, found on the
+    host, so that the model's forward need not ask the GPU how many there are (see
+    ``MosaicBertForMaskedLM.forward``)."""
+    labels = labels.numpy() if torch.is_tensor(labels) else labels
+    return torch.from_numpy(np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX).astype(np.int64))
 
 
 @dataclass

@@ -150,6 +150,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         return_logits: bool | None = None,
+        masked_rows: torch.Tensor | None = None,
     ) -> MaskedLMOutput | tuple:
         """Masked-LM logits and loss.
 
@@ -164,14 +165,27 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         run fused in chunks and the (n, V) logits never exist) and ``logits`` is None, whichever path runs,
         so that a caller's code does not depend on the kernel choice. True: the decoder, then
         ``F.cross_entropy`` (the reference computation), in training too.
+
+        masked_rows (packed input with labels): the (n,) int64 indices where ``labels.flatten() != -100``, as
+        the packed collator computes them on the host. Without them the forward finds the rows on the device
+        (``nonzero``), whose count the host must read back: a sync in the middle of every step, after which the
+        GPU idles until the host has queued work again. With them nothing in the step waits on the GPU.
         """
         enc = self.bert._encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen,
                                 bool(output_hidden_states))
         loss = None
         if labels is not None:
             targets = enc.gather(labels)  # (N,)
-            labelled = targets != -100  # (N,)
-            rows = torch.nonzero(labelled, as_tuple=False).flatten()  # (n,)
+            if masked_rows is not None:
+                if enc.indices is not None:  # the rows are a subset of the caller's tokens: indices differ
+                    raise ValueError("masked_rows: only for packed input (input_ids (T,) with cu_seqlens) or "
+                                     "unpad=False; the padded batch of an unpadding model has other row indices")
+                rows = masked_rows  # (n,) from the host: its size is known without asking the GPU
+                n = (targets.index_select(0, rows) != -100).sum().clamp(min=1)
+            else:
+                labelled = targets != -100  # (N,)
+                rows = torch.nonzero(labelled, as_tuple=False).flatten()  # (n,)
+                n = labelled.sum().clamp(min=1)
             hidden = self.mlm_head.transform(enc.hidden.index_select(0, rows))  # (n, H)
             targets = targets.index_select(0, rows)  # (n,)
             # The mean over labelled rows written as sum / max(n, 1) with n a tensor: no Python branch on
@@ -180,7 +194,6 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             # fused loss is one custom op taking the (n, H) rows with n unbacked). n = 0 gives 0 (a sum over
             # no rows), with a zero gradient. The branch below is on the module's mode and an argument,
             # static facts that torch.compile guards on, never on data.
-            n = labelled.sum().clamp(min=1)
             if return_logits if return_logits is not None else not self.training:
                 logits = self.mlm_head.decoder(hidden)  # (n, V)
                 loss = F.cross_entropy(logits, targets, reduction="sum") / n

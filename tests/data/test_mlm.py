@@ -86,6 +86,9 @@ def test_packed_collation_hand_computed():
     unmasked = batch["labels"] == IGNORE_INDEX
     flat = torch.tensor([2, 10, 3, 2, 11, 12, 13, 3, 2, 3])
     assert torch.equal(batch["input_ids"][unmasked], flat[unmasked])
+    # the labelled rows, found on the host for the model (no device sync for their count)
+    assert batch["masked_rows"].dtype == torch.int64
+    assert batch["masked_rows"].tolist() == [i for i in range(10) if not unmasked[i]]
 
 
 def test_padded_collation_matches_packed():

@@ -492,3 +492,42 @@ def test_packed_forward_never_synchronises_the_gpu():
             model(input_ids=ids, cu_seqlens=cu, max_seqlen=15)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_mlm_training_step_never_synchronises_the_gpu():
+    """A pretraining step on a packed batch with the collator's ``masked_rows`` (forward under bf16 autocast,
+    backward, gradient clipping, fused AdamW) queues all its work without waiting for the GPU, so the host
+    runs a step ahead; without them the MLM head's ``nonzero`` reads the row count back (a sync per step)."""
+    from mosaic_embed.model.modeling import MosaicBertForMaskedLM
+    from tests.helpers import packed_mlm_batch
+
+    cfg = preset_config("mosaic-bert-tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    model = seeded(MosaicBertForMaskedLM, cfg).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    def step(batch):
+        batch = {k: (v.pin_memory().cuda(non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step(packed_mlm_batch([10, 15, 15], 0, vocab=VOCAB, host_rows=True))  # kernels compile, state is made
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(packed_mlm_batch([12, 9, 19], seed, vocab=VOCAB, host_rows=True)) for seed in (1, 2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(x) for x in losses)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):  # the device-rows path does wait: the check above can fail
+            step(packed_mlm_batch([12, 9, 19], 3, vocab=VOCAB))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
