@@ -381,9 +381,10 @@ def run_pretrain_cli(corpus: Path, args) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="pretrain-cli-")) / "run"
     steps = args.warmup + args.steps
+    log_every = min(5, args.steps)
     sets = [f"train.max_steps={steps}", f"train.global_batch_size={args.global_batch}",
             f"train.microbatch_size={args.microbatch}", "train.compile=true", "train.eval_every_steps=0",
-            "train.save_every_steps=0", f"train.log_every_steps={min(5, args.steps)}", "train.eval_samples=256",
+            "train.save_every_steps=0", f"train.log_every_steps={log_every}", "train.eval_samples=256",
             f"data.cache_dir={out.parent / 'cache'}"]
     if args.smoke:
         sets += ["model.preset=mosaic-bert-tiny", "train.compile=false", "data.max_seq_len=32"]
@@ -395,15 +396,18 @@ def run_pretrain_cli(corpus: Path, args) -> dict:
     if proc.returncode != 0:
         return {"model": "mosaic-embed pretrain (CLI)", "error": proc.stderr[-2000:]}
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in logs if "tokens_per_s" in r and r["step"] > args.warmup]
+    # a log line's tokens/s covers the steps since the previous one: only windows that start after the warm-up
+    # (a window reaching back into it would average compilation in)
+    timed = [r for r in logs if "tokens_per_s" in r and r["step"] - log_every >= args.warmup]
     if not timed:
-        return {"model": "mosaic-embed pretrain (CLI)", "error": f"no log line after step {args.warmup} in {out}"}
+        return {"model": "mosaic-embed pretrain (CLI)",
+                "error": f"no log window after the {args.warmup} warm-up steps in {out}: give more --steps"}
     tps = statistics.mean(r["tokens_per_s"] for r in timed)
     return {"model": "mosaic-embed pretrain (CLI, mosaic-bert-base, compiled)" if not args.smoke
             else "mosaic-embed pretrain (CLI, smoke: mosaic-bert-tiny)", "arch": "mosaic_bert",
             "compiled": "model", "params": None, "real_tokens_per_s": tps,
             "mfu": statistics.mean(r["mfu"] for r in timed) if timed[0].get("mfu") is not None else None,
-            "mfu_peak": timed[0].get("mfu_peak"), "timed_steps": len(timed), "peak_mem_gib": float("nan"),
+            "mfu_peak": timed[0].get("mfu_peak"), "timed_steps": len(timed) * log_every, "peak_mem_gib": float("nan"),
             "row_wall_s": time.perf_counter() - t}
 
 
