@@ -360,6 +360,8 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
         print(f"profile of 3 steps, {name}:\n{table}", flush=True)
+        profiled = gpu_activity(prof, steps=3)
+        print(f"GPU activity, {name}: {profiled}", flush=True)
     losses = [float(x) for x in losses]
     tps = tokens / seconds
     row = {"model": name, "arch": arch, "compiled": compile_model, "params": params, "overrides": overrides,
@@ -368,7 +370,31 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
            "peak_mem_gib": peak, "step_ms": 1e3 * seconds / len(timed), "timed_steps": len(timed),
            "real_tokens_per_step": tokens / len(timed), "warmup_s": warm_s, "microbatch": args.microbatch,
            "loss_first_last": [losses[0], losses[-1]], "finite": all(map(lambda x: x == x and abs(x) < 1e4, losses))}
+    if args.profile and device.type == "cuda":
+        row["profile"] = profiled
     return row
+
+
+def gpu_activity(prof, steps: int) -> dict:
+    """Kernel time and GPU busy fraction from a torch.profiler run of ``steps`` steps, counted from the device
+    records only: the summary table's "Self CUDA time total" also credits each kernel to the operator that
+    launched it (``aten::mm`` and its ``nvjet`` kernel), so it counts most GPU time twice."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return {}
+    busy, (lo, hi) = 0.0, spans[0]
+    for start, end in spans[1:]:  # union of the intervals: overlapping kernels (streams) count once
+        if start > hi:
+            busy, lo, hi = busy + hi - lo, start, end
+        else:
+            hi = max(hi, end)
+    busy += hi - lo
+    window = spans[-1][1] - spans[0][0]
+    return {"kernel_ms_per_step": sum(e - s for s, e in spans) / 1e3 / steps,
+            "busy_ms_per_step": busy / 1e3 / steps, "span_ms_per_step": window / 1e3 / steps,
+            "gpu_busy_fraction": busy / window if window else None}
 
 
 def run_pretrain_cli(corpus: Path, args) -> dict:
