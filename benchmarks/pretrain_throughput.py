@@ -376,9 +376,9 @@ def run_row(name: str, arch: str, compile_model: str, batches: list[dict], tok, 
 
 
 def gpu_activity(prof, steps: int) -> dict:
-    """Kernel time and GPU busy fraction from a torch.profiler run of ``steps`` steps, counted from the device
-    records only: the summary table's "Self CUDA time total" also credits each kernel to the operator that
-    launched it (``aten::mm`` and its ``nvjet`` kernel), so it counts most GPU time twice."""
+    """Kernel time and GPU busy fraction from a torch.profiler run of ``steps`` steps, from the device's records:
+    busy time is the union of their intervals (kernels overlapping on two streams count once), so the span
+    from the first to the last, less the busy time, is what the GPU spent waiting for the host."""
     from torch.autograd import DeviceType
 
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
