@@ -222,6 +222,54 @@ def test_direct_read_tokenizes_as_transformers_does(tmp_path):
         assert max(map(len, ref)) == 12
 
 
+def test_long_texts_are_tokenized_from_a_whole_word_prefix_with_the_same_ids(tmp_path):
+    """Long texts are cut to whole words before tokenizing (a fraction of the tokenizer's work for long
+    documents); the ids equal transformers' truncation of the whole text: prefixes that fill max_seq_len are
+    kept, the rest (words of many characters per token) are tokenized again whole."""
+    import random
+
+    from mosaic_embed.encode import Encoder
+    from mosaic_embed.encode.packed import PREFIX_CHARS_PER_TOKEN, cuts_to_whole_words, whole_word_prefix
+
+    folder = tmp_path / "enc"
+    save_encoder(build_encoder(tiny_mosaic(tmp_path / "b"), "mean", True, max_seq_len=12, device="cpu"), folder)
+    enc = Encoder.load(folder, device="cpu")
+    assert cuts_to_whole_words(enc._backend) and enc._prefix_chars == PREFIX_CHARS_PER_TOKEN * 12
+    rng = random.Random(0)
+    words = ["the", "storm", "Brought", "rain,", "café", "naïve", "東京", "1999", "e-mail", "don't", "ｆｕｌｌ"]
+    texts = [" ".join(rng.choice(words) for _ in range(n)) for n in (3, 20, 40, 80)]
+    texts += ["\n".join(words * 6), "\t".join(words * 6), "x" * 500, "word " * 3 + "y" * 300,
+              "internationalization " * 12, "  leading spaces " * 20, "",
+              "see: " + " ".join(["z" * 110] * 8)]  # words over WordPiece's 100 characters: one [UNK] each
+    ref = enc.tokenizer(texts, truncation=True, max_length=12)["input_ids"]
+    assert enc.tokenize(texts) == ref
+    limit = enc._prefix_chars
+    cut = [t for t in texts if whole_word_prefix(t, limit) is not t]
+    refilled = [t for t in cut if len(enc._backend.encode(whole_word_prefix(t, limit)).ids) < 12]
+    assert len(cut) >= 6 and refilled  # both ways through: prefixes kept, and prefixes tokenized again whole
+    assert whole_word_prefix("a b c", 3) == "a" and whole_word_prefix("abcdef", 3) == "abcdef"
+
+
+def test_tokenizers_that_join_words_across_spaces_are_not_cut():
+    """Byte-level BPE or SentencePiece (spaces belong to the next token) and regex normalizers: whole texts."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordPiece
+
+    from mosaic_embed.encode.packed import cuts_to_whole_words
+
+    tok = Tokenizer(WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    assert cuts_to_whole_words(tok)
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])
+    assert cuts_to_whole_words(tok)
+    tok.normalizer = normalizers.Replace("  ", " ")
+    assert not cuts_to_whole_words(tok)
+    tok.normalizer = None
+    for pre in (pre_tokenizers.ByteLevel(), pre_tokenizers.Metaspace(), None):
+        tok.pre_tokenizer = pre
+        assert not cuts_to_whole_words(tok)
+
+
 @pytest.mark.parametrize("pooling, normalize, length", [("mean", True, 48), ("cls", True, 20), ("mean", False, 33)])
 def test_direct_read_agrees_with_sentence_transformers(tmp_path, pooling, normalize, length):
     """The packed path reads plain folders without sentence-transformers: same length, pooling, vectors."""
