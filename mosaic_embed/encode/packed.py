@@ -107,8 +107,9 @@ _WORD_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Pu
 
 def cuts_to_whole_words(backend: Any) -> bool:
     """Whether a text may be cut to its leading whole words before this Rust tokenizer runs, without changing
-    the tokens of those words: a per-character normalizer (or none) and a whitespace-splitting pre-tokenizer.
-    Anything else (byte-level BPE, SentencePiece's metaspace, regex replacements) is tokenized whole."""
+    the tokens of those words: a per-character normalizer (or none), a whitespace-splitting pre-tokenizer, and
+    no added token holding whitespace. Anything else (byte-level BPE, SentencePiece's metaspace, regex
+    replacements) is tokenized whole."""
     import json
 
     spec = json.loads(backend.to_str())
@@ -122,8 +123,10 @@ def cuts_to_whole_words(backend: Any) -> bool:
 
     normalizers = parts(spec.get("normalizer"), "normalizers")
     pre = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    # an added token is matched in the raw text before the pre-tokenizer: one holding a space spans words
+    spaced = any(any(c.isspace() for c in t.get("content", "")) for t in spec.get("added_tokens") or [])
     return (set(normalizers) <= _LOCAL_NORMALIZERS and bool(pre) and set(pre) <= _WORD_PRE_TOKENIZERS
-            and pre[0] in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit"))
+            and pre[0] in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit") and not spaced)
 
 
 def whole_word_prefix(text: str, limit: int) -> str:

@@ -262,6 +262,10 @@ def test_tokenizers_that_join_words_across_spaces_are_not_cut():
     assert cuts_to_whole_words(tok)
     tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])
     assert cuts_to_whole_words(tok)
+    tok.add_tokens(["New York"])  # matched across a space before pre-tokenizing
+    assert not cuts_to_whole_words(tok)
+    tok = Tokenizer(WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.normalizer = normalizers.Replace("  ", " ")
     assert not cuts_to_whole_words(tok)
     tok.normalizer = None
