@@ -203,7 +203,10 @@ def read_packed_folder(path: str | Path) -> PackedParts | None:
     if (path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the Rust library raises a bare Exception naming no file
+            raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizers file ({e})") from None
     else:  # a slow (vocab.txt) tokenizer: transformers builds it
         tokenizer = folder_tokenizer(path)
         backend = getattr(tokenizer, "backend_tokenizer", None)

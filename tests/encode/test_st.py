@@ -322,3 +322,13 @@ def test_folders_the_direct_read_does_not_mirror_go_to_sentence_transformers(tmp
     sb.write_text(json.dumps({**json.loads(sb.read_text()), "max_seq_length": 24}))
     assert read_packed_folder(folder).max_seq_len == 24
     assert read_packed_folder(tmp_path / "b") is None  # a bare backbone folder: no modules.json
+
+
+def test_a_broken_tokenizer_file_is_named(tmp_path):
+    from mosaic_embed.encode import Encoder
+
+    folder = tmp_path / "enc"
+    save_encoder(build_encoder(tiny_mosaic(tmp_path / "b"), "mean", True, max_seq_len=12, device="cpu"), folder)
+    (folder / "tokenizer.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizers file"):
+        Encoder.load(folder, device="cpu")
