@@ -265,6 +265,19 @@ def test_kill_9_mid_add_leaves_the_previous_store_readable(tmp_path, factory):
     assert len([p for p in path.iterdir() if p.name.startswith("gen-")]) <= 2
 
 
+def test_a_writer_killed_while_publishing_leaves_no_manifest_temp_file(tmp_path):
+    """kill -9 between writing the new manifest's temporary file and renaming it (seen once in CI's kill test):
+    readers keep the published manifest, and the next writer removes the half-written file."""
+    rng = np.random.default_rng(0)
+    path = build_store(unit(rng, 10), [f"d{i}" for i in range(10)], tmp_path / "s", IndexConfig(), texts=["x"] * 10)
+    (path / ".manifest.json.k1ll3d.tmp").write_text('{"generation": "gen-000')  # cut off mid-write
+    assert len(all_docs(VectorStore(path))) == 10
+    with open_writer(path) as w:
+        w.delete(doc_ids=["d0"])
+    assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
+    assert len(all_docs(VectorStore(path))) == 9
+
+
 def test_a_killed_build_leaves_nothing_forever(tmp_path):
     """A build killed before its first commit: the folder holds only a temp generation and a dead lock; the next
     build into it cleans both up."""
