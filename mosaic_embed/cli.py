@@ -49,12 +49,25 @@ class _Group(click.Group):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FolderLockedError) as err:
             if isinstance(err, click.ClickException):
                 raise
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        _close_process_group()
+        return result
+
+
+def _close_process_group() -> None:
+    """After a command that ran under torchrun: every rank waits for the others, then tears the process group
+    down. Left to interpreter exit, gloo's threads can abort a rank that finished first ("terminate called
+    without an active exception", SIGABRT; seen once in CI's two-rank train-encoder test), and torchrun then
+    fails the whole run. Only on success: a rank that failed is stopped by torchrun, not waited for."""
+    dist = sys.modules.get("torch.distributed")  # never imported here: only a command that used it pays
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @click.group(cls=_Group)
