@@ -181,13 +181,11 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
                     raise ValueError("masked_rows: only for packed input (input_ids (T,) with cu_seqlens) or "
                                      "unpad=False; the padded batch of an unpadding model has other row indices")
                 rows = masked_rows  # (n,) from the host: its size is known without asking the GPU
-                n = (targets.index_select(0, rows) != -100).sum().clamp(min=1)
             else:
-                labelled = targets != -100  # (N,)
-                rows = torch.nonzero(labelled, as_tuple=False).flatten()  # (n,)
-                n = labelled.sum().clamp(min=1)
+                rows = torch.nonzero(targets != -100, as_tuple=False).flatten()  # (n,)
             hidden = self.mlm_head.transform(enc.hidden.index_select(0, rows))  # (n, H)
             targets = targets.index_select(0, rows)  # (n,)
+            n = (targets != -100).sum().clamp(min=1)
             # The mean over labelled rows written as sum / max(n, 1) with n a tensor: no Python branch on
             # the data-dependent n, so torch.compile (capture_dynamic_output_shape_ops, see
             # train/pretrain.py:compile_in_place) traces the row selection and the loss into the graph (the
