@@ -27,7 +27,6 @@ a user always knows which path their numbers came from. Resolution runs outside 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import os
 import sys
@@ -36,6 +35,7 @@ import torch
 
 from . import attention as _torch_attention
 from .geglu import geglu_reference
+from .launch import HAS_TRITON
 from .layernorm import MAX_WIDTH as _LAYERNORM_MAX_WIDTH
 from .linear_cross_entropy import linear_cross_entropy_reference
 
@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 IMPLS = ("auto", "torch", "triton")
 KERNELS = ("attention", "geglu", "layernorm", "mlm_loss")
 
-# Looked up once: find_spec cannot be traced by torch.compile, and the answer never changes in a process.
-_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 _resolved: dict[tuple, str] = {}
 _announced: set[tuple[str, str, str]] = set()
 
@@ -70,7 +68,7 @@ def _outside_graph(fn):
 
 
 def _triton_importable() -> bool:
-    return _TRITON_IMPORTABLE
+    return HAS_TRITON
 
 
 def _attention_head_dims() -> tuple[int, ...] | None:

@@ -21,17 +21,14 @@ op (what torch.compile traces, backward registered) and an ``autograd.Function``
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-from .launch import as_rows, cdiv
+from .launch import HAS_TRITON, as_rows, cdiv
 
 __all__ = ["geglu_reference", "geglu_triton"]
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once (compile cannot trace it)
 
-if _HAS_TRITON:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -55,7 +52,7 @@ def geglu_reference(inner: torch.Tensor) -> torch.Tensor:
 #    I-space, i.e. inner[r, c*BLOCK..] (gate) and inner[r, I + c*BLOCK..] (value). fp32 arithmetic.
 # --------------------------------------------------------------------------------------------------
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _load_gate_value(inner_ptr, width, stride_in, BLOCK: tl.constexpr):
@@ -184,7 +181,7 @@ _traced_fwd = None  # set by register_traced_ops
 def register_traced_ops() -> None:
     """Register the ``triton_op`` pair (see above) once; later calls do nothing."""
     global _traced_fwd
-    if _traced_fwd is None and _HAS_TRITON:
+    if _traced_fwd is None and HAS_TRITON:
         _traced_fwd = _with_backward(
             torch.library.triton_op("mosaic_embed::geglu_fwd_traced", _fwd_traced_impl, mutates_args=()),
             torch.library.triton_op("mosaic_embed::geglu_bwd_traced", _bwd_traced_impl, mutates_args=()),
@@ -226,7 +223,7 @@ def geglu_triton(inner: torch.Tensor) -> torch.Tensor:
     once :func:`register_traced_ops` ran) or else the opaque custom op ``geglu_fwd``; in eager an
     ``autograd.Function``.
     """
-    if not _HAS_TRITON:
+    if not HAS_TRITON:
         raise RuntimeError("geglu_triton needs the triton package")
     _validate(inner)
     if torch.compiler.is_compiling():

@@ -1,4 +1,5 @@
-"""Host-side helpers of the kernel launchers: integer helpers (grids, tile sizes) and the (N, C) row view.
+"""Host-side helpers of the kernel launchers: whether Triton is there, integer helpers (grids, tile sizes) and
+the (N, C) row view.
 
 ``triton.cdiv`` / ``triton.next_power_of_2`` are constexpr-function wrappers that cost ~8 us per call from
 Python (benchmarks/NOTES_attention.md, v3): at short lengths that is a visible share of an eager step.
@@ -6,7 +7,13 @@ Python (benchmarks/NOTES_attention.md, v3): at short lengths that is a visible s
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+
+# Whether Triton can be imported, looked up once: torch.compile cannot trace find_spec, and the answer never
+# changes in a process. The kernel modules define their kernels only when it is True.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def cdiv(a: int, b: int) -> int:

@@ -28,20 +28,17 @@ op (what torch.compile traces, backward registered) and an ``autograd.Function``
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-from .launch import as_rows, cdiv, next_pow2
+from .launch import HAS_TRITON, as_rows, cdiv, next_pow2
 
 __all__ = ["MAX_WIDTH", "add_layer_norm_reference", "add_layer_norm_triton"]
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once (compile cannot trace it)
 
 #: The widest row one program normalises (BLOCK = next power of two of H, the row held in registers).
 MAX_WIDTH = 8192
 
-if _HAS_TRITON:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -68,7 +65,7 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: to
 #    (G, H) buffers. fp32 arithmetic throughout.
 # --------------------------------------------------------------------------------------------------
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _add_ln_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, width, stride_x, stride_res,
@@ -270,7 +267,7 @@ def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch
     Under torch.compile this is the custom op ``torch.ops.mosaic_embed.add_layer_norm_fwd`` (backward
     ``add_layer_norm_bwd``); in eager an ``autograd.Function``.
     """
-    if not _HAS_TRITON:
+    if not HAS_TRITON:
         raise RuntimeError("add_layer_norm_triton needs the triton package")
     out_dtype = out_dtype or torch.promote_types(x.dtype, residual.dtype)
     _validate(x, residual, weight, bias, out_dtype)

@@ -45,17 +45,14 @@ reference and fused path runs is decided in ``kernels/dispatch.py`` (kernel ``"m
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-from .launch import next_pow2
+from .launch import HAS_TRITON, next_pow2
 
 __all__ = ["IGNORE_INDEX", "linear_cross_entropy_reference", "linear_cross_entropy_triton"]
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once (compile cannot trace it)
 
-if _HAS_TRITON:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -84,7 +81,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, b
 #    BLOCK columns twice: (max, sum of exp) online, then the gradient written over the logits. fp32.
 # --------------------------------------------------------------------------------------------------
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _ce_loss_grad_kernel(logits_ptr, targets_ptr, loss_ptr, vocab, stride_row,
@@ -263,7 +260,7 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, bias
     input's dtype. ``chunk_rows``: rows per chunk (default :func:`chunk_rows_for`; tests set it small).
     The op is ``torch.ops.mosaic_embed.linear_cross_entropy`` in eager and compiled code alike.
     """
-    if not _HAS_TRITON:
+    if not HAS_TRITON:
         raise RuntimeError("linear_cross_entropy_triton needs the triton package")
     _validate(hidden, weight, bias, targets)
     device_type = hidden.device.type
