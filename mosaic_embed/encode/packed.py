@@ -112,8 +112,6 @@ def cuts_to_whole_words(backend: Any) -> bool:
     replacements) is tokenized whole."""
     import json
 
-    spec = json.loads(backend.to_str())
-
     def parts(node: Any, key: str) -> list[str]:
         if node is None:
             return []
@@ -121,10 +119,13 @@ def cuts_to_whole_words(backend: Any) -> bool:
             return [t for child in node.get(key, []) for t in parts(child, key)]
         return [node.get("type")]
 
-    normalizers = parts(spec.get("normalizer"), "normalizers")
-    pre = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    def spec(component: Any) -> Any:  # a component's JSON (its pickled state): not the whole vocabulary's
+        return json.loads(component.__getstate__()) if component is not None else None
+
+    normalizers = parts(spec(backend.normalizer), "normalizers")
+    pre = parts(spec(backend.pre_tokenizer), "pretokenizers")
     # an added token is matched in the raw text before the pre-tokenizer: one holding a space spans words
-    spaced = any(any(c.isspace() for c in t.get("content", "")) for t in spec.get("added_tokens") or [])
+    spaced = any(any(c.isspace() for c in t.content) for t in backend.get_added_tokens_decoder().values())
     return (set(normalizers) <= _LOCAL_NORMALIZERS and bool(pre) and set(pre) <= _WORD_PRE_TOKENIZERS
             and pre[0] in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit") and not spaced)
 
