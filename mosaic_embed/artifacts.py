@@ -314,6 +314,13 @@ def writer_lock(folder: str | Path, what: str = "writer", remove_empty: bool = F
                 folder.rmdir()
 
 
+def is_temporary(entry: str, name: str = "") -> bool:
+    """Whether the folder entry named ``entry`` is what a killed writer leaves of the artifact ``name`` ("" = of
+    any): a temporary of :func:`atomic_write_bytes` or :func:`atomic_directory` (``.NAME.*.tmp``) or a replaced
+    folder (``.NAME.old-PID``)."""
+    return entry.startswith(f".{name}." if name else ".") and (entry.endswith(".tmp") or ".old-" in entry)
+
+
 def remove_temporaries(folder: str | Path, name: str = "") -> list[Path]:
     """Remove what killed writers leave in ``folder``: the temporaries of :func:`atomic_write_bytes` and
     :func:`atomic_directory` (``.NAME.*.tmp``) and replaced folders (``.NAME.old-PID``), of the artifact
@@ -323,10 +330,8 @@ def remove_temporaries(folder: str | Path, name: str = "") -> list[Path]:
     removed = []
     if not folder.is_dir():
         return removed
-    prefix = f".{name}." if name else "."
     for entry in folder.iterdir():
-        n = entry.name
-        if not n.startswith(prefix) or not (n.endswith(".tmp") or ".old-" in n):
+        if not is_temporary(entry.name, name):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

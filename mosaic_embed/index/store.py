@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import read_manifest, write_manifest, writer_lock
+from ..artifacts import MANIFEST, is_temporary, read_manifest, remove_temporaries, write_manifest, writer_lock
 from ..config import IndexConfig, from_dict
 from .hybrid import MODES, Fusion, fuse
 from .lexical import Lexical, join_tokens, tokenize
@@ -79,7 +79,6 @@ INDEX_FILE, DOCS_DB, LEXICAL_DIR = "index.faiss", "docs.sqlite", "bm25"
 VECTORS, VECTOR_KEYS, STAGING = "vectors.f32", "vector_keys.i64", "staging.f32"
 GEN_RE = re.compile(r"^gen-(\d{8})$")
 TMP_RE = re.compile(r"^\.gen-.*\.tmp$")
-MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\..*\.tmp$")  # artifacts.write_manifest's half-written file
 MAX_K = 10_000
 
 SCHEMA = """
@@ -299,9 +298,8 @@ def _clean_dead_writers(root: Path, manifest: dict | None) -> list[str]:
         if child.is_dir() and (TMP_RE.match(child.name) or (GEN_RE.match(child.name) and child.name not in keep)):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child.name)
-        elif child.is_file() and MANIFEST_TMP_RE.match(child.name):  # a writer killed while publishing
-            child.unlink(missing_ok=True)
-            removed.append(child.name)
+    # a writer killed while publishing leaves the new manifest's temporary file
+    removed += [p.name for p in remove_temporaries(root, MANIFEST)]
     if removed:
         logger.warning("%s: removed %s left by an interrupted writer or an older generation", root,
                        ", ".join(sorted(removed)))
@@ -1067,7 +1065,7 @@ def open_writer(path: str | Path, cfg: IndexConfig | None = None, fresh: bool = 
                 raise FileNotFoundError(f"{root}: no store here (manifest.json missing); create it with "
                                         "`mosaic-embed index build`")
             if manifest is None and not created and any(p.name != ".writer.lock" and not TMP_RE.match(p.name)
-                                                        and not MANIFEST_TMP_RE.match(p.name)
+                                                        and not is_temporary(p.name, MANIFEST)
                                                         and not GEN_RE.match(p.name) for p in root.iterdir()):
                 raise FileExistsError(f"{root}: a folder with other files in it; build the store into a new folder")
             _clean_dead_writers(root, manifest)
